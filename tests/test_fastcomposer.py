@@ -11,6 +11,7 @@ from torch import nn
 
 from multiconcept.errors import UserError
 from multiconcept.methods.fastcomposer import (
+    augment_crop,
     FastComposer,
     FastComposerConfig,
     FusionMLP,
@@ -110,6 +111,29 @@ def test_crop_keeps_the_subject_and_fills_the_rest_with_seeded_noise():
     again = subject_crop(img, mask, size=30, rng=np.random.default_rng(1))
     other = subject_crop(img, mask, size=30, rng=np.random.default_rng(2))
     assert torch.equal(crop, again) and not torch.equal(crop, other)
+
+
+def test_crop_augmentations_are_seeded_and_each_does_its_own_change():
+    x = torch.zeros(3, 32, 32)
+    x[0, 8:24, 4:16] = 1.0  # a red bar on the left half, black elsewhere
+    off = FastComposerConfig(augment=False)
+    assert augment_crop(x, np.random.default_rng(0), off) is x
+    only = dict(aug_zoom=0.0, aug_rotation=0.0, aug_flip_p=0.0, aug_jitter=0.0, aug_blur_p=0.0, aug_grayscale_p=0.0)
+    assert torch.equal(augment_crop(x, np.random.default_rng(0), FastComposerConfig(**only)), x)
+    flipped = augment_crop(x, np.random.default_rng(0), FastComposerConfig(**only | {"aug_flip_p": 1.0}))
+    assert torch.allclose(flipped, x.flip(-1), atol=1e-5)
+    grey = augment_crop(x, np.random.default_rng(0), FastComposerConfig(**only | {"aug_grayscale_p": 1.0}))
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2]) and grey[0, 16, 8] > 0.25
+    blurred = augment_crop(x, np.random.default_rng(0), FastComposerConfig(**only | {"aug_blur_p": 1.0}))
+    assert blurred[0, 16, 16] > 0 and float(blurred[0].sum()) == pytest.approx(float(x[0].sum()), rel=0.05)
+    turned = augment_crop(x, np.random.default_rng(3), FastComposerConfig(**only | {"aug_rotation": 30.0}))
+    assert not torch.allclose(turned, x, atol=0.1)
+    assert turned[0, 8:24, 4:16].mean() > 0.5  # most of the bar stays where it was
+    corners = turned[:, :2, :2]  # uncovered by the warp: noise, not black
+    assert corners.std() > 0.1
+    full = FastComposerConfig()
+    a, b = (augment_crop(x, np.random.default_rng(7), full) for _ in range(2))
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
 
 
 def test_fusion_mlp_matches_the_paper():

@@ -72,6 +72,15 @@ class FastComposerConfig:
     caption_dropout: float = hp(0.1, "probability that a caption is dropped to '' (classifier-free guidance)")
     subject_keep: float = hp(0.9, "probability that each subject of a caption is kept (marker + image)")
     max_subjects: int = hp(4, "at most this many subjects per caption (paper: 4)")
+    # subject-crop augmentations (paper: zoom, rotation ±30°, colour jitter, blur, grayscale, flip)
+    augment: bool = hp(True, "augment subject crops during training (the settings below); False turns all off")
+    aug_zoom: float = hp(0.2, "zoom factor drawn from [1 - z, 1 + z] (out: the subject shrinks into noise)")
+    aug_rotation: float = hp(30.0, "rotation in degrees drawn from [-r, r] (paper: 30)")
+    aug_flip_p: float = hp(0.5, "probability of a horizontal flip")
+    aug_jitter: float = hp(0.2, "brightness, contrast and saturation factors drawn from [1 - j, 1 + j]; "
+                                "hue is never shifted (on ToyWorld colour is identity)")
+    aug_blur_p: float = hp(0.2, "probability of a Gaussian blur (sigma 0.1-2 px at 224 px, scaled with the crop)")
+    aug_grayscale_p: float = hp(0.1, "probability of converting the crop to grayscale")
     # optimiser (paper: AdamW lr 1e-5, wd 1e-2, clip 1.0, constant lr, global batch 128 = 16 x 8 GPUs)
     steps: int = hp(150_000, "optimiser steps (paper: 150k)")
     lr: float = hp(1e-5, "AdamW learning rate, constant (paper: 1e-5; ToyWorld needs more, see the benchmark)")
@@ -91,9 +100,12 @@ def apply_settings(cfg: FastComposerConfig, overrides: dict[str, str]) -> FastCo
     cfg = apply_overrides(cfg, overrides)
     require(cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
     require(cfg.batch_size >= 1 and cfg.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
-    for name in ("mask_loss_p", "caption_dropout", "subject_keep"):
+    for name in ("mask_loss_p", "caption_dropout", "subject_keep", "aug_flip_p", "aug_blur_p", "aug_grayscale_p"):
         v = getattr(cfg, name)
         require(0.0 <= v <= 1.0, f"{name}={v} is not a probability: give a value in [0, 1]")
+    require(0.0 <= cfg.aug_zoom < 1.0 and 0.0 <= cfg.aug_jitter < 1.0,
+            f"aug_zoom={cfg.aug_zoom} and aug_jitter={cfg.aug_jitter} must lie in [0, 1)")
+    require(0.0 <= cfg.aug_rotation <= 180.0, f"aug_rotation={cfg.aug_rotation} must be degrees in [0, 180]")
     require(cfg.max_subjects >= 1, f"max_subjects must be at least 1, got {cfg.max_subjects}")
     try:
         cfg.loc_resolutions = tuple(int(r) for r in cfg.loc_resolutions if str(r).strip())
@@ -346,6 +358,45 @@ def subject_crop(image, mask=None, box=None, size: int = 224, rng: np.random.Gen
     if side != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
     return x[0].clamp(0, 1)
+
+
+def augment_crop(x: torch.Tensor, rng: np.random.Generator, cfg: FastComposerConfig) -> torch.Tensor:
+    """The paper's subject-crop augmentations on one ``3 S S`` crop in [0, 1],
+    drawn from `rng` (seeded per sample, so a resumed run sees the same crops):
+    one affine warp (zoom, rotation, flip; uncovered corners filled with
+    uniform noise like the crop's own background), brightness/contrast/
+    saturation jitter, blur and grayscale. Without torchvision: grid_sample
+    and a separable Gaussian conv."""
+    if not cfg.augment:
+        return x
+    size = x.shape[-1]
+    scale = 1.0 + rng.uniform(-cfg.aug_zoom, cfg.aug_zoom)
+    angle = np.deg2rad(rng.uniform(-cfg.aug_rotation, cfg.aug_rotation))
+    flip = -1.0 if rng.random() < cfg.aug_flip_p else 1.0
+    if scale != 1.0 or angle != 0.0 or flip < 0:
+        c, s_ = np.cos(angle) / scale, np.sin(angle) / scale
+        theta = torch.tensor([[c * flip, -s_, 0.0], [s_ * flip, c, 0.0]], dtype=x.dtype)[None]
+        grid = F.affine_grid(theta, (1, 3, size, size), align_corners=False)
+        warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:1])])[None], grid, mode="bilinear",
+                               padding_mode="zeros", align_corners=False)[0]
+        noise = torch.from_numpy(rng.random((3, size, size), dtype=np.float32)).to(x.dtype)
+        x = warped[:3] + (1 - warped[3:]) * noise
+    if cfg.aug_jitter > 0:
+        b, c, s_ = (1.0 + rng.uniform(-cfg.aug_jitter, cfg.aug_jitter) for _ in range(3))
+        x = x * b
+        x = (x - x.mean()) * c + x.mean()
+        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        x = (x - grey) * s_ + grey
+    if rng.random() < cfg.aug_blur_p:
+        sigma = rng.uniform(0.1, 2.0) * size / 224
+        r = max(1, int(np.ceil(3 * sigma)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+        k = (k / k.sum()).expand(3, 1, 1, -1)
+        x = F.conv2d(F.pad(x[None], (r, r, 0, 0), mode="reflect"), k, groups=3)
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.transpose(2, 3), groups=3)[0]
+    if rng.random() < cfg.aug_grayscale_p:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
+    return x.clamp(0, 1).contiguous()
 
 
 # ---------------------------------------------------------------- the model

@@ -60,6 +60,7 @@ from ..methods.fastcomposer import (
     MARKER,
     FastComposer,
     FastComposerConfig,
+    augment_crop,
     config_dict,
     load_image_encoder,
     parse_subject_prompt,
@@ -195,7 +196,8 @@ def make_sample(record: Record, cfg: FastComposerConfig, tokenizer, size: int, c
     parsed = parse_subject_prompt(tokenizer, prompt, len(subjects), truncate=True)
     subjects = [subjects[i] for i in parsed.kept]
     noise_rng = np.random.default_rng(rng.getrandbits(63))
-    crops = [subject_crop(record.image, s.mask, s.box, crop_size, noise_rng) for s in subjects]
+    crops = [augment_crop(subject_crop(record.image, s.mask, s.box, crop_size, noise_rng), noise_rng, cfg)
+             for s in subjects]
     masks = [mask_tensor(Image.fromarray(s.mask.astype(np.uint8) * 255), size)[0] for s in subjects]
     masks = torch.stack(masks) if masks else torch.zeros(0, size, size)
     masked = bool(subjects) and rng.random() < cfg.mask_loss_p

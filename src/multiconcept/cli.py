@@ -33,7 +33,8 @@ DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
 DtypeOpt = typer.Option("fp32", help="fp32 | fp16 | bf16 (weights of the frozen base)")
 
 
-def _kv(pairs: list[str], what: str) -> dict[str, str]:
+def key_values(pairs: list[str], what: str) -> dict[str, str]:
+    """["k=v", ...] from repeated --param style options -> {k: v}; one-line error otherwise."""
     d = {}
     for p in pairs or []:
         if "=" not in p:
@@ -70,7 +71,7 @@ def learn(
 
     if output.suffix != ".safetensors":
         raise UserError(f"--out {output} must end in .safetensors: bundles are safetensors files")
-    overrides = _kv(param, "--param")
+    overrides = key_values(param, "--param")
     for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if v is not None:
             overrides[k] = str(v)

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..cli import BaseOpt, _kv, app, out
+from ..cli import BaseOpt, app, key_values, out
 from ..errors import UserError
 
 ClipOpt = typer.Option(None, "--clip", help="CLIPModel folder or hub id (default: the ToyWorld evaluator, when built)")
@@ -116,7 +116,7 @@ def benchmark(
         raise UserError(f"--steps must be at least 1, got {steps}")
     settings = BenchmarkSettings(
         methods=method_list, protocol=protocol, base=base, steps=steps,
-        params=tuple(sorted(_kv(param, "--param").items())), train_seed=train_seed, seeds=seed_list,
+        params=tuple(sorted(key_values(param, "--param").items())), train_seed=train_seed, seeds=seed_list,
         sample_steps=sample_steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size, clip=clip,
         dino=dino, scale=scale, text_prefix=text_prefix, threads=threads or torch.get_num_threads(), device=device)
     result = run(list(source), settings, output, use_ray=ray, ray_cpus=ray_cpus, progress=progress)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import BaseOpt, DeviceOpt, DtypeOpt, _kv, app, out
+from ..cli import BaseOpt, DeviceOpt, DtypeOpt, app, key_values, out
 from ..errors import UserError, require
 
 ENCODER_METHODS = ("fastcomposer",)
@@ -44,7 +44,7 @@ def train_encoder(
 
     require(method in ENCODER_METHODS, f"unknown encoder method {method!r}: choose one of {', '.join(ENCODER_METHODS)}")
     require(data == "toyworld" or Path(data).is_dir(), f"--data {data} is neither 'toyworld' nor a folder: pass one of them")
-    overrides = _kv(param, "--param")
+    overrides = key_values(param, "--param")
     for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("grad_accum", grad_accum), ("loc_weight", loc_weight)):
         if v is not None:
             overrides[k] = str(v)

@@ -102,9 +102,9 @@ class BuildConfig:
     @classmethod
     def smoke(cls, **kw) -> "BuildConfig":
         """Every stage and code path with tiny step counts: about two minutes on 2 cores."""
-        return cls(world_pool=512, vae_steps=30, vae_batch=16, evaluator_steps=20, evaluator_batch=32,
-                   base_pool=512, unet_steps=40, warmup=10, eval_seeds=1, sample_steps=4,
-                   monitor_every=20, checkpoint_minutes=0.1, **kw)
+        return cls(**dict(world_pool=512, vae_steps=30, vae_batch=16, evaluator_steps=20, evaluator_batch=32,
+                          base_pool=512, unet_steps=40, warmup=10, eval_seeds=1, sample_steps=4,
+                          monitor_every=20, checkpoint_minutes=0.1) | kw)
 
 
 # Fields that may change between runs on one work dir without invalidating it.

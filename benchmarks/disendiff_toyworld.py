@@ -1,7 +1,7 @@
 """DisenDiff evidence on ToyWorld: TI vs Custom Diffusion vs DisenDiff (+ ablations).
 
     .venv/bin/python benchmarks/disendiff_toyworld.py --out runs/disendiff [--base toyworld]
-        [--pairs 5] [--steps 250] [--seeds 0,1] [--sample-steps 50] [--no-ablations]
+        [--pairs 5] [--steps 250] [--ti-steps 1000] [--seeds 0,1] [--sample-steps 50] [--no-ablations]
 
 Writes N two-concept ToyWorld source images (each a pair of personal
 concepts with its masks), runs the 30-prompt protocol (10 both, 10 concept
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--base", default="toyworld")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's paper default)")
+    ap.add_argument("--ti-steps", type=int, default=1000,
+                    help="Textual Inversion's steps (its default 3000 does not fit a CPU run; 0 = same as --steps)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=6.0)
@@ -82,7 +84,10 @@ def main():
     variants = VARIANTS + ([] if args.no_ablations else ABLATIONS)
     tables = {}
     for label, method, params in variants:
-        settings = BenchmarkSettings(methods=(method,), base=args.base, steps=args.steps, params=params,
+        steps = args.steps
+        if method == "textual-inversion" and args.ti_steps:
+            params, steps = params + (("steps", str(args.ti_steps)),), None
+        settings = BenchmarkSettings(methods=(method,), base=args.base, steps=steps, params=params,
                                      seeds=parse_seeds(args.seeds), sample_steps=args.sample_steps,
                                      guidance=args.guidance, clip=args.clip)
         folder = args.out / label.replace(" ", "_").replace("/", "").replace("&", "")

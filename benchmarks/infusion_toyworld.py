@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS))
     ap.add_argument("--images", type=int, default=4, help="reference images per concept")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's paper default)")
+    ap.add_argument("--ti-steps", type=int, default=1000,
+                    help="Textual Inversion's steps (its default 3000 does not fit a CPU run; 0 = same as --steps)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per prompt (images per context prompt and side)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-steps", type=int, default=50)
@@ -109,7 +111,8 @@ def main():
                 results.setdefault(method, {})[concept] = json.loads(scores_file.read_text())
                 continue
             cell.mkdir(parents=True, exist_ok=True)
-            bundle = learn_cell(method, concept, refs, cell / "bundle.safetensors", args.base, args.steps, args.seed)
+            steps = args.ti_steps if method == "textual-inversion" and args.ti_steps else args.steps
+            bundle = learn_cell(method, concept, refs, cell / "bundle.safetensors", args.base, steps, args.seed)
             report = of.overfitting_report(args.base, [str(bundle)], cell / "overfitting", args.clip, args.seed)
             (cell / "overfitting.json").write_text(json.dumps(report, indent=1))
             scores = {**score_cell(report, refs, scorer), "bundle_bytes": describe(bundle)["tensor_bytes"]}

@@ -139,7 +139,7 @@ def test_dino_is_the_cls_feature_of_the_models_forward(tmp_path, kind):
     assert mean_pairwise_cosine(emb[:1], emb[:1]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_loading_errors_name_the_problem(tmp_path, clip_dir, vit_dir):
+def test_loading_errors_name_the_problem(tmp_path, clip_dir, vit_dir, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         load_clip(str(tmp_path / "nothing" / "here"))
     (tmp_path / "empty").mkdir()
@@ -149,9 +149,11 @@ def test_loading_errors_name_the_problem(tmp_path, clip_dir, vit_dir):
         load_clip(str(vit_dir))
     with pytest.raises(UserError, match="ViT/DINO"):
         load_dino(str(clip_dir))
-    if not toyworld_evaluator_available():
-        with pytest.raises(UserError, match="--clip"):
-            load_clip(None)
+    import multiconcept.metrics.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "TOYWORLD_EVALUATOR", tmp_path / "no-evaluator")  # an install without it
+    with pytest.raises(UserError, match="--clip"):
+        load_clip(None)
 
 
 def test_overfitting_slot_fails_in_one_clear_line_when_absent(monkeypatch):

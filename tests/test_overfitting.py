@@ -128,11 +128,10 @@ def test_overfitting_report_for_infusion_and_custom_diffusion(bundles, evaluator
     assert cd["custom_prompts"][0] == "a <t1> toy on a white background" and cd["base_prompts"][0] == "a toy on a white background"
 
 
-def test_overfitting_report_needs_an_evaluator(bundles, tmp_path):
-    from multiconcept.metrics.clip import toyworld_evaluator_available
+def test_overfitting_report_needs_an_evaluator(bundles, tmp_path, monkeypatch):
+    import multiconcept.metrics.clip as clip_module
 
-    if toyworld_evaluator_available():
-        pytest.skip("the ToyWorld evaluator is built, so None is a valid evaluator")
+    monkeypatch.setattr(clip_module, "TOYWORLD_EVALUATOR", tmp_path / "no-evaluator")  # as in an install without it
     with pytest.raises(UserError, match="--clip"):
         of.overfitting_report("tiny", [str(bundles["trained"])], tmp_path, None, 0)
     with pytest.raises(UserError, match="at least one --bundle"):

@@ -190,9 +190,9 @@ def load_image_encoder(spec: str | None, base: Base) -> SubjectImageEncoder:
     try:
         kind = AutoConfig.from_pretrained(spec).model_type
         if kind == "clip":
-            vision = vision_from_clip_model(CLIPModel.from_pretrained(spec))
+            vision = vision_from_clip_model(CLIPModel.from_pretrained(spec, dtype=torch.float32))
         elif kind == "clip_vision_model":
-            vision = CLIPVisionModelWithProjection.from_pretrained(spec)
+            vision = CLIPVisionModelWithProjection.from_pretrained(spec, dtype=torch.float32)
         else:
             raise UserError(f"image encoder {spec} is a {kind!r} model: pass a CLIP model or CLIP vision model")
     except (OSError, ValueError) as e:

@@ -179,7 +179,7 @@ def load_clip(name: str | None = None, device: str = "cpu", batch_size: int = 64
     require(kind == "clip", f"--clip {label} is a {kind!r} checkpoint, not CLIP: pass a transformers CLIPModel checkpoint")
     try:
         with quiet_loading():
-            model = CLIPModel.from_pretrained(source).to(device).eval()
+            model = CLIPModel.from_pretrained(source, dtype=torch.float32).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

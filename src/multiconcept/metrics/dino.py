@@ -62,7 +62,7 @@ def load_dino(name: str, device: str = "cpu", batch_size: int = 64) -> DinoScore
             f"e.g. facebook/dino-vits16")
     try:
         with quiet_loading():
-            model = AutoModel.from_pretrained(source).to(device).eval()
+            model = AutoModel.from_pretrained(source, dtype=torch.float32).to(device).eval()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load --dino {name!r} ({first}): pass a folder written by save_pretrained or a hub id") from e

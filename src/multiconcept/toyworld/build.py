@@ -866,12 +866,23 @@ def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict,
     pipe.save_pretrained(tmp, safe_serialization=True)
     _add_vocab_files(tmp / "tokenizer", work / "tokenizer")
     _replace_dir(tmp, out / "base")
-    tmp = out / "evaluator.tmp"
+    ship_evaluator(out, work)
+    return choice, scores
+
+
+def ship_evaluator(out: Path, work: Path) -> Path:
+    """OUT/evaluator: the trained CLIPModel in fp16 (loaders upcast to fp32), its
+    tokenizer (+ vocab.json/merges.txt) and image recipe. The evaluator is final
+    once its stage ends, so it can ship before the base does."""
+    from transformers import CLIPModel
+
+    src, tmp = work / "evaluator", out / "evaluator.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(evaluator_dir, tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    CLIPModel.from_pretrained(src, dtype=torch.float32).half().save_pretrained(tmp, safe_serialization=True)
     _add_vocab_files(tmp, work / "tokenizer")
     _replace_dir(tmp, out / "evaluator")
-    return choice, scores
+    return out / "evaluator"
 
 
 # ---------------------------------------------------------------- entry point

@@ -58,7 +58,8 @@ def test_demo_end_to_end(run_cli, tmp_path):
     code, stdout, stderr = run_cli("demo", "-o", tmp_path / "demo", "--base", "tiny", "--steps", "2")
     assert code == 0, stderr
     page = (tmp_path / "demo" / "index.html").read_text()
-    for section in ("Source and masks", "Generations", "Attention heatmaps", "Metrics", "data:image/png;base64"):
+    for section in ("Source and masks", "Generations", "Attention heatmaps", "Metrics", "CLIP-I &lt;s1&gt;",
+                    "data:image/png;base64"):
         assert section in page
     assert "http" not in page.replace("http-equiv", "")  # works offline: nothing fetched
 

@@ -64,6 +64,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
         grid[kind] = paths
         rows.append([kind, prompt] + _colour_scores(paths, kind, a, b))
     gen_s = time.perf_counter() - t0
+    clip_cols, clip_note = _clip_scores(grid, rows, src, a, b)
 
     sections = [
         report.section("Source and masks", report.row([
@@ -79,9 +80,10 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
                                            for h in sorted((out / "images" / "attention").glob(f"{paths[0].stem}_*.png"))])
             for kind, paths in grid.items())),
         report.section("Metrics", report.table(
-            ["prompt", "text", f"{a.colour} present", f"{b.colour} present"], rows) + report.note(
+            ["prompt", "text", f"{a.colour} present", f"{b.colour} present"] + clip_cols, rows) + report.note(
             "Share of images in which ToyWorld's analytic checker finds an object of each concept's main colour "
-            "(pixels only). For a single-concept prompt, the other concept's colour is leakage: lower is better.")),
+            "(pixels only). For a single-concept prompt, the other concept's colour is leakage: lower is better."
+            + clip_note)),
         report.section("Run", report.table(["setting", "value"], [
             ["base", loaded.base.name], ["method", method], ["training steps", steps],
             ["learn time (s)", round(learn_s, 1)], ["generation time (s)", round(gen_s, 1)],
@@ -90,6 +92,25 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
                           "(multiconcept toyworld build) for a base that draws.") if loaded.base.name == "tiny" else "")),
     ]
     return report.write_page(out / "index.html", "multiconcept demo: two concepts from one image", sections)
+
+
+def _clip_scores(grid: dict, rows: list, src: Path, a, b) -> tuple[list[str], str]:
+    """CLIP-I of each prompt's images against each concept's masked crop, with
+    ToyWorld's evaluator; appended to `rows`. Nothing when it is not installed."""
+    from ..metrics.clip import load_clip, mean_pairwise_cosine, toyworld_evaluator_available
+    from .evaluate import concept_crop
+
+    if not toyworld_evaluator_available():
+        return [], ""
+    scorer = load_clip(None)
+    image = Image.open(src / "image.png").convert("RGB")
+    refs = [scorer.image_embeddings([concept_crop(image, Image.open(src / f"{name}_mask.png"))]) for name in PAIR]
+    for row, paths in zip(rows, grid.values()):
+        emb = scorer.image_embeddings([Image.open(p).convert("RGB") for p in paths])
+        row += [round(mean_pairwise_cosine(emb, r), 3) for r in refs]
+    return ([f"CLIP-I {TOKENS[0]}", f"CLIP-I {TOKENS[1]}"],
+            " CLIP-I: mean cosine of ToyWorld-evaluator embeddings, generations vs the concept's masked crop "
+            "of the source.")
 
 
 def _colour_scores(paths, kind, a, b) -> list[float]:

@@ -20,7 +20,8 @@ def build_cmd(
                                 "(default: inside the package, where `--base toyworld` finds them)"),
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
     seed: int = typer.Option(0, help="the whole build is seeded"),
-    steps: Optional[int] = typer.Option(None, help="UNet + text encoder steps (default 12000)"),
+    steps: Optional[int] = typer.Option(None, help="UNet training steps (default 12000)"),
+    text_encoder: str = typer.Option("evaluator", help="evaluator (its text tower, frozen) | scratch (trained with the UNet)"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
@@ -31,7 +32,8 @@ def build_cmd(
 
     require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
     require(threads >= 1, f"--threads must be at least 1, got {threads}")
-    extra = {"threads": threads}
+    require(text_encoder in ("evaluator", "scratch"), f"--text-encoder {text_encoder!r}: choose evaluator or scratch")
+    extra = {"threads": threads, "text_encoder": text_encoder}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -17,7 +18,7 @@ def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
 
 
 def test_a_work_dir_from_before_a_setting_existed_keeps_its_old_behaviour(tmp_path):
-    old = {k: v for k, v in json.loads(json.dumps(BuildConfig().__dict__)).items() if k != "text_encoder"}
+    old = {k: v for k, v in asdict(BuildConfig()).items() if k != "text_encoder"}
     (tmp_path / "state.json").write_text(json.dumps({"config": old}))
     with pytest.raises(ValueError, match="text_encoder"):
         _check_state(tmp_path, BuildConfig(), resume=True)  # the new default differs from what it was built with

@@ -385,7 +385,7 @@ def augment_crop(x: torch.Tensor, rng: np.random.Generator, cfg: FastComposerCon
         b, c, s_ = (1.0 + rng.uniform(-cfg.aug_jitter, cfg.aug_jitter) for _ in range(3))
         x = x * b
         x = (x - x.mean()) * c + x.mean()
-        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        grey = _luma(x)
         x = (x - grey) * s_ + grey
     if rng.random() < cfg.aug_blur_p:
         sigma = rng.uniform(0.1, 2.0) * size / 224
@@ -395,8 +395,13 @@ def augment_crop(x: torch.Tensor, rng: np.random.Generator, cfg: FastComposerCon
         x = F.conv2d(F.pad(x[None], (r, r, 0, 0), mode="reflect"), k, groups=3)
         x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.transpose(2, 3), groups=3)[0]
     if rng.random() < cfg.aug_grayscale_p:
-        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
+        x = _luma(x).expand(3, -1, -1)
     return x.clamp(0, 1).contiguous()
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of a ``3 H W`` image, ``1 H W``."""
+    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
 
 
 # ---------------------------------------------------------------- the model

@@ -113,9 +113,9 @@ class BuildConfig:
                           monitor_every=20, checkpoint_minutes=0.1) | kw)
 
 
-# Fields that may change between runs on one work dir without invalidating it.
 # Values of fields that did not exist when an older work dir was started.
 _LEGACY_VALUES = {"text_encoder": "scratch"}
+# Fields that may change between runs on one work dir without invalidating it.
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
                    "eval_seeds", "sample_steps", "guidance"}
 
@@ -671,7 +671,6 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         modules = {"unet": unet}  # what trains (and is checkpointed / averaged)
     else:
         modules = {"text_encoder": text_encoder, "unet": unet}
-    frozen_text = "text_encoder" not in modules
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M")
     params = [p for m in modules.values() for p in m.parameters()]
@@ -679,9 +678,8 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     ema = {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.named_parameters()}
     ddpm, _ = make_schedulers()
     alphas = ddpm.alphas_cumprod
-    unet.train()
-    if not frozen_text:
-        text_encoder.train()
+    for m in modules.values():
+        m.train()
 
     def train_step(step: int) -> float:
         rng = np.random.default_rng([cfg.seed, 50, step])
@@ -700,9 +698,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        with torch.set_grad_enabled(not frozen_text):
-            encoded = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(noisy, t, encoded).sample, noise)
+        loss = F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -718,21 +714,20 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
             state["monitor"].append({"step": step, **scores})
             log(f"unet step {step}: checker on {scores['n']} prompts: class {scores['class_present']:.2f} "
                 f"colour {scores['colour_present']:.2f} both {scores['match']:.2f} background {scores['background']:.2f}")
-            unet.train()
-            if not frozen_text:
-                text_encoder.train()
+            for m in modules.values():
+                m.train()
 
     info = run_loop("unet", steps=cfg.unet_steps,
                     max_minutes=cfg.max_unet_hours * 60 if cfg.max_unet_hours else None,
                     peak_lr=cfg.unet_lr, warmup=cfg.warmup, modules={**modules, "ema": ema}, optimizer=opt,
                     ckpt_path=work / "ckpt_unet.safetensors", train_step=train_step, log=log,
                     checkpoint_minutes=cfg.checkpoint_minutes, after_step=after_step, state=loop_state)
-    ema_te, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
+    averaged = {name: copy.deepcopy(m) for name, m in modules.items()}
     with torch.no_grad():
-        for name, m in {"text_encoder": ema_te, "unet": ema_unet}.items():
-            if name in modules:
-                for k, v in m.named_parameters():
-                    v.copy_(ema[f"{name}.{k}"])
+        for name, m in averaged.items():
+            for k, v in m.named_parameters():
+                v.copy_(ema[f"{name}.{k}"])
+    ema_te, ema_unet = averaged.get("text_encoder", text_encoder), averaged["unet"]
     tmp = final.with_name("unet_final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for kind, (te, un) in {"raw": (text_encoder, unet), "ema": (ema_te, ema_unet)}.items():
@@ -877,7 +872,7 @@ def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
         shutil.copy(tokenizer_dir / name, folder / name)
 
 
-def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, evaluator_dir: Path, log: Log) -> tuple[str, dict]:
+def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
     """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
     scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
               for kind, (te, un) in trained.items()}
@@ -914,9 +909,9 @@ def ship_evaluator(out: Path, work: Path) -> Path:
 def _check_state(work: Path, cfg: BuildConfig, resume: bool) -> None:
     state_path = work / "state.json"
     if state_path.exists() and resume:
-        old = json.loads(state_path.read_text())["config"]
-        diff = {f.name: (old.get(f.name, _LEGACY_VALUES.get(f.name)), getattr(cfg, f.name)) for f in fields(cfg)
-                if f.name not in _RUNTIME_FIELDS and old.get(f.name, _LEGACY_VALUES.get(f.name)) != getattr(cfg, f.name)}
+        old = _LEGACY_VALUES | json.loads(state_path.read_text())["config"]
+        diff = {f.name: (old.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
+                if f.name not in _RUNTIME_FIELDS and old.get(f.name) != getattr(cfg, f.name)}
         if diff:
             raise ValueError(f"{work} holds a build with other settings {diff}; "
                              f"pass resume=False (--no-resume) or another work dir")
@@ -964,7 +959,7 @@ def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int |
     _WORLD_POOL_CACHE.clear()
     trained, train_info = train_unet(cfg, work, tokenizer, vae, log)
     timings["unet"], t = time.time() - t, time.time()
-    choice, ship_scores = ship(cfg, out, work, tokenizer, vae, trained, work / "evaluator", log)
+    choice, ship_scores = ship(cfg, out, work, tokenizer, vae, trained, log)
     report = quality_report(cfg, out, evaluator, tokenizer, log)
     timings["ship_and_evaluate"] = time.time() - t
     size_mb = sum(f.stat().st_size for f in (out / "base").rglob("*.safetensors")) / 2**20
@@ -995,9 +990,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-resume", action="store_true", help="discard this work dir's checkpoints")
     ap.add_argument("--quiet", action="store_true", help="log to WORK/build.log only")
     args = ap.parse_args(argv)
-    cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(threads=args.threads, max_unet_hours=args.max_unet_hours,
-                                                             text_encoder=args.text_encoder,
-                                                             **({"monitor_every": args.monitor_every} if args.monitor_every else {}))
+    settings = dict(threads=args.threads, max_unet_hours=args.max_unet_hours, text_encoder=args.text_encoder)
+    if args.monitor_every:
+        settings["monitor_every"] = args.monitor_every
+    cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(**settings)
     build(args.out, args.work, seed=args.seed, steps=args.steps, resume=not args.no_resume,
           progress=not args.quiet, config=cfg)
 

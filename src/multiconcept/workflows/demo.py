@@ -64,7 +64,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
         grid[kind] = paths
         rows.append([kind, prompt] + _colour_scores(paths, kind, a, b))
     gen_s = time.perf_counter() - t0
-    clip_cols, clip_note = _clip_scores(grid, rows, src, a, b)
+    clip_cols, clip_note = _clip_scores(grid, rows, src)
 
     sections = [
         report.section("Source and masks", report.row([
@@ -94,7 +94,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
     return report.write_page(out / "index.html", "multiconcept demo: two concepts from one image", sections)
 
 
-def _clip_scores(grid: dict, rows: list, src: Path, a, b) -> tuple[list[str], str]:
+def _clip_scores(grid: dict, rows: list, src: Path) -> tuple[list[str], str]:
     """CLIP-I of each prompt's images against each concept's masked crop, with
     ToyWorld's evaluator; appended to `rows`. Nothing when it is not installed."""
     from ..metrics.clip import load_clip, mean_pairwise_cosine, toyworld_evaluator_available

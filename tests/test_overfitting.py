@@ -136,3 +136,18 @@ def test_overfitting_report_needs_an_evaluator(bundles, tmp_path, monkeypatch):
         of.overfitting_report("tiny", [str(bundles["trained"])], tmp_path, None, 0)
     with pytest.raises(UserError, match="at least one --bundle"):
         of.overfitting_report("tiny", [], tmp_path, None, 0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_fisher_divergence_compares_epsilon_whatever_the_base_predicts(kind):
+    from diffusers import DDIMScheduler
+
+    from multiconcept.metrics.overfitting import as_epsilon
+
+    sched = DDIMScheduler(prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([700, 700])
+    xt = sched.add_noise(x0, eps, t)
+    out = {"epsilon": eps, "v_prediction": sched.get_velocity(x0, eps, t), "sample": x0}[kind]
+    torch.testing.assert_close(as_epsilon(sched, out, xt, 700), eps, atol=1e-4, rtol=1e-4)

@@ -128,6 +128,18 @@ def _encode(base, prompts: list[str], guidance: bool):
     return cond, uncond
 
 
+def as_epsilon(sched, out: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+    """The UNet's output as an ε prediction, whatever the base predicts (SD 2's
+    v-prediction bases and ToyWorld's: ε = √ᾱ·v + √(1−ᾱ)·x_t)."""
+    kind = sched.config.prediction_type
+    a = sched.alphas_cumprod[int(t)].to(out.device, torch.float32)
+    if kind == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * x.float()
+    if kind == "sample":
+        return (x.float() - a.sqrt() * out) / (1 - a).sqrt()
+    return out
+
+
 @torch.no_grad()
 def latent_fisher_divergence(base, custom, prompts: Sequence[str], seeds: Sequence[int],
                              timesteps: Sequence[int] = PROTOCOL.fisher_timesteps, steps: int = PROTOCOL.fisher_steps,
@@ -137,7 +149,8 @@ def latent_fisher_divergence(base, custom, prompts: Sequence[str], seeds: Sequen
     `base` and `custom` are two loaded `Base`s of the same model, `custom`
     with bundles applied. One trajectory per (prompt, seed), sampled by the
     base with DDIM and guidance `guidance`; at the steps nearest
-    `timesteps` both models' conditional ε are compared on the same x_t.
+    `timesteps` both models' conditional ε are compared on the same x_t
+    (v- or x0-predicting bases are converted to ε first).
     """
     from diffusers import DDIMScheduler
 
@@ -161,8 +174,9 @@ def latent_fisher_divergence(base, custom, prompts: Sequence[str], seeds: Sequen
                             torch.cat([base_uncond, base_cond]).to(unet.dtype)).sample.float().chunk(2)
         if int(t) in chosen:
             # both models at the same batch shape, so identical models give exactly 0 (no kernel noise)
-            eps_base = unet(xin.to(unet.dtype), t, base_cond.to(unet.dtype)).sample.float()
-            eps_custom = custom.unet(xin.to(custom.unet.dtype), t, custom_cond.to(custom.unet.dtype)).sample.float()
+            eps_base = as_epsilon(sched, unet(xin.to(unet.dtype), t, base_cond.to(unet.dtype)).sample.float(), xin, t)
+            eps_custom = as_epsilon(sched, custom.unet(xin.to(custom.unet.dtype), t,
+                                                       custom_cond.to(custom.unet.dtype)).sample.float(), xin, t)
             per_t[int(t)] = (eps_custom - eps_base).pow(2).mean(dim=(1, 2, 3)).cpu()  # one value per (prompt, seed)
         x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     table = torch.stack([per_t[t] for t in chosen])  # timestep × (prompt, seed)

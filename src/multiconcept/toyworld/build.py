@@ -636,8 +636,9 @@ def make_schedulers(prediction_type: str = "v_prediction"):
     # colour does not leak through the last step and backgrounds follow the prompt.
     common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                   prediction_type=prediction_type, clip_sample=False)
-    spacing = dict(timestep_spacing="trailing") if prediction_type == "v_prediction" else dict(steps_offset=1)
-    return DDPMScheduler(**common), DDIMScheduler(**common, set_alpha_to_one=False, **spacing)
+    # (trailing spacing ignores steps_offset; 1 keeps diffusers' outdated-config warning away)
+    spacing = dict(timestep_spacing="trailing") if prediction_type == "v_prediction" else {}
+    return DDPMScheduler(**common), DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, **spacing)
 
 
 def make_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction"):

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench fastcomposer venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# ToyWorld's FastComposer is built, not shipped: one CPU hour on 2 cores (resumable; re-run to continue).
+# Same settings as benchmarks/fastcomposer_toyworld.py's L_loc model. Then:
+#   multiconcept compose 'a star <img> on a gray background' -s star.png:star_mask.png --model models/fastcomposer-toyworld
+fastcomposer: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/multiconcept train-encoder --method fastcomposer --data toyworld \
+		--out models/fastcomposer-toyworld --lr 1e-4 --batch-size 16 --steps 100000 --max-minutes 60 \
+		--param checkpoint_every=200 --resume
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from multiconcept.toyworld.build import BuildConfig, _check_state, make_schedulers
+from multiconcept.workflows.generate import SCHEDULERS
 
 
 def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
@@ -17,7 +18,8 @@ def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
         _check_state(tmp_path, BuildConfig(vae_lr=1.0), resume=True)
 
 
-@pytest.mark.parametrize("field, old_value", [("text_encoder", "scratch"), ("prediction_type", "epsilon")])
+@pytest.mark.parametrize("field, old_value", [("text_encoder", "scratch"), ("prediction_type", "epsilon"),
+                                              ("noise_schedule", "linear")])
 def test_a_work_dir_from_before_a_setting_existed_keeps_its_old_behaviour(tmp_path, field, old_value):
     old = {k: v for k, v in asdict(BuildConfig()).items() if k != field}
     (tmp_path / "state.json").write_text(json.dumps({"config": old}))
@@ -26,11 +28,40 @@ def test_a_work_dir_from_before_a_setting_existed_keeps_its_old_behaviour(tmp_pa
     _check_state(tmp_path, BuildConfig(**{field: old_value}), resume=True)
 
 
-@pytest.mark.parametrize("prediction_type, first, last", [("v_prediction", 999, 32), ("epsilon", 958, 1)])
-def test_the_build_samples_where_its_unet_was_trained(prediction_type, first, last):
+@pytest.mark.parametrize("prediction_type, schedule, first, last",
+                         [("v_prediction", "scaled_linear_zero_snr", 999, 32), ("v_prediction", "linear", 999, 32),
+                          ("epsilon", "linear", 958, 1)])
+def test_the_build_samples_where_its_unet_was_trained(prediction_type, schedule, first, last):
     # v-prediction pairs with "trailing" timesteps so sampling starts at pure noise (t = 999);
     # epsilon runs keep their old "leading" spacing, so resumed old builds sample as before.
-    train, sample = make_schedulers(prediction_type)
+    train, sample = make_schedulers(prediction_type, schedule)
     assert train.config.prediction_type == sample.config.prediction_type == prediction_type
     sample.set_timesteps(30)
     assert (int(sample.timesteps[0]), int(sample.timesteps[-1])) == (first, last)
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    train, _ = make_schedulers("v_prediction", "scaled_linear_zero_snr")
+    assert float(train.alphas_cumprod[-1]) == 0.0  # pure noise at t = T: no mean colour leaks through
+    with pytest.raises(ValueError, match="v_prediction"):
+        make_schedulers("epsilon", "scaled_linear_zero_snr")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_sampler_stays_finite_on_the_zero_snr_schedule(name):
+    """`--scheduler X` builds X from the base's scheduler config; at zero terminal SNR a
+    sampler that divides by sqrt(alpha_bar) would produce inf/NaN on the first step."""
+    import diffusers
+    import torch
+
+    _, ddim = make_schedulers()
+    sched = getattr(diffusers, SCHEDULERS[name]).from_config(ddim.config)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        v = 0.5 * torch.randn(1, 4, 8, 8, generator=g)  # any bounded model output
+        sched.scale_model_input(x, t)
+        x = sched.step(v, t, x, generator=g).prev_sample if "generator" in sched.step.__code__.co_varnames \
+            else sched.step(v, t, x).prev_sample
+    assert torch.isfinite(x).all() and x.abs().max() < 100, name

@@ -95,6 +95,14 @@ class BuildConfig:
     # what Lin et al. pair with near-zero terminal SNR) makes high-noise steps predict
     # the image instead. Sampling then uses "trailing" timesteps, starting at t = 999.
     prediction_type: str = "v_prediction"
+    # The noise schedule. "linear" (DDPM's betas 1e-4..0.02) puts 45% of training
+    # timesteps at SNR < 0.05; with v-prediction the third run learned colour and
+    # background by step 1,000 (0.94 / 0.94) but drew every class as the same blob
+    # (class 0.06 at step 4,000; the text tower's states for "circle" vs "star" differ
+    # by 10 at the noun, so the signal was there). "scaled_linear_zero_snr" is SD's
+    # scaled-linear betas rescaled to zero terminal SNR (Lin et al., with v-prediction
+    # and trailing timesteps): 28% of timesteps below SNR 0.05, 58% in 0.05..5 (linear: 42%).
+    noise_schedule: str = "scaled_linear_zero_snr"
     unet_steps: int = 12000
     unet_batch: int = 16
     unet_lr: float = 3e-4
@@ -122,7 +130,7 @@ class BuildConfig:
 
 
 # Values of fields that did not exist when an older work dir was started.
-_LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon"}
+_LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon", "noise_schedule": "linear"}
 # Fields that may change between runs on one work dir without invalidating it.
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
                    "eval_seeds", "sample_steps", "guidance"}
@@ -628,24 +636,36 @@ def make_unet(cross_attention_dim: int = 128):
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32)
 
 
-def make_schedulers(prediction_type: str = "v_prediction"):
+NOISE_SCHEDULES = {
+    # DDPM's linear betas (made for 32 px images): terminal SNR 4e-5, so a 16x16 latent's
+    # mean colour does not leak through the last step (SD's scaled_linear leaves 7% of it)
+    "linear": dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
+    # SD's betas rescaled to zero terminal SNR: no leak at all, more steps at mid SNR
+    "scaled_linear_zero_snr": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   rescale_betas_zero_snr=True),
+}
+
+
+def make_schedulers(prediction_type: str = "v_prediction", noise_schedule: str = "scaled_linear_zero_snr"):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    # DDPM's linear betas (made for 32 px images) rather than SD's scaled_linear:
-    # at t = T they leave ~1% of the signal instead of ~7%, so a 16x16 latent's mean
-    # colour does not leak through the last step and backgrounds follow the prompt.
-    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                  prediction_type=prediction_type, clip_sample=False)
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose from {sorted(NOISE_SCHEDULES)}")
+    if NOISE_SCHEDULES[noise_schedule].get("rescale_betas_zero_snr") and prediction_type != "v_prediction":
+        raise ValueError(f"noise_schedule {noise_schedule!r} has zero terminal SNR, where only v_prediction is defined")
+    common = dict(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False,
+                  **NOISE_SCHEDULES[noise_schedule])
     # (trailing spacing ignores steps_offset; 1 keeps diffusers' outdated-config warning away)
     spacing = dict(timestep_spacing="trailing") if prediction_type == "v_prediction" else {}
     return DDPMScheduler(**common), DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, **spacing)
 
 
-def make_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction"):
+def make_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction",
+                  noise_schedule: str = "scaled_linear_zero_snr"):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_schedulers(prediction_type)[1], safety_checker=None,
+                                   scheduler=make_schedulers(prediction_type, noise_schedule)[1], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -686,7 +706,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ema = {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.named_parameters()}
-    ddpm, _ = make_schedulers(cfg.prediction_type)
+    ddpm, _ = make_schedulers(cfg.prediction_type, cfg.noise_schedule)
     alphas = ddpm.alphas_cumprod
     for m in modules.values():
         m.train()
@@ -721,7 +741,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
 
     def after_step(step: int, state: dict) -> None:
         if step % cfg.monitor_every == 0:
-            scores = quick_score(make_pipeline(vae, text_encoder, tokenizer, unet, cfg.prediction_type), cfg, n=16)
+            scores = quick_score(make_pipeline(vae, text_encoder, tokenizer, unet, cfg.prediction_type, cfg.noise_schedule), cfg, n=16)
             state["monitor"].append({"step": step, **scores})
             log(f"unet step {step}: checker on {scores['n']} prompts: class {scores['class_present']:.2f} "
                 f"colour {scores['colour_present']:.2f} both {scores['match']:.2f} background {scores['background']:.2f}")
@@ -885,13 +905,13 @@ def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
 
 def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
     """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
-    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg.prediction_type), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
+    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg.prediction_type, cfg.noise_schedule), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
               for kind, (te, un) in trained.items()}
     choice = max(scores, key=lambda k: (scores[k]["match"], k == "raw"))
     log(f"ship: raw {scores['raw']} / ema {scores['ema']} -> shipping {choice}")
     te, un = trained[choice]
     pipe = make_pipeline(copy.deepcopy(vae).half(), copy.deepcopy(te).half(), tokenizer, copy.deepcopy(un).half(),
-                         cfg.prediction_type)
+                         cfg.prediction_type, cfg.noise_schedule)
     tmp = out / "base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -143,3 +143,17 @@ def test_masked_mse_ignores_pixels_outside_mask():
     assert masked_mse(pred, target, None).item() == pytest.approx(F.mse_loss(pred, target).item())
     with pytest.raises(ValueError, match="resize_mask"):
         masked_mse(pred, target, torch.ones(2, 16, 16))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_target_follows_the_schedulers_prediction_type(kind):
+    from diffusers import DDPMScheduler
+
+    from multiconcept.losses import diffusion_target
+
+    sched = DDPMScheduler(prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    expected = {"epsilon": noise, "v_prediction": sched.get_velocity(z0, noise, t), "sample": z0}[kind]
+    torch.testing.assert_close(diffusion_target(sched, z0, noise, t), expected)

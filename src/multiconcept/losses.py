@@ -194,3 +194,14 @@ __all__ = [
     "soft_iou",
     "suppress",
 ]
+
+
+def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict, per the scheduler's ``prediction_type``:
+    the noise (SD 1.x), the velocity (SD 2.x, ToyWorld) or the clean latent."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    if kind == "sample":
+        return z0
+    return noise

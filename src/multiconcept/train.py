@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .bundle import atomic_write, save_bundle
 from .data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
 from .errors import UserError
-from .losses import masked_mse
+from .losses import diffusion_target, masked_mse
 from .methods.base import Method, TrainConfig
 from .models import Base
 from .prompts import locate_concepts
@@ -157,10 +157,7 @@ class Trainer:
                 pred = unet(zt.to(self.dtype), t, cond.to(self.dtype)).sample.float()
         else:
             pred = unet(zt.to(self.dtype), t, cond.to(self.dtype)).sample.float()
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(z0, noise, t)
-        else:
-            target = noise
+        target = diffusion_target(self.scheduler, z0, noise, t)
         mask = F.interpolate(batch["loss_mask"].to(dev), size=z0.shape[-2:], mode="area")
         diffusion = masked_mse(pred, target, mask)
         logs = {"diffusion": diffusion.item()}

@@ -41,6 +41,7 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from ..losses import diffusion_target
 from .check import check
 from .render import (
     BACKGROUNDS,
@@ -648,7 +649,8 @@ NOISE_SCHEDULES = {
 }
 
 
-def make_schedulers(prediction_type: str = "v_prediction", noise_schedule: str = "scaled_linear_zero_snr"):
+def make_schedulers(prediction_type: str = BuildConfig.prediction_type,
+                    noise_schedule: str = BuildConfig.noise_schedule):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     if noise_schedule not in NOISE_SCHEDULES:
@@ -662,12 +664,11 @@ def make_schedulers(prediction_type: str = "v_prediction", noise_schedule: str =
     return DDPMScheduler(**common), DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, **spacing)
 
 
-def make_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction",
-                  noise_schedule: str = "scaled_linear_zero_snr"):
+def make_pipeline(vae, text_encoder, tokenizer, unet, cfg: BuildConfig):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_schedulers(prediction_type, noise_schedule)[1], safety_checker=None,
+                                   scheduler=make_schedulers(cfg.prediction_type, cfg.noise_schedule)[1], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -730,7 +731,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        target = ddpm.get_velocity(latents, noise, t) if cfg.prediction_type == "v_prediction" else noise
+        target = diffusion_target(ddpm, latents, noise, t)
         loss = F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -743,7 +744,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
 
     def after_step(step: int, state: dict) -> None:
         if step % cfg.monitor_every == 0:
-            scores = quick_score(make_pipeline(vae, text_encoder, tokenizer, unet, cfg.prediction_type, cfg.noise_schedule), cfg, n=16)
+            scores = quick_score(make_pipeline(vae, text_encoder, tokenizer, unet, cfg), cfg, n=16)
             state["monitor"].append({"step": step, **scores})
             log(f"unet step {step}: checker on {scores['n']} prompts: class {scores['class_present']:.2f} "
                 f"colour {scores['colour_present']:.2f} both {scores['match']:.2f} background {scores['background']:.2f}")
@@ -907,13 +908,12 @@ def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
 
 def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
     """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
-    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg.prediction_type, cfg.noise_schedule), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
+    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
               for kind, (te, un) in trained.items()}
     choice = max(scores, key=lambda k: (scores[k]["match"], k == "raw"))
     log(f"ship: raw {scores['raw']} / ema {scores['ema']} -> shipping {choice}")
     te, un = trained[choice]
-    pipe = make_pipeline(copy.deepcopy(vae).half(), copy.deepcopy(te).half(), tokenizer, copy.deepcopy(un).half(),
-                         cfg.prediction_type, cfg.noise_schedule)
+    pipe = make_pipeline(copy.deepcopy(vae).half(), copy.deepcopy(te).half(), tokenizer, copy.deepcopy(un).half(), cfg)
     tmp = out / "base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -55,7 +55,7 @@ from ..attention import AttentionStore, capture_attention, resize_mask
 from ..bundle import atomic_write
 from ..data import load_image, load_mask, mask_tensor, to_tensor
 from ..errors import UserError, require
-from ..losses import balanced_l1_loc_loss, masked_mse
+from ..losses import balanced_l1_loc_loss, diffusion_target, masked_mse
 from ..methods.fastcomposer import (
     MARKER,
     FastComposer,
@@ -288,7 +288,7 @@ class EncoderTrainer(nn.Module):
                 pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
         else:
             pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
-        target = self.scheduler.get_velocity(z0, noise, t) if self.scheduler.config.prediction_type == "v_prediction" else noise
+        target = diffusion_target(self.scheduler, z0, noise, t)
         mask = F.interpolate(batch["loss_mask"].to(dev), size=z0.shape[-2:], mode="area")
         noise_loss = masked_mse(pred, target, mask)
         logs = {"noise": noise_loss.item()}

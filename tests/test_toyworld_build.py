@@ -65,3 +65,28 @@ def test_every_sampler_stays_finite_on_the_zero_snr_schedule(name):
         x = sched.step(v, t, x, generator=g).prev_sample if "generator" in sched.step.__code__.co_varnames \
             else sched.step(v, t, x).prev_sample
     assert torch.isfinite(x).all() and x.abs().max() < 100, name
+
+
+def test_an_unknown_text_encoder_is_refused_before_any_work(tmp_path):
+    from multiconcept.toyworld.build import build
+
+    with pytest.raises(ValueError, match="text_encoder"):
+        build(tmp_path / "out", tmp_path / "work", config=BuildConfig(text_encoder="clip-l"), progress=False)
+    assert not (tmp_path / "work").exists()
+
+
+def test_every_training_caption_fits_the_text_context(tmp_path):
+    """The base's context is short (32, not SD's 77) so padding does not swamp the prompt;
+    a caption longer than it would lose its last words in training."""
+    import numpy as np
+
+    from multiconcept.toyworld.build import Log, train_tokenizer
+    from multiconcept.toyworld.render import base_training_scene, describe
+
+    cfg = BuildConfig()
+    tokenizer = train_tokenizer(cfg, tmp_path / "tok", Log(tmp_path / "log", echo=False))
+    assert tokenizer.model_max_length == cfg.max_length
+    rng = np.random.default_rng(3)
+    lengths = [len(tokenizer(describe(s.objects, s.background, rng)).input_ids)
+               for s in (base_training_scene(rng) for _ in range(2000))]
+    assert max(lengths) <= cfg.max_length, max(lengths)

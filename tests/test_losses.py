@@ -157,3 +157,29 @@ def test_diffusion_target_follows_the_schedulers_prediction_type(kind):
     t = torch.tensor([10, 900])
     expected = {"epsilon": noise, "v_prediction": sched.get_velocity(z0, noise, t), "sample": z0}[kind]
     torch.testing.assert_close(diffusion_target(sched, z0, noise, t), expected)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_put_every_target_on_the_same_clipped_x0_weight(kind):
+    """Whatever the target, weight × (the target's x₀-space factor) = min(SNR, γ)."""
+    from diffusers import DDPMScheduler
+
+    from multiconcept.losses import min_snr_weights
+
+    sched = DDPMScheduler(prediction_type=kind)
+    t = torch.tensor([0, 300, 700, 999])
+    a = sched.alphas_cumprod[t]
+    snr = a / (1 - a)
+    factor = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+    w = min_snr_weights(sched, t, gamma=5.0)
+    torch.testing.assert_close(w * factor, snr.clamp(max=5.0))
+
+
+def test_min_snr_weights_are_zero_not_nan_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    from multiconcept.losses import min_snr_weights
+
+    sched = DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    w = min_snr_weights(sched, torch.tensor([999, 500]), gamma=5.0)
+    assert w[0].item() == 0.0 and 0 < w[1].item() < 1

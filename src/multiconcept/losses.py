@@ -205,3 +205,19 @@ def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.
     if kind == "sample":
         return z0
     return noise
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-γ (Hang et al. 2023) for the scheduler's
+    ``prediction_type``: the x₀-space weight min(SNR, γ), expressed for an ε target
+    (÷ SNR), a velocity target (÷ (SNR + 1)) or a clean-latent target (as is).
+    A zero-SNR timestep gets weight 0 under ε, where its target is undefined anyway."""
+    alphas = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alphas / (1 - alphas).clamp_min(1e-12)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    if kind == "sample":
+        return clipped
+    return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.zeros_like(snr))

@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ..losses import diffusion_target
+from ..losses import diffusion_target, min_snr_weights
 from .check import check
 from .render import (
     BACKGROUNDS,
@@ -116,6 +116,8 @@ class BuildConfig:
     # It did not bring shapes by itself (fourth run: class 0.00 at step 4,000; cross-attention
     # nearly uniform, mostly on padding tokens; README, ToyWorld build).
     noise_schedule: str = "scaled_linear_zero_snr"
+    # Min-SNR-γ loss weighting (Hang et al.; diffusers' --snr_gamma): None = plain MSE on the target.
+    snr_gamma: float | None = None
     unet_steps: int = 12000
     unet_batch: int = 16
     unet_lr: float = 3e-4
@@ -750,7 +752,8 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         target = diffusion_target(ddpm, latents, noise, t)
-        loss = F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, target)
+        err = F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, target, reduction="none").mean((1, 2, 3))
+        loss = (err * min_snr_weights(ddpm, t, cfg.snr_gamma)).mean() if cfg.snr_gamma else err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

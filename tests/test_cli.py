@@ -200,7 +200,14 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     assert np.abs(ours - np.asarray(img, dtype=np.int16)).max() <= 2
 
 
-def test_toyworld_build_verb_validates(run_cli, tmp_path):
-    code, _, err = run_cli("toyworld", "build", "--steps", "0", "--out", tmp_path / "o", "--work", tmp_path / "w")
-    assert code == 2 and "--steps must be at least 1" in err
+@pytest.mark.parametrize("args,message", [
+    (("--steps", "0"), "--steps must be at least 1"),
+    (("--text-encoder", "clip"), "choose one of evaluator-tuned, evaluator, scratch"),
+    (("--noise-schedule", "cosine"), "choose one of linear, scaled_linear, scaled_linear_zero_snr"),
+    (("--prediction-type", "epsilon"), "use it with --prediction-type v_prediction"),
+    (("--snr-gamma", "0"), "--snr-gamma must be positive"),
+])
+def test_toyworld_build_verb_validates(run_cli, tmp_path, args, message):
+    code, _, err = run_cli("toyworld", "build", *args, "--out", tmp_path / "o", "--work", tmp_path / "w")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

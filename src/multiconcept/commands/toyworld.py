@@ -21,19 +21,32 @@ def build_cmd(
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
     seed: int = typer.Option(0, help="the whole build is seeded"),
     steps: Optional[int] = typer.Option(None, help="UNet training steps (default 12000)"),
-    text_encoder: str = typer.Option("evaluator", help="evaluator (its text tower, frozen) | scratch (trained with the UNet)"),
+    text_encoder: str = typer.Option("evaluator-tuned", help="evaluator-tuned (the evaluator's text tower, trained with "
+                                     "the UNet) | evaluator (that tower, frozen) | scratch (random init, trained)"),
+    prediction_type: str = typer.Option("v_prediction", help="what the UNet predicts: v_prediction | epsilon"),
+    noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
+                                       "(needs v_prediction) | scaled_linear | linear"),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
 ):
     """Build ToyWorld from nothing (seeded, resumable, ~3 h on 2 cores)."""
-    from ..toyworld.build import BuildConfig, build
+    from ..toyworld.build import NOISE_SCHEDULES, TEXT_ENCODERS, BuildConfig, build
 
     require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
     require(threads >= 1, f"--threads must be at least 1, got {threads}")
-    require(text_encoder in ("evaluator", "scratch"), f"--text-encoder {text_encoder!r}: choose evaluator or scratch")
-    extra = {"threads": threads, "text_encoder": text_encoder}
+    require(text_encoder in TEXT_ENCODERS, f"--text-encoder {text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}")
+    require(prediction_type in ("v_prediction", "epsilon"),
+            f"--prediction-type {prediction_type!r}: choose v_prediction or epsilon")
+    require(noise_schedule in NOISE_SCHEDULES,
+            f"--noise-schedule {noise_schedule!r}: choose one of {', '.join(sorted(NOISE_SCHEDULES))}")
+    require(prediction_type == "v_prediction" or "zero_snr" not in noise_schedule,
+            f"--noise-schedule {noise_schedule} has zero terminal SNR: use it with --prediction-type v_prediction")
+    require(snr_gamma is None or snr_gamma > 0, f"--snr-gamma must be positive, got {snr_gamma}")
+    extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
+             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

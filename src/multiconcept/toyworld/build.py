@@ -655,6 +655,8 @@ NOISE_SCHEDULES = {
     # DDPM's linear betas (made for 32 px images): terminal SNR 4e-5, so a 16x16 latent's
     # mean colour does not leak through the last step (SD's scaled_linear leaves 7% of it)
     "linear": dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
+    # SD 1.x's own betas (terminal SNR 0.0047: ~7% of the mean colour leaks through t = T)
+    "scaled_linear": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
     # SD's betas rescaled to zero terminal SNR: no leak at all, more steps at mid SNR
     "scaled_linear_zero_snr": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    rescale_betas_zero_snr=True),
@@ -993,6 +995,7 @@ def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int |
         cfg = replace(cfg, unet_steps=steps)
     if cfg.text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose from {TEXT_ENCODERS}")
+    make_schedulers(cfg.prediction_type, cfg.noise_schedule)  # refuses a bad pair before any work
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -1043,12 +1046,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-encoder", choices=TEXT_ENCODERS, default=BuildConfig.text_encoder,
                     help="the base's text encoder: the evaluator's text tower trained with the UNet (default), "
                          "frozen, or trained from scratch")
+    ap.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default=BuildConfig.prediction_type,
+                    help="what the UNet predicts (default v_prediction)")
+    ap.add_argument("--noise-schedule", choices=sorted(NOISE_SCHEDULES), default=BuildConfig.noise_schedule,
+                    help="training betas (default scaled_linear_zero_snr, which needs v_prediction)")
+    ap.add_argument("--snr-gamma", type=float, default=BuildConfig.snr_gamma,
+                    help="Min-SNR-γ loss weighting, e.g. 5 (default off)")
     ap.add_argument("--monitor-every", type=int, default=None, help="UNet steps between checker scores (default 2000)")
     ap.add_argument("--smoke", action="store_true", help="tiny step counts: prove every stage in ~2 min")
     ap.add_argument("--no-resume", action="store_true", help="discard this work dir's checkpoints")
     ap.add_argument("--quiet", action="store_true", help="log to WORK/build.log only")
     args = ap.parse_args(argv)
-    settings = dict(threads=args.threads, max_unet_hours=args.max_unet_hours, text_encoder=args.text_encoder)
+    settings = dict(threads=args.threads, max_unet_hours=args.max_unet_hours, text_encoder=args.text_encoder,
+                    prediction_type=args.prediction_type, noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma)
     if args.monitor_every:
         settings["monitor_every"] = args.monitor_every
     cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(**settings)

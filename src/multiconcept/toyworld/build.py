@@ -95,8 +95,8 @@ class BuildConfig:
     # frozen tower's states barely tell classes apart outside the noun (red -> blue moves
     # the padding states by 11.3, circle -> star by 5.2; content tokens' mean pairwise
     # cosine 0.83), and with it the fourth run drew colour and background right but every
-    # class as one blob; on its weights img2img from real renders at strength 0.5 kept the
-    # source shape as often with another class in the prompt as with its own (0.57 / 0.57).
+    # class as one blob. (Fifth run, this setting with the 32-token context: class 0.19 at
+    # step 1,000, 0.06 at 2,000 — no better; README, ToyWorld build.)
     text_encoder: str = "evaluator-tuned"
     # What the UNet predicts. Linear betas leave a terminal SNR of ~4e-5, and with
     # epsilon-prediction the loss at high noise (where background, colour and class

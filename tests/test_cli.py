@@ -206,6 +206,8 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     (("--noise-schedule", "cosine"), "choose one of linear, scaled_linear, scaled_linear_zero_snr"),
     (("--prediction-type", "epsilon"), "use it with --prediction-type v_prediction"),
     (("--snr-gamma", "0"), "--snr-gamma must be positive"),
+    (("--timestep-sampling", "cosine"), "choose one of uniform, logit_normal"),
+    (("--easy-share", "1.5"), "--easy-share must be within 0..1"),
 ])
 def test_toyworld_build_verb_validates(run_cli, tmp_path, args, message):
     code, _, err = run_cli("toyworld", "build", *args, "--out", tmp_path / "o", "--work", tmp_path / "w")

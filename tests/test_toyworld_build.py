@@ -90,3 +90,30 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     lengths = [len(tokenizer(describe(s.objects, s.background, rng)).input_ids)
                for s in (base_training_scene(rng) for _ in range(2000))]
     assert max(lengths) <= cfg.max_length, max(lengths)
+
+
+def test_logit_normal_timesteps_spend_more_steps_where_the_class_decides_the_shape():
+    import torch
+
+    from multiconcept.toyworld.build import sample_timesteps
+
+    def share(cfg):
+        t = sample_timesteps(cfg, 20000, 1000, torch.Generator().manual_seed(0))
+        assert 0 <= int(t.min()) and int(t.max()) <= 999
+        return float(((t >= 600) & (t < 850)).float().mean())
+
+    uniform, focused = share(BuildConfig()), share(BuildConfig(timestep_sampling="logit_normal"))
+    assert uniform == pytest.approx(0.25, abs=0.02) and focused > uniform + 0.03, (uniform, focused)
+
+
+def test_the_curriculum_share_draws_single_object_scenes():
+    import numpy as np
+
+    from multiconcept.toyworld.build import batch_indices
+
+    singles = np.arange(0, 100, 3)
+    idx, easy = batch_indices(BuildConfig(easy_share=0.5), 100, singles, np.random.default_rng(0))
+    assert len(idx) == 16 and sum(easy) == 8 and set(idx[:8]) <= set(singles)
+    idx, easy = batch_indices(BuildConfig(), 100, singles, np.random.default_rng(0))
+    assert not any(easy)  # the default keeps the old draw: old work dirs resume on the same batches
+    np.testing.assert_array_equal(idx, np.random.default_rng(0).integers(100, size=16))

@@ -27,13 +27,15 @@ def build_cmd(
     noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
                                        "(needs v_prediction) | scaled_linear | linear"),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
+    timestep_sampling: str = typer.Option("uniform", help="training timesteps: uniform | logit_normal"),
+    easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
 ):
     """Build ToyWorld from nothing (seeded, resumable, ~3 h on 2 cores)."""
-    from ..toyworld.build import NOISE_SCHEDULES, TEXT_ENCODERS, BuildConfig, build
+    from ..toyworld.build import NOISE_SCHEDULES, TEXT_ENCODERS, TIMESTEP_SAMPLINGS, BuildConfig, build
 
     require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
     require(threads >= 1, f"--threads must be at least 1, got {threads}")
@@ -45,8 +47,12 @@ def build_cmd(
     require(prediction_type == "v_prediction" or "zero_snr" not in noise_schedule,
             f"--noise-schedule {noise_schedule} has zero terminal SNR: use it with --prediction-type v_prediction")
     require(snr_gamma is None or snr_gamma > 0, f"--snr-gamma must be positive, got {snr_gamma}")
+    require(timestep_sampling in TIMESTEP_SAMPLINGS,
+            f"--timestep-sampling {timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
-             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma}
+             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "timestep_sampling": timestep_sampling,
+             "easy_share": easy_share}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

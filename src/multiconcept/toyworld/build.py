@@ -766,6 +766,8 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         m.train()
 
     singles = np.array([i for i, m in enumerate(meta) if len(m["objects"]) == 1])
+    if cfg.easy_share and not len(singles):
+        raise ValueError("easy_share needs single-object scenes in the base pool; it has none (raise base_pool)")
 
     def train_step(step: int) -> float:
         rng = np.random.default_rng([cfg.seed, 50, step])

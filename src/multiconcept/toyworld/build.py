@@ -741,18 +741,13 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     mean, std, meta = latent_pool(cfg, work, vae, log)
     torch.manual_seed(cfg.seed + 5)
     text_encoder, unet = make_text_encoder(tokenizer), make_unet(128)
-    if cfg.text_encoder == "evaluator":
-        from transformers import CLIPModel
-
-        tower = CLIPModel.from_pretrained(work / "evaluator", dtype=torch.float32).text_model
-        text_encoder.load_state_dict(tower.state_dict())
-        text_encoder.requires_grad_(False).eval()
-        modules = {"unet": unet}  # what trains (and is checkpointed / averaged)
-    elif cfg.text_encoder == "evaluator-tuned":
+    if cfg.text_encoder.startswith("evaluator"):  # "evaluator" (frozen) or "evaluator-tuned"
         from transformers import CLIPModel
 
         text_encoder.load_state_dict(CLIPModel.from_pretrained(work / "evaluator", dtype=torch.float32).text_model.state_dict())
-        modules = {"text_encoder": text_encoder, "unet": unet}
+    if cfg.text_encoder == "evaluator":
+        text_encoder.requires_grad_(False).eval()
+        modules = {"unet": unet}  # what trains (and is checkpointed / averaged)
     else:
         modules = {"text_encoder": text_encoder, "unet": unet}
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "

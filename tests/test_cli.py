@@ -207,9 +207,20 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     (("--prediction-type", "epsilon"), "use it with --prediction-type v_prediction"),
     (("--snr-gamma", "0"), "--snr-gamma must be positive"),
     (("--timestep-sampling", "cosine"), "choose one of uniform, logit_normal"),
+    (("--timestep-std", "0"), "--timestep-std must be positive"),
     (("--easy-share", "1.5"), "--easy-share must be within 0..1"),
 ])
 def test_toyworld_build_verb_validates(run_cli, tmp_path, args, message):
     code, _, err = run_cli("toyworld", "build", *args, "--out", tmp_path / "o", "--work", tmp_path / "w")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_toyworld_build_module_refuses_a_bad_setting_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "multiconcept.toyworld.build", "--out", str(tmp_path / "o"),
+                        "--work", str(tmp_path / "w"), "--timestep-std", "-1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: timestep_std must be positive, got -1.0", r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

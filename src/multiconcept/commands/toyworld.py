@@ -27,7 +27,10 @@ def build_cmd(
     noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
                                        "(needs v_prediction) | scaled_linear | linear"),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
-    timestep_sampling: str = typer.Option("uniform", help="training timesteps: uniform | logit_normal"),
+    timestep_sampling: str = typer.Option("uniform", help="training timesteps: uniform | logit_normal "
+                                          "(t/T = sigmoid(N(mean, std))) | mixed (half of each)"),
+    timestep_mean: float = typer.Option(0.5, help="logit-normal mean"),
+    timestep_std: float = typer.Option(1.2, help="logit-normal std"),
     easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
@@ -49,10 +52,11 @@ def build_cmd(
     require(snr_gamma is None or snr_gamma > 0, f"--snr-gamma must be positive, got {snr_gamma}")
     require(timestep_sampling in TIMESTEP_SAMPLINGS,
             f"--timestep-sampling {timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    require(timestep_std > 0, f"--timestep-std must be positive, got {timestep_std}")
     require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "timestep_sampling": timestep_sampling,
-             "easy_share": easy_share}
+             "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

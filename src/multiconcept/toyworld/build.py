@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -121,7 +122,9 @@ class BuildConfig:
     # Where training timesteps are drawn. "uniform" (DDPM). "logit_normal": t/T = sigmoid(N(mean,
     # std)) (SD3's sampling), to spend more steps where the class decides the shape: on the fourth
     # run's weights, SDEdit from clean latents kept every shape from t = 499 and almost none from
-    # t = 832, and the class word never steered it (README, ToyWorld build).
+    # t = 832, and the class word never steered it (README, ToyWorld build). "mixed": half the
+    # draws uniform, half logit-normal, so the highest-noise steps (where the background colour is
+    # set: logit-normal(1, 1) alone left tinted backgrounds on the trivial set) keep their share.
     timestep_sampling: str = "uniform"
     timestep_mean: float = 0.5
     timestep_std: float = 1.2
@@ -707,7 +710,7 @@ def _ema_update(ema: dict, modules: dict, decay: float) -> None:
 
 
 TEXT_ENCODERS = ("evaluator-tuned", "evaluator", "scratch")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mixed")
 
 
 def batch_indices(cfg: BuildConfig, pool_size: int, singles: np.ndarray,
@@ -724,7 +727,11 @@ def sample_timesteps(cfg: BuildConfig, n: int, num_train_timesteps: int, generat
     if cfg.timestep_sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (n,), generator=generator)
     u = torch.sigmoid(torch.randn(n, generator=generator) * cfg.timestep_std + cfg.timestep_mean)
-    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    t = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    if cfg.timestep_sampling == "mixed":
+        uniform = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < 0.5, uniform, t)
+    return t
 
 
 def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
@@ -1010,6 +1017,19 @@ def _check_state(work: Path, cfg: BuildConfig, resume: bool) -> None:
     _write_json(state_path, {"config": asdict(cfg)})
 
 
+def validate(cfg: BuildConfig) -> None:
+    """Refuse a bad configuration with a one-line ValueError, before any work."""
+    if cfg.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose from {TEXT_ENCODERS}")
+    make_schedulers(cfg.prediction_type, cfg.noise_schedule)  # refuses a bad pair before any work
+    if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; choose from {TIMESTEP_SAMPLINGS}")
+    if not cfg.timestep_std > 0:
+        raise ValueError(f"timestep_std must be positive, got {cfg.timestep_std}")
+    if not 0 <= cfg.easy_share <= 1:
+        raise ValueError(f"easy_share must be within [0, 1], got {cfg.easy_share}")
+
+
 def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int | None = None,
           resume: bool = True, progress: bool = True, config: BuildConfig | None = None) -> dict:
     """Build (or resume building) ToyWorld into out_dir; returns the quality report.
@@ -1022,13 +1042,7 @@ def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int |
     cfg = replace(config or BuildConfig(), seed=seed)
     if steps is not None:
         cfg = replace(cfg, unet_steps=steps)
-    if cfg.text_encoder not in TEXT_ENCODERS:
-        raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose from {TEXT_ENCODERS}")
-    make_schedulers(cfg.prediction_type, cfg.noise_schedule)  # refuses a bad pair before any work
-    if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
-        raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; choose from {TIMESTEP_SAMPLINGS}")
-    if not 0 <= cfg.easy_share <= 1:
-        raise ValueError(f"easy_share must be within [0, 1], got {cfg.easy_share}")
+    validate(cfg)
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -1086,7 +1100,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--snr-gamma", type=float, default=BuildConfig.snr_gamma,
                     help="Min-SNR-γ loss weighting, e.g. 5 (default off)")
     ap.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, default=BuildConfig.timestep_sampling,
-                    help="training timesteps: uniform (default) or logit_normal (mean 0.5, std 1.2 over t/T)")
+                    help="training timesteps: uniform (default), logit_normal (t/T = sigmoid(N(mean, std))) "
+                         "or mixed (half of each)")
+    ap.add_argument("--timestep-mean", type=float, default=BuildConfig.timestep_mean,
+                    help="logit-normal mean (default 0.5)")
+    ap.add_argument("--timestep-std", type=float, default=BuildConfig.timestep_std,
+                    help="logit-normal std (default 1.2)")
     ap.add_argument("--easy-share", type=float, default=BuildConfig.easy_share,
                     help="share of each batch from single-object scenes with full captions (default 0)")
     ap.add_argument("--monitor-every", type=int, default=None, help="UNet steps between checker scores (default 2000)")
@@ -1096,10 +1115,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     settings = dict(threads=args.threads, max_unet_hours=args.max_unet_hours, text_encoder=args.text_encoder,
                     prediction_type=args.prediction_type, noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma,
-                    timestep_sampling=args.timestep_sampling, easy_share=args.easy_share)
+                    timestep_sampling=args.timestep_sampling, timestep_mean=args.timestep_mean,
+                    timestep_std=args.timestep_std, easy_share=args.easy_share)
     if args.monitor_every:
         settings["monitor_every"] = args.monitor_every
     cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(**settings)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     build(args.out, args.work, seed=args.seed, steps=args.steps, resume=not args.no_resume,
           progress=not args.quiet, config=cfg)
 

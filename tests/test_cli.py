@@ -208,6 +208,7 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     (("--snr-gamma", "0"), "--snr-gamma must be positive"),
     (("--timestep-sampling", "cosine"), "choose one of uniform, logit_normal"),
     (("--timestep-std", "0"), "--timestep-std must be positive"),
+    (("--noise-offset", "-0.1"), "--noise-offset must be within [0, 1)"),
     (("--easy-share", "1.5"), "--easy-share must be within 0..1"),
 ])
 def test_toyworld_build_verb_validates(run_cli, tmp_path, args, message):

@@ -123,6 +123,21 @@ def test_mixed_timesteps_keep_the_highest_noise_share_and_add_the_middle():
     assert mid_m == pytest.approx((mid_u + mid_l) / 2, abs=0.015) and mid_m > mid_u + 0.03
 
 
+def test_offset_noise_spreads_each_channels_mean_and_is_off_by_default():
+    import torch
+
+    from multiconcept.toyworld.build import training_noise
+
+    def channel_mean_std(cfg):
+        return float(training_noise(cfg, (4096, 4, 16, 16), torch.Generator().manual_seed(0)).mean((2, 3)).std())
+
+    plain, offset = channel_mean_std(BuildConfig()), channel_mean_std(BuildConfig(noise_offset=0.1))
+    assert plain == pytest.approx(1 / 16, rel=0.05)  # the mean of 256 unit normals
+    assert offset == pytest.approx((1 / 256 + 0.01) ** 0.5, rel=0.05)
+    torch.testing.assert_close(training_noise(BuildConfig(), (2, 4, 16, 16), torch.Generator().manual_seed(3)),
+                               torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(3)))
+
+
 def test_the_curriculum_share_draws_single_object_scenes():
     import numpy as np
 

@@ -27,6 +27,7 @@ def build_cmd(
     noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
                                        "(needs v_prediction) | scaled_linear | linear"),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
+    noise_offset: float = typer.Option(0.0, help="offset noise std, e.g. 0.1 for epsilon-prediction (0: off)"),
     timestep_sampling: str = typer.Option("uniform", help="training timesteps: uniform | logit_normal "
                                           "(t/T = sigmoid(N(mean, std))) | mixed (half of each)"),
     timestep_mean: float = typer.Option(0.5, help="logit-normal mean"),
@@ -52,10 +53,11 @@ def build_cmd(
     require(snr_gamma is None or snr_gamma > 0, f"--snr-gamma must be positive, got {snr_gamma}")
     require(timestep_sampling in TIMESTEP_SAMPLINGS,
             f"--timestep-sampling {timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    require(0 <= noise_offset < 1, f"--noise-offset must be within [0, 1), got {noise_offset}")
     require(timestep_std > 0, f"--timestep-std must be positive, got {timestep_std}")
     require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
-             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "timestep_sampling": timestep_sampling,
+             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset, "timestep_sampling": timestep_sampling,
              "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")

@@ -119,6 +119,10 @@ class BuildConfig:
     noise_schedule: str = "scaled_linear_zero_snr"
     # Min-SNR-γ loss weighting (Hang et al.; diffusers' --snr_gamma): None = plain MSE on the target.
     snr_gamma: float | None = None
+    # Offset noise (kohya's / diffusers' --noise_offset): a per-sample, per-channel constant of this
+    # std added to the training noise, so an epsilon-model can move an image's mean colour
+    # (backgrounds) away from the mean of its starting noise. 0 = off.
+    noise_offset: float = 0.0
     # Where training timesteps are drawn. "uniform" (DDPM). "logit_normal": t/T = sigmoid(N(mean,
     # std)) (SD3's sampling), to spend more steps where the class decides the shape: on the fourth
     # run's weights, SDEdit from clean latents kept every shape from t = 499 and almost none from
@@ -159,7 +163,10 @@ class BuildConfig:
 
 
 # Values of fields that did not exist when an older work dir was started.
-_LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon", "noise_schedule": "linear"}
+_LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon", "noise_schedule": "linear",
+                  # settings added later, at the values that reproduce the older runs
+                  "snr_gamma": None, "timestep_sampling": "uniform", "timestep_mean": 0.5, "timestep_std": 1.2,
+                  "easy_share": 0.0, "noise_offset": 0.0}
 # Fields that may change between runs on one work dir without invalidating it.
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
                    "eval_seeds", "sample_steps", "guidance"}
@@ -723,6 +730,13 @@ def batch_indices(cfg: BuildConfig, pool_size: int, singles: np.ndarray,
     return idx, [True] * n_easy + [False] * (cfg.unet_batch - n_easy)
 
 
+def training_noise(cfg: BuildConfig, shape, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=generator)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
+
+
 def sample_timesteps(cfg: BuildConfig, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     if cfg.timestep_sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (n,), generator=generator)
@@ -783,7 +797,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         # [0.26, 0.39, 4.96, 0.16]), so sampling made a quarter of every latent pure
         # noise of variance ~25 that held the UNet's loss at a floor of ~0.25.
         latents = mean[idx].float()
-        noise = torch.randn(latents.shape, generator=g)
+        noise = training_noise(cfg, latents.shape, g)
         t = sample_timesteps(cfg, len(idx), ddpm.config.num_train_timesteps, g)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -1028,6 +1042,8 @@ def validate(cfg: BuildConfig) -> None:
         raise ValueError(f"timestep_std must be positive, got {cfg.timestep_std}")
     if not 0 <= cfg.easy_share <= 1:
         raise ValueError(f"easy_share must be within [0, 1], got {cfg.easy_share}")
+    if not 0 <= cfg.noise_offset < 1:
+        raise ValueError(f"noise_offset must be within [0, 1), got {cfg.noise_offset}")
 
 
 def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int | None = None,
@@ -1099,6 +1115,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="training betas (default scaled_linear_zero_snr, which needs v_prediction)")
     ap.add_argument("--snr-gamma", type=float, default=BuildConfig.snr_gamma,
                     help="Min-SNR-γ loss weighting, e.g. 5 (default off)")
+    ap.add_argument("--noise-offset", type=float, default=BuildConfig.noise_offset,
+                    help="offset noise std, e.g. 0.1 for epsilon-prediction (default 0: off)")
     ap.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, default=BuildConfig.timestep_sampling,
                     help="training timesteps: uniform (default), logit_normal (t/T = sigmoid(N(mean, std))) "
                          "or mixed (half of each)")
@@ -1115,6 +1133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     settings = dict(threads=args.threads, max_unet_hours=args.max_unet_hours, text_encoder=args.text_encoder,
                     prediction_type=args.prediction_type, noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma,
+                    noise_offset=args.noise_offset,
                     timestep_sampling=args.timestep_sampling, timestep_mean=args.timestep_mean,
                     timestep_std=args.timestep_std, easy_share=args.easy_share)
     if args.monitor_every:

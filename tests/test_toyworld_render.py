@@ -146,9 +146,12 @@ def test_checker_recognises_renders():
     acc = checker_accuracy(n_scenes=80, seed=3)
     assert acc["colour"] >= 0.98 and acc["shape"] >= 0.95 and acc["background"] >= 0.98
     scene = render_scene([ObjectSpec("heart", Appearance("pink"), "large", "center")], "black")
-    assert check(scene.image, "heart", "pink")["match"]
+    assert check(scene.image, "heart", "pink")["match"] and check(scene.image, "heart", "pink")["largest_is_class"]
     miss = check(scene.image, "star", "blue")
-    assert not miss["class_present"] and not miss["colour_present"]
+    assert not miss["class_present"] and not miss["colour_present"] and not miss["largest_is_class"]
+    two = render_scene([ObjectSpec("heart", Appearance("pink"), "large", "left"),
+                        ObjectSpec("star", Appearance("blue"), "small", "right")], "black")
+    assert check(two.image, "star", "blue")["class_present"] and not check(two.image, "star", "blue")["largest_is_class"]
 
 
 def test_checker_sees_nothing_in_a_blank_image():

@@ -893,7 +893,7 @@ def quick_score(pipe, cfg: BuildConfig, n: int) -> dict:
     for img, (_, noun, colour, bg) in zip(images, prompts):
         r = check(img, noun, colour)
         results.append(r | {"bg_ok": r["background"] == bg})
-    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in ("class_present", "colour_present", "match")},
+    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in ("class_present", "largest_is_class", "colour_present", "match")},
             "background": float(np.mean([r["bg_ok"] for r in results]))}
 
 
@@ -952,6 +952,8 @@ def quality_report(cfg: BuildConfig, out: Path, evaluator, tokenizer, log: Log) 
         "sampling": {"scheduler": "DDIMScheduler", "steps": cfg.sample_steps, "guidance": cfg.guidance,
                      "seeds": "50000+i single, 60000+i pairs"},
         "single_object": {"prompts": len(singles), "class_present": mean([r["class_present"] for r in single]),
+                          "largest_object_is_class": mean([r["largest_is_class"] for r in single]),
+                          "objects_detected_per_image": mean([len(r["detections"]) for r in single]),
                           "colour_present": mean([r["colour_present"] for r in single]),
                           "class_and_colour_same_object": mean([r["match"] for r in single]),
                           "background": mean([r["background"] == p[3] for r, p in zip(single, singles)])},

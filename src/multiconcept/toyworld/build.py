@@ -893,7 +893,8 @@ def quick_score(pipe, cfg: BuildConfig, n: int) -> dict:
     for img, (_, noun, colour, bg) in zip(images, prompts):
         r = check(img, noun, colour)
         results.append(r | {"bg_ok": r["background"] == bg})
-    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in ("class_present", "largest_is_class", "colour_present", "match")},
+    keys = ("class_present", "largest_is_class", "colour_present", "match")
+    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in keys},
             "background": float(np.mean([r["bg_ok"] for r in results]))}
 
 

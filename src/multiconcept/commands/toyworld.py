@@ -57,8 +57,8 @@ def build_cmd(
     require(timestep_std > 0, f"--timestep-std must be positive, got {timestep_std}")
     require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
-             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset, "timestep_sampling": timestep_sampling,
-             "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share}
+             "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
+             "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

@@ -204,3 +204,18 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     assert torch.equal(model.weight, model2.weight) and torch.equal(ema2["w"], ema["w"])
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
     assert Checkpoint(tmp_path / "missing.safetensors").load({"m": model2}, opt2) is None
+
+
+def test_fixed_layout_is_one_centred_object_or_a_left_right_pair():
+    rng = np.random.default_rng(5)
+    layouts = set()
+    for _ in range(200):
+        scene = base_training_scene(rng, layout="fixed")
+        layouts.add(tuple((o.size, o.position) for o in scene.objects))
+        for o in scene.objects:
+            assert o.concept is None and o.noun in scene.caption and o.colour in scene.caption
+        if len(scene.objects) == 2:  # the left object is drawn left of the right one
+            assert scene.objects[0].box[2] < scene.objects[1].box[0]
+    assert layouts == {(("large", "center"),), (("large", "left"), ("large", "right"))}
+    with pytest.raises(ValueError, match="unknown layout"):
+        base_training_scene(rng, layout="grid")

@@ -33,6 +33,8 @@ def build_cmd(
     timestep_mean: float = typer.Option(0.5, help="logit-normal mean"),
     timestep_std: float = typer.Option(1.2, help="logit-normal std"),
     easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
+    base_layout: str = typer.Option("fixed", help="base training scenes: fixed (one centred object or a "
+                                    "left/right pair) | free (five positions, two sizes, 1-3 objects)"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
@@ -56,9 +58,11 @@ def build_cmd(
     require(0 <= noise_offset < 1, f"--noise-offset must be within [0, 1), got {noise_offset}")
     require(timestep_std > 0, f"--timestep-std must be positive, got {timestep_std}")
     require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
+    require(base_layout in ("fixed", "free"), f"--base-layout {base_layout!r}: choose fixed or free")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
-             "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share}
+             "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share,
+             "base_layout": base_layout}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from ..losses import diffusion_target, min_snr_weights
 from .check import check
 from .render import (
     BACKGROUNDS,
+    BASE_LAYOUTS,
     CLASS_NOUNS,
     COLOURS,
     PERSONAL_CONCEPTS,
@@ -136,6 +138,11 @@ class BuildConfig:
     # position, background): a curriculum for class -> shape, which the same recipe learns on
     # large centred single objects in ~1,600 steps (class 0.93) but not in the full world by 5,000.
     easy_share: float = 0.0
+    # The base's training layouts (render.BASE_LAYOUTS). "free" (runs one to six): any of five
+    # positions, two sizes, 1-3 objects; class stayed at chance by 4,000-5,000 steps. "fixed": one
+    # large object in the center or two on the left and right, which is what the held-out prompts
+    # ask for (single objects without a position; pairs "on the left ... on the right").
+    base_layout: str = "fixed"
     unet_steps: int = 12000
     unet_batch: int = 16
     unet_lr: float = 3e-4
@@ -166,7 +173,7 @@ class BuildConfig:
 _LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon", "noise_schedule": "linear",
                   # settings added later, at the values that reproduce the older runs
                   "snr_gamma": None, "timestep_sampling": "uniform", "timestep_mean": 0.5, "timestep_std": 1.2,
-                  "easy_share": 0.0, "noise_offset": 0.0}
+                  "easy_share": 0.0, "noise_offset": 0.0, "base_layout": "free"}
 # Fields that may change between runs on one work dir without invalidating it.
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
                    "eval_seeds", "sample_steps", "guidance"}
@@ -633,7 +640,7 @@ def latent_pool(cfg: BuildConfig, work: Path, vae, log: Log):
         if len(mean) == cfg.base_pool:
             return mean, std, json.loads(meta_path.read_text())
     t = time.time()
-    images, meta = _render_pool(cfg.base_pool, [cfg.seed, 4], base_training_scene)
+    images, meta = _render_pool(cfg.base_pool, [cfg.seed, 4], partial(base_training_scene, layout=cfg.base_layout))
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), 256):
@@ -1043,6 +1050,8 @@ def validate(cfg: BuildConfig) -> None:
         raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; choose from {TIMESTEP_SAMPLINGS}")
     if not cfg.timestep_std > 0:
         raise ValueError(f"timestep_std must be positive, got {cfg.timestep_std}")
+    if cfg.base_layout not in BASE_LAYOUTS:
+        raise ValueError(f"unknown base_layout {cfg.base_layout!r}; choose from {BASE_LAYOUTS}")
     if not 0 <= cfg.easy_share <= 1:
         raise ValueError(f"easy_share must be within [0, 1], got {cfg.easy_share}")
     if not 0 <= cfg.noise_offset < 1:
@@ -1129,6 +1138,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="logit-normal std (default 1.2)")
     ap.add_argument("--easy-share", type=float, default=BuildConfig.easy_share,
                     help="share of each batch from single-object scenes with full captions (default 0)")
+    ap.add_argument("--base-layout", choices=BASE_LAYOUTS, default=BuildConfig.base_layout,
+                    help="base training scenes: fixed (default: one centred object or a left/right pair) "
+                         "or free (five positions, two sizes, 1-3 objects)")
     ap.add_argument("--monitor-every", type=int, default=None, help="UNet steps between checker scores (default 2000)")
     ap.add_argument("--smoke", action="store_true", help="tiny step counts: prove every stage in ~2 min")
     ap.add_argument("--no-resume", action="store_true", help="discard this work dir's checkpoints")
@@ -1138,7 +1150,7 @@ def main(argv: list[str] | None = None) -> None:
                     prediction_type=args.prediction_type, noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma,
                     noise_offset=args.noise_offset,
                     timestep_sampling=args.timestep_sampling, timestep_mean=args.timestep_mean,
-                    timestep_std=args.timestep_std, easy_share=args.easy_share)
+                    timestep_std=args.timestep_std, easy_share=args.easy_share, base_layout=args.base_layout)
     if args.monitor_every:
         settings["monitor_every"] = args.monitor_every
     cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(**settings)

@@ -123,6 +123,11 @@ def test_subject_dataset_records():
             x0, y0, x1, y1 = s.box
             assert s.crop.shape == (y1 - y0, x1 - x0, 3)
             assert (s.crop[~s.mask[y0:y1, x0:x1]] == 255).all()
+    fixed = subject_dataset(40, seed=0, layout="fixed")
+    assert {len(r.subjects) for r in fixed} == {1, 2}
+    for r in fixed:
+        if len(r.subjects) == 2:
+            assert r.subjects[0].label != r.subjects[1].label and r.subjects[0].box[2] < r.subjects[1].box[0]
 
 
 def test_written_folders_hold_images_and_matching_masks(tmp_path):

@@ -446,13 +446,15 @@ def masked_crop(image: np.ndarray, mask: np.ndarray, box: Sequence[int], fill=(2
     return crop
 
 
-def subject_dataset(n: int, seed: int, include_held_out: bool = False) -> list[SubjectRecord]:
+def subject_dataset(n: int, seed: int, include_held_out: bool = False, layout: str = "free") -> list[SubjectRecord]:
     """Records for tuning-free (FastComposer-style) training. Nouns are distinct
-    within a record so each label names one subject; the caption is full detail."""
+    within a record so each label names one subject; the caption is full detail.
+    layout="fixed": the base's layouts (one centred object or a left/right pair)."""
     rng = np.random.default_rng(seed)
+    counts = (0.5, 0.5, 0.0) if layout == "fixed" else (0.35, 0.45, 0.2)
     records = []
     for _ in range(n):
-        scene = _random_scene(rng, include_held_out, distinct_nouns=True)
+        scene = _random_scene(rng, include_held_out, distinct_nouns=True, counts_p=counts, layout=layout)
         caption = describe(scene.objects, scene.background)
         subjects = [Subject(o.noun, o.box, o.mask, masked_crop(scene.image, o.mask, o.box))
                     for o in scene.objects]

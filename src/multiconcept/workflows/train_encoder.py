@@ -90,7 +90,9 @@ class Record:
 
 
 class ToyWorldSubjects:
-    """Fresh `toyworld.subject_dataset` records on every draw (never a repeat)."""
+    """Fresh `toyworld.subject_dataset` records on every draw (never a repeat), laid
+    out as the ToyWorld base's training scenes are (one centred subject or a
+    left/right pair), so the tuned UNet does not have to learn new layouts."""
 
     name = "toyworld"
 
@@ -98,7 +100,7 @@ class ToyWorldSubjects:
         from ..toyworld import subject_dataset
 
         return [Record(r.image, r.caption, [Annotation(s.label, s.mask, tuple(s.box)) for s in r.subjects])
-                for r in subject_dataset(n, seed)]
+                for r in subject_dataset(n, seed, layout="fixed")]
 
 
 class FolderSubjects:

@@ -102,7 +102,8 @@ def test_logit_normal_timesteps_spend_more_steps_where_the_class_decides_the_sha
         assert 0 <= int(t.min()) and int(t.max()) <= 999
         return float(((t >= 600) & (t < 850)).float().mean())
 
-    uniform, focused = share(BuildConfig()), share(BuildConfig(timestep_sampling="logit_normal"))
+    uniform = share(BuildConfig(timestep_sampling="uniform"))
+    focused = share(BuildConfig(timestep_sampling="logit_normal", timestep_mean=0.5, timestep_std=1.2))
     assert uniform == pytest.approx(0.25, abs=0.02) and focused > uniform + 0.03, (uniform, focused)
 
 
@@ -116,7 +117,7 @@ def test_mixed_timesteps_keep_the_highest_noise_share_and_add_the_middle():
         assert 0 <= int(t.min()) and int(t.max()) <= 999
         return float((t >= 950).float().mean()), float(((t >= 600) & (t < 850)).float().mean())
 
-    top_u, mid_u = shares(BuildConfig())
+    top_u, mid_u = shares(BuildConfig(timestep_sampling="uniform"))
     top_l, mid_l = shares(BuildConfig(timestep_sampling="logit_normal", timestep_mean=1.0, timestep_std=1.0))
     top_m, mid_m = shares(BuildConfig(timestep_sampling="mixed", timestep_mean=1.0, timestep_std=1.0))
     assert top_m == pytest.approx((top_u + top_l) / 2, abs=0.01) and top_m > top_l + 0.005

@@ -28,10 +28,10 @@ def build_cmd(
                                        "(needs v_prediction) | scaled_linear | linear"),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
     noise_offset: float = typer.Option(0.0, help="offset noise std, e.g. 0.1 for epsilon-prediction (0: off)"),
-    timestep_sampling: str = typer.Option("uniform", help="training timesteps: uniform | logit_normal "
+    timestep_sampling: str = typer.Option("mixed", help="training timesteps: uniform | logit_normal "
                                           "(t/T = sigmoid(N(mean, std))) | mixed (half of each)"),
-    timestep_mean: float = typer.Option(0.5, help="logit-normal mean"),
-    timestep_std: float = typer.Option(1.2, help="logit-normal std"),
+    timestep_mean: float = typer.Option(1.0, help="logit-normal mean"),
+    timestep_std: float = typer.Option(1.0, help="logit-normal std"),
     easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
     base_layout: str = typer.Option("fixed", help="base training scenes: fixed (one centred object or a "
                                     "left/right pair) | free (five positions, two sizes, 1-3 objects)"),

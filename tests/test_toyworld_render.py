@@ -99,8 +99,11 @@ def test_two_concept_scene_and_reference_set():
     # the two-tone concept really shows two colours, the checkered one its colour and shade
     assert len(np.unique(scene.image[a.mask], axis=0)) == 2
     assert len(np.unique(scene.image[b.mask], axis=0)) == 2
-    refs = concept_reference_set("dotted_heart", 5, seed=0)
+    refs = concept_reference_set("dotted_heart", 5, seed=0, layout="free")
     assert len(refs) == 5 and len({r.objects[0].position for r in refs}) == 5
+    refs = concept_reference_set("dotted_heart", 8, seed=0)  # the base's layout, varied backgrounds
+    assert {(r.objects[0].position, r.objects[0].size) for r in refs} == {("center", "large")}
+    assert len({r.background for r in refs}) > 1
     assert all(r.objects[0].concept == "dotted_heart" for r in refs)
     with pytest.raises(ValueError, match="unknown concept"):
         concept_reference_set("no_such_thing", 2, 0)

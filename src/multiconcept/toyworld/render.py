@@ -404,15 +404,18 @@ def two_concept_scene(concept_a: str, concept_b: str, seed: int) -> Scene:
     return scene
 
 
-def concept_reference_set(concept: str, n: int, seed: int) -> list[Scene]:
-    """n single-object images of one concept at varied positions, sizes, backgrounds."""
+def concept_reference_set(concept: str, n: int, seed: int, layout: str = "fixed") -> list[Scene]:
+    """n single-object images of one concept on varied backgrounds; layout="fixed" draws it
+    large and centred, as the base's single objects are; "free" varies position and size."""
+    if layout not in BASE_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {BASE_LAYOUTS}")
     c = _concept(concept)
     rng = np.random.default_rng(seed)
     positions = rng.permutation(list(POSITIONS))
     scenes = []
     for i in range(n):
-        position = str(positions[i % len(positions)])
-        size = "large" if rng.random() < 0.7 else "small"
+        position = "center" if layout == "fixed" else str(positions[i % len(positions)])
+        size = "large" if layout == "fixed" or rng.random() < 0.7 else "small"
         background = str(rng.choice(list(BACKGROUNDS)))
         texture = "gradient" if rng.random() < 0.25 else "plain"
         scene = render_scene([ObjectSpec(c.noun, c.appearance, size, position, c.name)],

@@ -211,6 +211,7 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     (("--noise-offset", "-0.1"), "--noise-offset must be within [0, 1)"),
     (("--easy-share", "1.5"), "--easy-share must be within 0..1"),
     (("--base-layout", "grid"), "--base-layout 'grid': choose fixed or free"),
+    (("--caption-colour-p", "0"), "--caption-colour-p must be within (0, 1]"),
 ])
 def test_toyworld_build_verb_validates(run_cli, tmp_path, args, message):
     code, _, err = run_cli("toyworld", "build", *args, "--out", tmp_path / "o", "--work", tmp_path / "w")

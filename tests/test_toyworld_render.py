@@ -15,6 +15,7 @@ from multiconcept.toyworld import (
     base_training_scene,
     check,
     concept_reference_set,
+    describe,
     is_personal,
     render_scene,
     subject_dataset,
@@ -227,3 +228,21 @@ def test_fixed_layout_is_one_centred_object_or_a_left_right_pair():
     assert layouts == {(("large", "center"),), (("large", "left"), ("large", "right"))}
     with pytest.raises(ValueError, match="unknown layout"):
         base_training_scene(rng, layout="grid")
+
+
+def test_captions_leave_colours_out_only_when_asked():
+    def captions(colour_p):
+        rng = np.random.default_rng(3)
+        scenes = [base_training_scene(np.random.default_rng(i), layout="fixed") for i in range(300)]
+        return scenes, [describe(s.objects, s.background, rng, colour_p=colour_p) for s in scenes]
+
+    scenes, always = captions(1.0)
+    _, sometimes = captions(0.75)
+    said = lambda scene, text: [o.colour in text for o in scene.objects]  # noqa: E731
+    assert all(all(said(s, c)) for s, c in zip(scenes, always))
+    shares = np.mean([x for s, c in zip(scenes, sometimes) for x in said(s, c)])
+    assert 0.65 < shares < 0.85, shares
+    assert all(all(o.noun in c for o in s.objects) for s, c in zip(scenes, sometimes))
+    star = render_scene([ObjectSpec("star", Appearance("red", "striped"))], "gray").objects[0]
+    assert star.phrase(size=False, position=False, colour=False) == "a striped star"
+    assert star.phrase(size=False, position=False, pattern=False, colour=False) == "a star"

@@ -35,6 +35,8 @@ def build_cmd(
     easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
     base_layout: str = typer.Option("fixed", help="base training scenes: fixed (one centred object or a "
                                     "left/right pair) | free (five positions, two sizes, 1-3 objects)"),
+    caption_colour_p: float = typer.Option(0.75, help="share of objects whose colour the base's captions say "
+                                           "(below 1, 'a star' is in distribution too)"),
     threads: int = typer.Option(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
@@ -59,10 +61,11 @@ def build_cmd(
     require(timestep_std > 0, f"--timestep-std must be positive, got {timestep_std}")
     require(0 <= easy_share <= 1, f"--easy-share must be within 0..1, got {easy_share}")
     require(base_layout in ("fixed", "free"), f"--base-layout {base_layout!r}: choose fixed or free")
+    require(0 < caption_colour_p <= 1, f"--caption-colour-p must be within (0, 1], got {caption_colour_p}")
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
              "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std, "easy_share": easy_share,
-             "base_layout": base_layout}
+             "base_layout": base_layout, "caption_colour_p": caption_colour_p}
     if max_unet_hours is not None:
         require(max_unet_hours > 0, f"--max-unet-hours must be positive, got {max_unet_hours}")
         extra["max_unet_hours"] = max_unet_hours

@@ -146,6 +146,11 @@ class BuildConfig:
     # large object in the center or two on the left and right, which is what the held-out prompts
     # ask for (single objects without a position; pairs "on the left ... on the right").
     base_layout: str = "fixed"
+    # Share of objects whose colour the base's training captions say. Always (1.0, runs one to
+    # seven) left "a star on a black background" out of distribution: the seventh run's base drew
+    # dark noise for it, and personalisation prompts ("a <s1> star") and class prompts have no
+    # colour. Below 1 the colour is left out of the other objects' phrases.
+    caption_colour_p: float = 0.75
     unet_steps: int = 12000
     unet_batch: int = 16
     unet_lr: float = 3e-4
@@ -176,7 +181,8 @@ class BuildConfig:
 _LEGACY_VALUES = {"text_encoder": "scratch", "prediction_type": "epsilon", "noise_schedule": "linear",
                   # settings added later, at the values that reproduce the older runs
                   "snr_gamma": None, "timestep_sampling": "uniform", "timestep_mean": 0.5, "timestep_std": 1.2,
-                  "easy_share": 0.0, "noise_offset": 0.0, "base_layout": "free"}
+                  "easy_share": 0.0, "noise_offset": 0.0, "base_layout": "free",
+                  "caption_colour_p": 1.0}
 # Fields that may change between runs on one work dir without invalidating it.
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
                    "eval_seeds", "sample_steps", "guidance"}
@@ -799,7 +805,8 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         rng = np.random.default_rng([cfg.seed, 50, step])
         idx, easy = batch_indices(cfg, len(mean), singles, rng)
         captions = ["" if rng.random() < cfg.caption_dropout else
-                    describe(_objects_from_dicts(meta[i]["objects"]), meta[i]["background"], None if e else rng)
+                    describe(_objects_from_dicts(meta[i]["objects"]), meta[i]["background"], None if e else rng,
+                             colour_p=cfg.caption_colour_p)
                     for i, e in zip(idx, easy)]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         # Posterior means, not samples: the tiny KL weight still let one VAE channel
@@ -1053,6 +1060,8 @@ def validate(cfg: BuildConfig) -> None:
         raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; choose from {TIMESTEP_SAMPLINGS}")
     if not cfg.timestep_std > 0:
         raise ValueError(f"timestep_std must be positive, got {cfg.timestep_std}")
+    if not 0 < cfg.caption_colour_p <= 1:
+        raise ValueError(f"caption_colour_p must be within (0, 1], got {cfg.caption_colour_p}")
     if cfg.base_layout not in BASE_LAYOUTS:
         raise ValueError(f"unknown base_layout {cfg.base_layout!r}; choose from {BASE_LAYOUTS}")
     if not 0 <= cfg.easy_share <= 1:
@@ -1144,6 +1153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-layout", choices=BASE_LAYOUTS, default=BuildConfig.base_layout,
                     help="base training scenes: fixed (default: one centred object or a left/right pair) "
                          "or free (five positions, two sizes, 1-3 objects)")
+    ap.add_argument("--caption-colour-p", type=float, default=BuildConfig.caption_colour_p,
+                    help="share of objects whose colour the base's captions say (default 0.75)")
     ap.add_argument("--monitor-every", type=int, default=None, help="UNet steps between checker scores (default 2000)")
     ap.add_argument("--smoke", action="store_true", help="tiny step counts: prove every stage in ~2 min")
     ap.add_argument("--no-resume", action="store_true", help="discard this work dir's checkpoints")
@@ -1153,7 +1164,8 @@ def main(argv: list[str] | None = None) -> None:
                     prediction_type=args.prediction_type, noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma,
                     noise_offset=args.noise_offset,
                     timestep_sampling=args.timestep_sampling, timestep_mean=args.timestep_mean,
-                    timestep_std=args.timestep_std, easy_share=args.easy_share, base_layout=args.base_layout)
+                    timestep_std=args.timestep_std, easy_share=args.easy_share, base_layout=args.base_layout,
+                    caption_colour_p=args.caption_colour_p)
     if args.monitor_every:
         settings["monitor_every"] = args.monitor_every
     cfg = (BuildConfig.smoke if args.smoke else BuildConfig)(**settings)

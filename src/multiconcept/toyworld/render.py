@@ -119,10 +119,14 @@ class SceneObject:
     def colour(self) -> str:
         return self.appearance.colour
 
-    def phrase(self, size: bool = True, pattern: bool = True, position: bool = True) -> str:
-        """'a small red striped star on the left' with optional parts left out."""
+    def phrase(self, size: bool = True, pattern: bool = True, position: bool = True, colour: bool = True) -> str:
+        """'a small red striped star on the left' with optional parts left out
+        (without colour: 'a small striped star', 'a two-tone circle', 'a star')."""
         words = [self.size] if size else []
-        words.append(self.appearance.words() if pattern else self.appearance.colour)
+        if colour:
+            words.append(self.appearance.words() if pattern else self.appearance.colour)
+        elif pattern and self.appearance.pattern != "plain":
+            words.append(self.appearance.pattern)
         words.append(self.noun)
         text = f"{_article(words[0])} {' '.join(words)}"
         return f"{text} {POSITION_PHRASES[self.position]}" if position else text
@@ -283,14 +287,18 @@ def render_scene(specs: Sequence[ObjectSpec], background: str = "gray", texture:
 # ---------------------------------------------------------------- captions
 
 def describe(objects: Sequence[SceneObject], background: str,
-             rng: np.random.Generator | None = None) -> str:
+             rng: np.random.Generator | None = None, colour_p: float = 1.0) -> str:
     """Plain-English caption. With an rng, size/position/background are sometimes
     left out (and stripes rarely), so short prompts like 'a blue circle' are in
-    distribution; colour and noun are always said because they are what is scored."""
+    distribution; the noun is always said. The colour too, unless colour_p < 1:
+    then each object's colour is said with that probability, so that a prompt
+    without one ('a star', the class prompt of personalisation methods) is in
+    distribution for the base as well."""
     def keep(p: float) -> bool:
         return rng is None or rng.random() < p
     many = len(objects) > 1
-    phrases = [o.phrase(size=keep(0.5), pattern=keep(0.9), position=keep(0.7 if many else 0.3))
+    phrases = [o.phrase(size=keep(0.5), pattern=keep(0.9), position=keep(0.7 if many else 0.3),
+                        colour=colour_p >= 1 or keep(colour_p))
                for o in objects]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{text} on {_article(background)} {background} background" if keep(0.75) else text

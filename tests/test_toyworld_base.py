@@ -35,6 +35,22 @@ def test_shipped_base_loads_offline_and_draws_the_prompted_colour(monkeypatch):
     assert red >= 0.6 and red_when_blue <= 0.25, (red, red_when_blue)
 
 
+def test_shipped_base_draws_the_prompted_class_with_and_without_a_colour_word():
+    import torch
+
+    from multiconcept.toyworld import analyse
+
+    pipe = load_base(None).pipe
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [("a blue star on a white background", "star"), ("a ring on a gray background", "ring"),
+               ("a triangle on a black background", "triangle"), ("a green heart on a beige background", "heart")]
+    images = pipe([p for p, _ in prompts], num_inference_steps=25, guidance_scale=4.0, height=64, width=64,
+                  output_type="np", generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    found = [[d.noun for d in analyse((img * 255).round().astype(np.uint8)).objects] for img in images]
+    hits = sum(noun in f for f, (_, noun) in zip(found, prompts))
+    assert hits >= 3, found
+
+
 def test_short_learning_run_moves_generations_toward_the_reference(tmp_path):
     from multiconcept.data import build_concept_set
     from multiconcept.methods import get_method

@@ -45,7 +45,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ..losses import diffusion_target, min_snr_weights
-from .check import check
+from .check import analyse, check
 from .render import (
     BACKGROUNDS,
     BASE_LAYOUTS,
@@ -890,6 +890,21 @@ def two_object_prompts(n: int, seed: int) -> list[tuple[str, tuple, tuple, str]]
     return out
 
 
+def colourless_score(pipe, cfg: BuildConfig, seeds: int = 2) -> dict:
+    """Class prompts without a colour ("a star on a gray background", every class x
+    background x seed): personalisation's class prompts look like this."""
+    prompts = [(f"a {noun} on a {bg} background", noun) for noun in CLASS_NOUNS for bg in BACKGROUNDS
+               for _ in range(seeds)]
+    images = generate(pipe, [p for p, _ in prompts], cfg, seed=70_000)
+    present, largest = [], []
+    for img, (_, noun) in zip(images, prompts):
+        objects = analyse(img).objects
+        present.append(any(d.noun == noun for d in objects))
+        largest.append(bool(objects) and max(objects, key=lambda d: d.area).noun == noun)
+    return {"prompts": len(prompts), "class_present": float(np.mean(present)),
+            "largest_object_is_class": float(np.mean(largest))}
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], cfg: BuildConfig, seed: int, batch: int = 32) -> np.ndarray:
     images = []
@@ -979,6 +994,7 @@ def quality_report(cfg: BuildConfig, out: Path, evaluator, tokenizer, log: Log) 
                        "both_classes_present": mean([a["class_present"] and b["class_present"] for a, b in pair]),
                        "both_colours_present": mean([a["colour_present"] and b["colour_present"] for a, b in pair]),
                        "both_bound": mean([a["match"] and b["match"] for a, b in pair])},
+        "no_colour_in_prompt": colourless_score(pipe, cfg, cfg.eval_seeds),
         "evaluator": {"top1_caption_retrieval_full": retrieval_top1(evaluator, tokenizer, held_out, full),
                       "top1_caption_retrieval_short": retrieval_top1(evaluator, tokenizer, held_out, short),
                       "retrieval_candidates": len(full),

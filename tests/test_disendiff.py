@@ -66,6 +66,9 @@ def test_separation_loss_pushes_class_maps_apart(pair):
 
 
 @pytest.mark.skipif(not toyworld_available(), reason="needs the ToyWorld base (multiconcept toyworld build)")
+@pytest.mark.xfail(strict=True, reason="measured on the shipped ToyWorld base: with the paper's attention weight, "
+                   "L_bind rises (1.598 -> 1.612 at 30 steps, lr 1e-4; 1.712 at lr 1e-3) while L_s&s falls; "
+                   "open in issue 5")
 def test_full_calibration_on_toyworld(pair):
     """Both at once, on a base whose maps mean something (the tiny random base's do not)."""
     (bind0, sep0), (bind1, sep1) = run(pair, 30, 1e-4, base="toyworld")

@@ -129,7 +129,7 @@ class BuildConfig:
     # Where training timesteps are drawn. "uniform" (DDPM). "logit_normal": t/T = sigmoid(N(mean,
     # std)) (SD3's sampling), to spend more steps where the class decides the shape: on the fourth
     # run's weights, SDEdit from clean latents kept every shape from t = 499 and almost none from
-    # t = 832, and the class word never steered it (README, ToyWorld build). "mixed": half the
+    # t = 832, and the class word never steered it (README, How the ToyWorld recipe was found). "mixed": half the
     # draws uniform, half logit-normal, so the highest-noise steps (where the background colour is
     # set: logit-normal(1, 1) alone left tinted backgrounds on the trivial set) keep their share.
     # Default: mixed, logit-normal(1, 1) (the seventh run, with the fixed layout: class 0.62 at step

@@ -45,7 +45,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ..losses import diffusion_target, min_snr_weights
-from .check import analyse, check
+from .check import check
 from .render import (
     BACKGROUNDS,
     BASE_LAYOUTS,
@@ -896,13 +896,9 @@ def colourless_score(pipe, cfg: BuildConfig, seeds: int = 2) -> dict:
     prompts = [(f"a {noun} on a {bg} background", noun) for noun in CLASS_NOUNS for bg in BACKGROUNDS
                for _ in range(seeds)]
     images = generate(pipe, [p for p, _ in prompts], cfg, seed=70_000)
-    present, largest = [], []
-    for img, (_, noun) in zip(images, prompts):
-        objects = analyse(img).objects
-        present.append(any(d.noun == noun for d in objects))
-        largest.append(bool(objects) and max(objects, key=lambda d: d.area).noun == noun)
-    return {"prompts": len(prompts), "class_present": float(np.mean(present)),
-            "largest_object_is_class": float(np.mean(largest))}
+    found = [check(img, noun, None) for img, (_, noun) in zip(images, prompts)]
+    return {"prompts": len(prompts), "class_present": float(np.mean([r["class_present"] for r in found])),
+            "largest_object_is_class": float(np.mean([r["largest_is_class"] for r in found]))}
 
 
 @torch.no_grad()

@@ -127,9 +127,10 @@ def analyse(image) -> Analysis:
     return Analysis(background, objects)
 
 
-def check(image, expected_noun: str, expected_colour: str) -> dict:
-    """Is there an object of the prompted class, of the prompted colour, and both at once?"""
-    if expected_noun not in CLASS_NOUNS or expected_colour not in COLOURS:
+def check(image, expected_noun: str, expected_colour: str | None) -> dict:
+    """Is there an object of the prompted class, of the prompted colour, and both at once?
+    expected_colour=None (a prompt without one): any colour counts."""
+    if expected_noun not in CLASS_NOUNS or (expected_colour is not None and expected_colour not in COLOURS):
         raise ValueError(f"expected a noun from {CLASS_NOUNS} and a colour from {sorted(COLOURS)}, "
                          f"got {expected_noun!r}, {expected_colour!r}")
     a = analyse(image)
@@ -138,8 +139,8 @@ def check(image, expected_noun: str, expected_colour: str) -> dict:
     largest = max(a.objects, key=lambda d: d.area, default=None)
     return {"class_present": any(d.noun == expected_noun for d in a.objects),
             "largest_is_class": largest is not None and largest.noun == expected_noun,
-            "colour_present": any(d.colour == expected_colour for d in a.objects),
-            "match": any(d.noun == expected_noun and d.colour == expected_colour for d in a.objects),
+            "colour_present": any(expected_colour in (None, d.colour) for d in a.objects),
+            "match": any(d.noun == expected_noun and expected_colour in (None, d.colour) for d in a.objects),
             "background": a.background, "detections": [(d.colour, d.noun) for d in a.objects]}
 
 

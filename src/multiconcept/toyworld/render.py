@@ -312,6 +312,8 @@ def describe(objects: Sequence[SceneObject], background: str,
 # objects and had not by 1,600 with the five positions and two sizes (README, How the ToyWorld recipe was found).
 BASE_LAYOUTS = ("free", "fixed")
 FIXED_LAYOUT = {1: ("center",), 2: ("left", "right")}
+# P(1, 2, 3 objects) per layout
+LAYOUT_COUNTS = {"free": (0.35, 0.45, 0.2), "fixed": (0.5, 0.5, 0.0)}
 
 
 def _layout(n: int, rng: np.random.Generator, layout: str = "free") -> list[tuple[str, str]]:
@@ -347,9 +349,11 @@ def _random_appearance(noun: str, rng: np.random.Generator, held_out: bool) -> A
 
 
 def _random_scene(rng: np.random.Generator, held_out: bool, distinct_nouns: bool = False,
-                  counts_p: Sequence[float] = (0.35, 0.45, 0.2), layout: str = "free") -> Scene:
+                  layout: str = "free") -> Scene:
     """held_out=True mixes in personal concepts (25% of objects) and held-out patterns."""
-    n = int(rng.choice([1, 2, 3], p=counts_p))
+    if layout not in BASE_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {BASE_LAYOUTS}")
+    n = int(rng.choice([1, 2, 3], p=LAYOUT_COUNTS[layout]))
     background = str(rng.choice(list(BACKGROUNDS)))
     texture = "gradient" if rng.random() < 0.25 else "plain"
     while True:
@@ -378,8 +382,6 @@ def _random_scene(rng: np.random.Generator, held_out: bool, distinct_nouns: bool
 def base_training_scene(rng: np.random.Generator, layout: str = "free") -> Scene:
     """A scene for the base model: base patterns only, never a personal concept.
     layout="fixed": half single objects in the center, half pairs on the left and right."""
-    if layout == "fixed":
-        return _random_scene(rng, held_out=False, counts_p=(0.5, 0.5, 0.0), layout="fixed")
     return _random_scene(rng, held_out=False, layout=layout)
 
 
@@ -462,10 +464,9 @@ def subject_dataset(n: int, seed: int, include_held_out: bool = False, layout: s
     within a record so each label names one subject; the caption is full detail.
     layout="fixed": the base's layouts (one centred object or a left/right pair)."""
     rng = np.random.default_rng(seed)
-    counts = (0.5, 0.5, 0.0) if layout == "fixed" else (0.35, 0.45, 0.2)
     records = []
     for _ in range(n):
-        scene = _random_scene(rng, include_held_out, distinct_nouns=True, counts_p=counts, layout=layout)
+        scene = _random_scene(rng, include_held_out, distinct_nouns=True, layout=layout)
         caption = describe(scene.objects, scene.background)
         subjects = [Subject(o.noun, o.box, o.mask, masked_crop(scene.image, o.mask, o.box))
                     for o in scene.objects]

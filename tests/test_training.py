@@ -159,3 +159,43 @@ def test_augmentation_shrinks_and_masks(scene):
     # no concept masks: still augments
     out, mask, region, _ = scale_augment(img, torch.zeros(0, 32, 32), random.Random(0))
     assert out.shape == img.shape and mask.shape == (0, 32, 32)
+
+
+def test_latent_mode_uses_the_posterior_mean_when_a_channel_collapsed(scene):
+    """ToyWorld's VAE has a channel whose posterior std is ~4.7: samples of it are noise,
+    and its base was trained on means. `auto` must measure that and pick the mean."""
+    from PIL import Image
+
+    from multiconcept.data import to_tensor
+    from multiconcept.train import choose_latent_mode, latents_from_moments
+
+    vae = load_base("tiny").vae
+    px = to_tensor(Image.open(scene["image"]), 32)[None]
+    assert choose_latent_mode("auto", vae, px) == "sample"  # a healthy posterior: diffusers' default
+    c = vae.config.latent_channels
+    with torch.no_grad():  # collapse channel 1 to a wide posterior: log-variance 2 log 5
+        vae.quant_conv.weight[c + 1] = 0
+        vae.quant_conv.bias[c + 1] = 2 * torch.log(torch.tensor(5.0))
+    assert choose_latent_mode("auto", vae, px) == "mean"
+    assert choose_latent_mode("sample", vae, px) == "sample"
+    moments = vae.encode(px).latent_dist.parameters.detach()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    mean = latents_from_moments(vae, moments, "mean", g())
+    sampled = latents_from_moments(vae, moments, "sample", g())
+    sf = vae.config.scaling_factor
+    assert torch.allclose(mean, moments[:, :c] * sf)
+    assert (sampled - mean)[:, 1].std() > 3 * sf and (sampled - mean)[:, 0].std() < sf
+
+
+def test_loss_region_modes():
+    from multiconcept.train import loss_region
+
+    named = torch.zeros(1, 4, 4)
+    named[0, :2, :2] = 1
+    unnamed = torch.zeros(1, 4, 4)
+    unnamed[0, 2:, 2:] = 1
+    assert torch.equal(loss_region("masks", named, unnamed), named)
+    assert torch.equal(loss_region("unnamed-out", named, unnamed), 1 - unnamed)
+    assert torch.equal(loss_region("all", named, unnamed), torch.ones(1, 4, 4))
+    # every concept named: unnamed-out counts the whole image
+    assert torch.equal(loss_region("unnamed-out", named, torch.zeros(0, 4, 4)), torch.ones(1, 4, 4))

@@ -32,6 +32,74 @@ from .models import Base
 from .prompts import locate_concepts
 
 
+def loss_region(mode: str, named: torch.Tensor, unnamed: torch.Tensor) -> torch.Tensor:
+    """Where the diffusion loss counts, given the masks of the concepts a caption
+    names and of the image's other concepts (``k h w`` each, values in [0, 1]).
+
+    - ``masks``: the union of the named concepts' masks (Break-A-Scene); the
+      background is free to drift;
+    - ``unnamed-out``: everywhere except the unnamed concepts' pixels, so the
+      background is learned too and "a <s1> cat" is not taught the dog;
+    - ``all``: the whole image.
+    """
+    ones = torch.ones(1, *(named.shape[-2:] if named.numel() else unnamed.shape[-2:]))
+    if mode == "all":
+        return ones
+    if mode == "masks":
+        return named.amax(0, keepdim=True) if len(named) else ones
+    if mode == "unnamed-out":
+        return ones - unnamed.amax(0, keepdim=True) if len(unnamed) else ones
+    raise UserError(f"loss_region must be masks, unnamed-out or all, got {mode!r}: fix --param loss_region")
+
+
+POSTERIOR_STD_LIMIT = 0.5  # see choose_latent_mode
+
+
+def choose_latent_mode(mode: str, vae, pixels: torch.Tensor | None) -> str:
+    """``sample`` (diffusers' and kohya's scripts) or ``mean`` of the VAE posterior.
+
+    ``auto`` measures the posterior on ``pixels`` (one training image): when a
+    latent channel's posterior std exceeds POSTERIOR_STD_LIMIT, in the scaled
+    latents the UNet sees (whose spread is about 1), a sample is mostly noise
+    in that channel, so the posterior mean is used. SD's VAE gives stds of a
+    few hundredths; ToyWorld's has one channel that collapsed to the prior
+    (std ~4.7), and its base was trained on posterior means for that reason:
+    sampling held the fine-tuning loss near 5 instead of 0.3."""
+    if mode in ("sample", "mean"):
+        return mode
+    if mode != "auto":
+        raise UserError(f"latents must be auto, sample or mean, got {mode!r}: fix --param latents")
+    if pixels is None:
+        return "sample"
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        std = dist.std.float().mean((0, 2, 3)) * vae.config.scaling_factor
+    return "mean" if std.max().item() > POSTERIOR_STD_LIMIT else "sample"
+
+
+def latents_from_moments(vae, moments: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Scaled latents from the VAE's posterior moments (``batch 2C h w``: mean, log-variance)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    z = mean
+    if mode == "sample":
+        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen).to(mean.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def erase_regions(pixels: torch.Tensor, erase: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Paint the ``erase`` masks' pixels (``k h w``) with the median colour of the
+    pixels outside every ``objects`` mask: a crude inpainting, exact on plain
+    backgrounds (ToyWorld), so that a caption naming one concept of a
+    several-concept image is not trained on the others."""
+    out = pixels.clone()
+    background = objects.amax(0) < 0.5
+    fill = pixels[:, background].median(dim=1).values if background.any() else pixels.new_zeros(pixels.shape[0])
+    hole = erase.amax(0) >= 0.5
+    out[:, hole] = fill[:, None]
+    return out
+
+
 class TrainingDiverged(UserError):
     pass
 
@@ -51,6 +119,12 @@ class Trainer:
         self.ids_cache: dict[str, torch.Tensor] = {}
         self.scheduler = _training_scheduler(base)
         self.dtype = base.unet.dtype  # diffusers' .dtype walks every module: read it once
+        self.latent_mode = self._latent_mode()
+
+    def _latent_mode(self) -> str:
+        first = self.data.examples[0].image if self.data.examples else None
+        pixels = to_tensor(first, self.size)[None] if first is not None else None
+        return choose_latent_mode(self.cfg.latents, self.base.vae, pixels)
 
     # ---------------------------------------------------------------- data
     def sample(self, rng: random.Random) -> dict:
@@ -67,20 +141,25 @@ class Trainer:
         concepts = [self.data.concept(t) for t in tokens]
         prompt = caption(concepts, rng.choice(cfg.templates))
         pixels = to_tensor(ex.image, size)
-        names = [t for t in tokens if t in ex.masks]
+        named = [t for t in tokens if t in ex.masks]
+        # the unnamed concepts' masks ride along so the loss can leave their pixels out
+        names = named + [t for t in ex.tokens if t in ex.masks and t not in named]
         masks = torch.cat([mask_tensor(ex.masks[t], size) for t in names]) if names else torch.zeros(0, size, size)
         region = torch.ones(1, size, size)
         key = ("ex", i)
+        if cfg.unnamed == "erase" and len(names) > len(named):
+            pixels = erase_regions(pixels, masks[len(named):], masks)
+            key = ("ex", i, tuple(named))
         if cfg.augment:
             key = None
             pixels, masks, region, prefix = scale_augment(pixels, masks, rng)
             prompt = prefix + prompt
             if rng.random() < cfg.flip_p:
                 pixels, masks, region = hflip(pixels, masks, region)
-        concept_masks = {t: masks[j : j + 1] for j, t in enumerate(names)}
+        concept_masks = {t: masks[j : j + 1] for j, t in enumerate(names) if t in named}
         loss_mask = region
-        if concept_masks and self.method.mask_loss:
-            loss_mask = region * torch.stack(list(concept_masks.values())).amax(0)
+        if names and self.method.mask_loss:
+            loss_mask = region * loss_region(cfg.loss_region, masks[: len(named)], masks[len(named):])
         return {"key": key, "pixels": pixels, "loss_mask": loss_mask, "prompt": prompt, "masks": concept_masks, "target": True}
 
     def batch(self, step: int, micro: int) -> dict:
@@ -115,12 +194,7 @@ class Trainer:
                 if k is not None:
                     self.latent_cache[k] = p
             params.append(p)
-        mean, logvar = torch.stack(params).float().chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30, 20))
-        noise = torch.randn(mean.shape, generator=gen).to(dev)
-        z = mean + std * noise
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * vae.config.scaling_factor
+        return latents_from_moments(vae, torch.stack(params), self.latent_mode, gen)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         out = []
@@ -177,7 +251,8 @@ def _training_scheduler(base: Base):
 # ---------------------------------------------------------------- checkpoints
 
 def config_digest(cfg: TrainConfig, method: str, fingerprint: str) -> str:
-    blob = json.dumps({"cfg": asdict(cfg), "method": method, "base": fingerprint}, sort_keys=True, default=str)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "log_file"}  # where logs go does not change training
+    blob = json.dumps({"cfg": settings, "method": method, "base": fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -247,6 +322,7 @@ def train(
     params = [p for g in groups for p in g["params"]]
 
     bar = _progress(progress, cfg.steps, start, method.name)
+    log = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else None
     try:
         for step in range(start, cfg.steps):
             if stop_after is not None and step >= stop_after:
@@ -272,9 +348,13 @@ def train(
             method.after_step()
             if bar:
                 bar[0].update(bar[1], advance=1, loss=logs_sum.get("loss", math.nan))
+            if log:
+                log.write(json.dumps({"step": step + 1, **{k: round(v, 6) for k, v in logs_sum.items()}}) + "\n")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(ckpt, method, optimizer, step + 1, digest)
     finally:
+        if log:
+            log.close()
         if bar:
             bar[0].stop()
         method.teardown()

@@ -38,10 +38,17 @@ class TrainConfig:
     resolution: int = hp(0, "training image size; 0 = the base's native size")
     augment: bool = hp(True, "Custom Diffusion's scale augmentation + horizontal flip")
     flip_p: float = hp(0.5, "horizontal flip probability when augmenting")
+    latents: str = hp("auto", "VAE posterior: sample (diffusers' scripts) | mean | auto (mean when a channel's "
+                      "posterior std > 0.5, as on ToyWorld's VAE; else sample)")
+    loss_region: str = hp("masks", "with masks, where the diffusion loss counts: masks (union of the caption's "
+                          "concepts, Break-A-Scene) | unnamed-out (all but the other concepts' pixels) | all")
+    unnamed: str = hp("keep", "a caption naming some of an image's masked concepts: keep the others' pixels, or "
+                      "erase them (painted with the background's median colour; suits plain backgrounds)")
     reg_fraction: float = hp(0.5, "share of samples drawn from regularisation images, when given")
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)")
     seed: int = hp(0, "seed for data order, noise and timesteps")
     checkpoint_every: int = hp(100, "steps between resumable checkpoints")
+    log_file: str = hp("", "append each step's loss terms to this JSON-lines file ('' = none)")
     templates: tuple = hp(("photo of a {}",), "caption templates; {} becomes '<tok> class [and <tok2> class2]'")
 
 

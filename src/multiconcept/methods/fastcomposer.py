@@ -91,6 +91,8 @@ class FastComposerConfig:
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate; paper: bf16)")
     resolution: int = hp(0, "training image size; 0 = the base's native size")
     seed: int = hp(0, "seed for data, crops, noise and timesteps")
+    latents: str = hp("auto", "VAE posterior: sample | mean | auto (mean when a channel's posterior std > 0.5, "
+                      "as on ToyWorld's VAE; else sample)")
     checkpoint_every: int = hp(500, "steps between resumable checkpoints")
 
 

@@ -68,7 +68,8 @@ from ..methods.fastcomposer import (
 )
 from ..models import Base, load_base
 from ..prompts import find_word_spans
-from ..train import TrainingDiverged, _progress, config_digest, load_checkpoint, save_checkpoint, step_seed
+from ..train import (TrainingDiverged, _progress, choose_latent_mode, config_digest, latents_from_moments, load_checkpoint,
+                     save_checkpoint, step_seed)
 
 MANIFEST = "subjects.jsonl"
 
@@ -258,6 +259,7 @@ class EncoderTrainer(nn.Module):
         self.size = cfg.resolution or base.resolution
         self.loc_resolutions = list(cfg.loc_resolutions) or middle_resolutions(self.size // base.pipe.vae_scale_factor)
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)  # the paper trains with DDPM's 1000 steps
+        self.latent_mode: str | None = None  # chosen on the first batch (see choose_latent_mode)
 
     def batch(self, step: int, micro: int = 0, process: int = 0, processes: int = 1) -> dict:
         seed = step_seed(self.cfg.seed, step, micro * processes + process)
@@ -269,10 +271,10 @@ class EncoderTrainer(nn.Module):
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         vae = self.model.base.vae
-        mean, logvar = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen).to(mean.device)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * vae.config.scaling_factor
+        pixels = pixels.to(vae.device, vae.dtype)
+        if self.latent_mode is None:
+            self.latent_mode = choose_latent_mode(self.cfg.latents, vae, pixels[:1])
+        return latents_from_moments(vae, vae.encode(pixels).latent_dist.parameters, self.latent_mode, gen)
 
     def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg, dev = self.cfg, self.model.base.device

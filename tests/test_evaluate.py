@@ -42,7 +42,8 @@ def concept_scene(*names):
 @pytest.fixture
 def toy(tmp_path):
     """A ToyWorld source and generations whose right answers are known."""
-    src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "source", seed=0)
+    src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "source", seed=1)  # star on the left: <c1>
+    assert [c.class_word for c in src.concepts] == ["star", "heart"]
     image = load_image(src.image)
     crop2 = concept_crop(image, load_mask(src.concepts[1].mask, image.size))
     gen = tmp_path / "gen"
@@ -57,6 +58,16 @@ def toy(tmp_path):
 
 def by_file(result):
     return {r["file"]: r for r in result["images"]}
+
+
+def test_toyworld_sources_name_concepts_left_to_right(tmp_path):
+    """The base draws the first-named object on the left, so <c1> must be the left one."""
+    from multiconcept.workflows.evaluate import load_source
+
+    src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "a", seed=0)  # heart left, star right
+    assert [c.class_word for c in src.concepts] == ["heart", "star"]
+    (tmp_path / "a" / "concepts.json").unlink()  # the scene.json reading names them the same way
+    assert [c.class_word for c in load_source(tmp_path / "a").concepts] == ["heart", "star"]
 
 
 def test_image_scored_against_itself_gives_clip_i_one(tmp_path, models):

@@ -94,7 +94,7 @@ class DisenDiff(CustomDiffusion):
             return None, {}
         cfg = self.cfg
         maps = self._maps(store)
-        terms, bind_v, sep_v, mask_v = [], 0.0, 0.0, 0.0
+        terms, bind_v, sep_v, mask_v, per_concept = [], 0.0, 0.0, 0.0, {}
         for i, (enc, is_target) in enumerate(zip(batch["encoded"], batch["target"])):
             present = [c for c in self.concepts if c.token in enc.positions]
             if not is_target or not present:
@@ -106,6 +106,11 @@ class DisenDiff(CustomDiffusion):
                 b = bind_loss(cls, mod, smooth=not cfg.no_gaussian, suppression_power=cfg.suppression_power)
                 term = term + b
                 bind_v += b.item()
+                with torch.no_grad():  # each concept's 1 - IoU, for logs and tests
+                    for k, c in enumerate(present):
+                        per_concept[c.token] = per_concept.get(c.token, 0.0) + bind_loss(
+                            cls[k:k + 1], mod[k:k + 1], smooth=not cfg.no_gaussian,
+                            suppression_power=cfg.suppression_power).item()
             if not cfg.no_separation and len(present) > 1:
                 s = separation_loss(cls, smooth=not cfg.no_gaussian, suppression_power=cfg.suppression_power)
                 term = term + s
@@ -122,4 +127,5 @@ class DisenDiff(CustomDiffusion):
             return None, {}
         n = len([t for t in batch["target"] if t])
         return torch.stack(terms).sum() / max(n, 1), {"bind": bind_v / max(n, 1), "separation": sep_v / max(n, 1),
-                                                     "mask_attention": mask_v / max(n, 1)}
+                                                     "mask_attention": mask_v / max(n, 1),
+                                                     **{f"bind {t}": v / max(n, 1) for t, v in per_concept.items()}}

@@ -113,7 +113,8 @@ def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Sour
                             '{"image": ..., "concepts": [{"token": "<c1>", "class": "cat", "mask": "cat_mask.png"}, ...]}') from e
     elif (folder / "scene.json").is_file():
         scene = json.loads((folder / "scene.json").read_text())
-        objects = [o for o in scene["objects"] if o.get("concept")]
+        # named left to right, as ToyWorld's captions name objects (the base draws the first-named on the left)
+        objects = sorted((o for o in scene["objects"] if o.get("concept")), key=lambda o: o["box"][0])
         tokens = list(tokens or DEFAULT_TOKENS[: len(objects)])
         require(len(tokens) >= len(objects), f"source {folder} holds {len(objects)} concepts but {len(tokens)} tokens "
                                              f"were given: give one token per concept")
@@ -140,7 +141,7 @@ def write_toyworld_source(concept_a: str, concept_b: str, folder: str | Path, se
     source = Source(folder.name, folder, folder / "image.png", [
         SourceConcept(t, o.noun, folder / f"{o.concept}_mask.png", Signature(o.noun, o.colour, o.appearance.pattern,
                                                                               o.appearance.second_colour))
-        for t, o in zip(tokens, scene.objects)], "toyworld")
+        for t, o in zip(tokens, sorted(scene.objects, key=lambda o: o.box[0]))], "toyworld")  # left to right
     text = json.dumps(source.to_dict(), indent=1)
     atomic_write(folder / "concepts.json", lambda tmp: Path(tmp).write_text(text))
     return source

@@ -199,3 +199,15 @@ def test_loss_region_modes():
     assert torch.equal(loss_region("all", named, unnamed), torch.ones(1, 4, 4))
     # every concept named: unnamed-out counts the whole image
     assert torch.equal(loss_region("unnamed-out", named, torch.zeros(0, 4, 4)), torch.ones(1, 4, 4))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """atomic_write goes through mkstemp (0600); the file it leaves must be readable like any other."""
+    import os
+
+    from multiconcept.bundle import atomic_write
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = atomic_write(tmp_path / "page.html", lambda tmp: open(tmp, "w").write("x"))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask != 0o600

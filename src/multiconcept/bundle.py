@@ -55,6 +55,15 @@ class Bundle:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it, which races with threads
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call write(tmp_path) then rename onto `path`: readers never see half a file."""
     path = Path(path)
@@ -63,6 +72,7 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -264,7 +264,11 @@ def main() -> None:
     print("time to first image ...", flush=True)
     fc = child("fc-first-image", {"model": str(models["loc"]), "prompt": f"a {r['noun']} <img> on a gray background",
                                   "image": r["image"], "mask": r["mask"], "steps": a.steps, "out": str(work / "fc1")}, a.threads)
-    overrides = {"steps": a.cd_steps} if a.cd_steps else {}
+    # on ToyWorld, Custom Diffusion as the other evidence scripts train it (the demo's settings: batch 2, no
+    # accumulation, lr 1e-4 x 2, no augmentation, ToyWorld captions); its paper's defaults run 4x the images
+    overrides = {"grad_accum": 1, "lr": 1e-4, "augment": "false", "templates": "a {}"} if a.base == "toyworld" else {}
+    if a.cd_steps:
+        overrides["steps"] = a.cd_steps
     cd = child("cd-first-image", {"base": a.base, "noun": r["noun"], "image": r["image"], "mask": r["mask"],
                                   "overrides": overrides, "steps": a.steps, "out": str(work / "cd1")}, a.threads)
     results["first_image"] = {"fastcomposer": fc, "custom_diffusion": cd,

@@ -113,11 +113,17 @@ def bad_cases(scene, tmp):
         "token in vocabulary": (base + ["-c", "<|endoftext|>=cat", "-i", scene["image"]], "already in the vocabulary"),
         "unknown method": (["learn", "-m", "nope", "-c", "<a1>=cat", "-i", scene["image"], "-o", out], "unknown method"),
         "bad param": (base + ["-c", "<a1>=cat", "-i", scene["image"], "-p", "weight_decay=abc"], "not a valid float"),
+        "bad latents": (base + ["-c", "<a1>=cat", "-i", scene["image"], "-p", "latents=median"],
+                        "latents must be auto, sample or mean"),
+        "bad loss region": (base + ["-c", "<a1>=cat", "-i", scene["image"], "-p", "loss_region=box"],
+                            "loss_region must be masks, unnamed-out or all"),
+        "bad unnamed": (base + ["-c", "<a1>=cat", "-i", scene["image"], "-p", "unnamed=blur"], "unnamed must be keep or erase"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing image", "corrupt image", "unsupported mode", "mask size", "empty mask",
-                                  "token in vocabulary", "unknown method", "bad param"])
+                                  "token in vocabulary", "unknown method", "bad param", "bad latents",
+                                  "bad loss region", "bad unnamed"])
 def test_bad_learn_input(scene, run_cli, tmp_path, case):
     args, message = bad_cases(scene, tmp_path)[case]
     code, stdout, stderr = run_cli(*args)

@@ -7,7 +7,7 @@ from multiconcept.data import build_concept_set
 from multiconcept.methods import get_method
 from multiconcept.models import load_base, toyworld_available
 from multiconcept.prompts import Concept
-from multiconcept.toyworld import write_two_concept_folder
+from multiconcept.toyworld import left_to_right, write_two_concept_folder
 from multiconcept.train import Trainer
 
 
@@ -15,7 +15,7 @@ from multiconcept.train import Trainer
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
     scene = write_two_concept_folder("checkered_star", "dotted_heart", d, seed=0)
-    a, b = sorted(scene.objects, key=lambda o: o.box[0])  # named left to right, as ToyWorld's captions do
+    a, b = left_to_right(scene.objects)  # named as ToyWorld's captions name them
     return {"concepts": [Concept("<s1>", a.noun), Concept("<s2>", b.noun)], "image": str(d / "image.png"),
             "masks": [f"<s1>={d / f'{a.concept}_mask.png'}", f"<s2>={d / f'{b.concept}_mask.png'}"]}
 

@@ -68,8 +68,10 @@ def bind_loss(
     modifier_maps: torch.Tensor,
     smooth: bool = True,
     suppression_power: int = 2,
+    per_concept: bool = False,
 ) -> torch.Tensor:
-    """L_bind = Σ_i [1 − IoU(sg(f_m(G(A_class_i))), G(A_modifier_i))], mean over batch.
+    """L_bind = Σ_i [1 − IoU(sg(f_m(G(A_class_i))), G(A_modifier_i))], mean over batch
+    (``per_concept``: the ``[batch] concept`` terms, unsummed).
 
     class_maps, modifier_maps: ``[batch] concept h w`` raw attention maps,
     concept i's class word and its modifier token. Each map is min–max
@@ -80,8 +82,8 @@ def bind_loss(
     _check_same_shape(class_maps, modifier_maps, "bind_loss")
     target = suppress(_calibrated(class_maps, smooth), suppression_power).detach()
     moving = _calibrated(modifier_maps, smooth)
-    per_concept = 1 - soft_iou(target, moving)  # [batch] concept
-    return per_concept.sum(dim=-1).mean()
+    terms = 1 - soft_iou(target, moving)  # [batch] concept
+    return terms if per_concept else terms.sum(dim=-1).mean()
 
 
 def separation_loss(

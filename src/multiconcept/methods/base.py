@@ -56,6 +56,11 @@ def config_help(cfg_cls) -> list[tuple[str, object, str]]:
     return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cfg_cls)]
 
 
+# settings that take one of a few words (checked where --param values arrive)
+CHOICES = {"latents": ("auto", "sample", "mean"), "loss_region": ("masks", "unnamed-out", "all"),
+           "unnamed": ("keep", "erase")}
+
+
 def apply_overrides(cfg, overrides: dict[str, str]):
     """--param key=value strings onto a config dataclass, typed by its defaults."""
     known = {f.name: f for f in fields(cfg)}
@@ -77,6 +82,9 @@ def apply_overrides(cfg, overrides: dict[str, str]):
                 val = type(cur)(v)
         except ValueError as e:
             raise UserError(f"setting {k}={v!r} is not a valid {type(cur).__name__}: fix the value") from e
+        if key in CHOICES and val not in CHOICES[key]:
+            raise UserError(f"{key} must be {', '.join(CHOICES[key][:-1])} or {CHOICES[key][-1]}, got {val!r}: "
+                            f"fix --param {key}")
         setattr(cfg, key, val)
     return cfg
 

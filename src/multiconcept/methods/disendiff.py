@@ -103,14 +103,13 @@ class DisenDiff(CustomDiffusion):
             mod = torch.stack([maps[i, enc.positions[c.token]].mean(0) for c in present])
             term = maps.new_zeros(())
             if not cfg.no_bind:
-                b = bind_loss(cls, mod, smooth=not cfg.no_gaussian, suppression_power=cfg.suppression_power)
+                parts = bind_loss(cls, mod, smooth=not cfg.no_gaussian, suppression_power=cfg.suppression_power,
+                                  per_concept=True)  # each concept's 1 - IoU; L_bind is their sum
+                b = parts.sum()
                 term = term + b
                 bind_v += b.item()
-                with torch.no_grad():  # each concept's 1 - IoU, for logs and tests
-                    for k, c in enumerate(present):
-                        per_concept[c.token] = per_concept.get(c.token, 0.0) + bind_loss(
-                            cls[k:k + 1], mod[k:k + 1], smooth=not cfg.no_gaussian,
-                            suppression_power=cfg.suppression_power).item()
+                for c, v in zip(present, parts.tolist()):
+                    per_concept[c.token] = per_concept.get(c.token, 0.0) + v
             if not cfg.no_separation and len(present) > 1:
                 s = separation_loss(cls, smooth=not cfg.no_gaussian, suppression_power=cfg.suppression_power)
                 term = term + s

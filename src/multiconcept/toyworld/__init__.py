@@ -22,6 +22,7 @@ from .render import (
     concept_reference_set,
     describe,
     is_personal,
+    left_to_right,
     render_scene,
     subject_dataset,
     two_concept_scene,
@@ -34,6 +35,6 @@ __all__ = [
     "Analysis", "Appearance", "BACKGROUNDS", "CLASS_NOUNS", "COLOURS", "Detection", "IMAGE_SIZE",
     "ObjectSpec", "PERSONAL_CONCEPTS", "PersonalConcept", "Scene", "SceneObject", "Subject",
     "SubjectRecord", "analyse", "base_training_scene", "check", "checker_accuracy",
-    "concept_reference_set", "describe", "is_personal", "render_scene", "subject_dataset",
+    "concept_reference_set", "describe", "is_personal", "left_to_right", "render_scene", "subject_dataset",
     "two_concept_scene", "world_scene", "write_concept_folder", "write_two_concept_folder",
 ]

@@ -396,6 +396,13 @@ def _concept(name: str) -> PersonalConcept:
     return PERSONAL_CONCEPTS[name]
 
 
+def left_to_right(objects: Sequence) -> list:
+    """Objects (SceneObjects or their scene.json dicts) in the order ToyWorld's captions name them:
+    left to right. The base draws the first-named object on the left, so a concept's token must
+    follow that order, or the left concept's look is taught to the right one's token."""
+    return sorted(objects, key=lambda o: (o["box"] if isinstance(o, dict) else o.box)[0])
+
+
 def two_concept_scene(concept_a: str, concept_b: str, seed: int) -> Scene:
     """One image holding two personal concepts side by side (the DisenDiff /
     Break-A-Scene input). objects[0] is concept_a, objects[1] concept_b."""

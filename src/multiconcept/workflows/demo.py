@@ -17,7 +17,7 @@ from PIL import Image
 
 from .. import report
 from ..models import load_base, toyworld_available
-from ..toyworld import check, write_two_concept_folder
+from ..toyworld import check, left_to_right, write_two_concept_folder
 from .generate import SampleSettings, generate, load_with_bundles
 from .learn import learn
 
@@ -61,9 +61,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
         base = "toyworld" if toyworld_available() else "tiny"
     src = out / "source"
     scene = write_two_concept_folder(*PAIR, src, seed=0)
-    # <s1> is the left object: ToyWorld's captions name two objects left to right, and a caption
-    # naming them the other way round teaches the base's left to the right concept
-    a, b = sorted(scene.objects, key=lambda o: o.box[0])
+    a, b = left_to_right(scene.objects)  # <s1> is the left object
     concepts = [f"{TOKENS[0]}={a.noun}", f"{TOKENS[1]}={b.noun}"]
     masks = [f"{TOKENS[0]}={src / f'{a.concept}_mask.png'}", f"{TOKENS[1]}={src / f'{b.concept}_mask.png'}"]
     method = demo_method()

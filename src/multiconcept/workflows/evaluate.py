@@ -113,8 +113,9 @@ def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Sour
                             '{"image": ..., "concepts": [{"token": "<c1>", "class": "cat", "mask": "cat_mask.png"}, ...]}') from e
     elif (folder / "scene.json").is_file():
         scene = json.loads((folder / "scene.json").read_text())
-        # named left to right, as ToyWorld's captions name objects (the base draws the first-named on the left)
-        objects = sorted((o for o in scene["objects"] if o.get("concept")), key=lambda o: o["box"][0])
+        from ..toyworld import left_to_right
+
+        objects = left_to_right([o for o in scene["objects"] if o.get("concept")])
         tokens = list(tokens or DEFAULT_TOKENS[: len(objects)])
         require(len(tokens) >= len(objects), f"source {folder} holds {len(objects)} concepts but {len(tokens)} tokens "
                                              f"were given: give one token per concept")
@@ -134,14 +135,14 @@ def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Sour
 def write_toyworld_source(concept_a: str, concept_b: str, folder: str | Path, seed: int = 0,
                           tokens: Sequence[str] = DEFAULT_TOKENS[:2]) -> Source:
     """A ToyWorld two-concept scene as a benchmark source (image, masks, scene.json, concepts.json)."""
-    from ..toyworld import write_two_concept_folder
+    from ..toyworld import left_to_right, write_two_concept_folder
 
     folder = Path(folder)
     scene = write_two_concept_folder(concept_a, concept_b, folder, seed=seed)
     source = Source(folder.name, folder, folder / "image.png", [
         SourceConcept(t, o.noun, folder / f"{o.concept}_mask.png", Signature(o.noun, o.colour, o.appearance.pattern,
                                                                               o.appearance.second_colour))
-        for t, o in zip(tokens, sorted(scene.objects, key=lambda o: o.box[0]))], "toyworld")  # left to right
+        for t, o in zip(tokens, left_to_right(scene.objects))], "toyworld")
     text = json.dumps(source.to_dict(), indent=1)
     atomic_write(folder / "concepts.json", lambda tmp: Path(tmp).write_text(text))
     return source

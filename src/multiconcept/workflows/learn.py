@@ -20,10 +20,6 @@ def learn(method: str, concepts: list[str], images: list[str], masks: list[str],
     cls = get_method(method)  # unknown method: fail before loading anything
     cfg = apply_overrides(cls.Config(), overrides or {})
     require(cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
-    require(cfg.latents in ("auto", "sample", "mean"), f"latents must be auto, sample or mean, got {cfg.latents!r}: fix --param latents")
-    require(cfg.unnamed in ("keep", "erase"), f"unnamed must be keep or erase, got {cfg.unnamed!r}: fix --param unnamed")
-    require(cfg.loss_region in ("masks", "unnamed-out", "all"),
-            f"loss_region must be masks, unnamed-out or all, got {cfg.loss_region!r}: fix --param loss_region")
     data = build_concept_set([parse_concept(c) for c in concepts], images, masks)
     if not isinstance(base, Base):
         base = load_base(base, device=device, dtype=dtype)

@@ -27,6 +27,7 @@ from multiconcept.workflows.train_encoder import (
     Annotation,
     EncoderTrainer,
     Record,
+    ToyWorldSubjects,
     middle_resolutions,
     train_encoder,
     write_subject_folder,
@@ -229,6 +230,16 @@ def test_localisation_loss_falls_and_attention_moves_into_the_masks():
 def test_middle_resolutions_leave_out_only_the_outermost_level():
     assert middle_resolutions(64)[:3] == [32, 16, 8]  # SD 1.5: down 1, down 2, mid, up 1, up 2
     assert middle_resolutions(16)[:2] == [8, 4]  # ToyWorld: down 1, mid, up 1
+
+
+def test_toyworld_training_captions_leave_the_look_to_the_crops():
+    # a caption that says "orange checkered star" lets the model ignore the crop of that star
+    from multiconcept.toyworld import COLOURS
+
+    for r in ToyWorldSubjects().draw(12, seed=5):
+        said = set(r.caption.replace(" background", "").rsplit(" on a", 1)[0].split())
+        assert not said & (set(COLOURS) | {"striped", "checkered", "dotted", "two-tone"}), r.caption
+        assert all(s.label in said for s in r.subjects)
 
 
 # ---------------------------------------------------------------- delayed conditioning

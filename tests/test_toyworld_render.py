@@ -134,6 +134,22 @@ def test_subject_dataset_records():
             assert r.subjects[0].label != r.subjects[1].label and r.subjects[0].box[2] < r.subjects[1].box[0]
 
 
+def test_subject_captions_without_appearance_name_only_nouns_and_places():
+    # FastComposer's training captions: the crops carry colour and pattern, the caption must not
+    full = subject_dataset(30, seed=3, layout="fixed")
+    bare = subject_dataset(30, seed=3, layout="fixed", appearance=False)
+    looks = set(COLOURS) | {"striped", "checkered", "dotted", "two-tone"}
+    assert any(looks & set(r.caption.split()) for r in full)
+    for f, b in zip(full, bare):
+        assert [s.label for s in f.subjects] == [s.label for s in b.subjects]
+        assert (f.image == b.image).all()
+        words = set(b.caption.split())
+        assert all(s.label in words for s in b.subjects)
+        # the background's colour word is said after "on a"; no object's colour or pattern is
+        objects_part = b.caption.rsplit(" on a", 1)[0] if b.caption.endswith("background") else b.caption
+        assert not (looks & set(objects_part.split())), b.caption
+
+
 def test_written_folders_hold_images_and_matching_masks(tmp_path):
     pairs = write_concept_folder("checkered_square", tmp_path / "c", n=3, seed=1)
     assert len(pairs) == 3

@@ -287,18 +287,21 @@ def render_scene(specs: Sequence[ObjectSpec], background: str = "gray", texture:
 # ---------------------------------------------------------------- captions
 
 def describe(objects: Sequence[SceneObject], background: str,
-             rng: np.random.Generator | None = None, colour_p: float = 1.0) -> str:
+             rng: np.random.Generator | None = None, colour_p: float = 1.0, appearance: bool = True) -> str:
     """Plain-English caption. With an rng, size/position/background are sometimes
     left out (and stripes rarely), so short prompts like 'a blue circle' are in
     distribution; the noun is always said. The colour too, unless colour_p < 1:
     then each object's colour is said with that probability, so that a prompt
     without one ('a star', the class prompt of personalisation methods) is in
-    distribution for the base as well."""
+    distribution for the base as well. appearance=False leaves every object's
+    colour and pattern out ('a large star on the left and a large ring on the
+    right on a gray background'): the caption of a tuning-free training scene,
+    whose subjects' looks come from their reference images."""
     def keep(p: float) -> bool:
         return rng is None or rng.random() < p
     many = len(objects) > 1
-    phrases = [o.phrase(size=keep(0.5), pattern=keep(0.9), position=keep(0.7 if many else 0.3),
-                        colour=colour_p >= 1 or keep(colour_p))
+    phrases = [o.phrase(size=keep(0.5), pattern=appearance and keep(0.9), position=keep(0.7 if many else 0.3),
+                        colour=appearance and (colour_p >= 1 or keep(colour_p)))
                for o in objects]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{text} on {_article(background)} {background} background" if keep(0.75) else text
@@ -466,15 +469,19 @@ def masked_crop(image: np.ndarray, mask: np.ndarray, box: Sequence[int], fill=(2
     return crop
 
 
-def subject_dataset(n: int, seed: int, include_held_out: bool = False, layout: str = "free") -> list[SubjectRecord]:
+def subject_dataset(n: int, seed: int, include_held_out: bool = False, layout: str = "free",
+                    appearance: bool = True) -> list[SubjectRecord]:
     """Records for tuning-free (FastComposer-style) training. Nouns are distinct
-    within a record so each label names one subject; the caption is full detail.
+    within a record so each label names one subject; the caption is full detail,
+    or with appearance=False says no subject's colour or pattern (then only the
+    subject crops can tell them, as "a man" does not tell whose face: the
+    caption a tuning-free encoder must learn from, or it learns to ignore the crops).
     layout="fixed": the base's layouts (one centred object or a left/right pair)."""
     rng = np.random.default_rng(seed)
     records = []
     for _ in range(n):
         scene = _random_scene(rng, include_held_out, distinct_nouns=True, layout=layout)
-        caption = describe(scene.objects, scene.background)
+        caption = describe(scene.objects, scene.background, appearance=appearance)
         subjects = [Subject(o.noun, o.box, o.mask, masked_crop(scene.image, o.mask, o.box))
                     for o in scene.objects]
         records.append(SubjectRecord(scene.image, caption, subjects))

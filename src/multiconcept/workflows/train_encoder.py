@@ -93,7 +93,11 @@ class Record:
 class ToyWorldSubjects:
     """Fresh `toyworld.subject_dataset` records on every draw (never a repeat), laid
     out as the ToyWorld base's training scenes are (one centred subject or a
-    left/right pair), so the tuned UNet does not have to learn new layouts."""
+    left/right pair), so the tuned UNet does not have to learn new layouts.
+    Captions name each subject's noun, size and place but not its colour or
+    pattern: on ToyWorld those are the identity, and a caption that says them
+    lets the model ignore the subject crops (the first encoders, trained on
+    full captions, carried almost no colour)."""
 
     name = "toyworld"
 
@@ -101,7 +105,7 @@ class ToyWorldSubjects:
         from ..toyworld import subject_dataset
 
         return [Record(r.image, r.caption, [Annotation(s.label, s.mask, tuple(s.box)) for s in r.subjects])
-                for r in subject_dataset(n, seed, layout="fixed")]
+                for r in subject_dataset(n, seed, layout="fixed", appearance=False)]
 
 
 class FolderSubjects:

@@ -12,15 +12,21 @@
    the ToyWorld FastComposer is built (it is not shipped in the package).
    ToyWorld settings: lr 1e-4 (the paper's 1e-5 is for a global batch of 128
    over 150k steps; in one CPU hour we get a few thousand steps at batch 16),
-   batch 16, everything else the paper's defaults.
+   batch 16, no grayscale augmentation (on ToyWorld colour is identity, and
+   the captions do not say it), everything else the paper's defaults. With
+   --parallel (default) both models train at once, each on half the threads,
+   so the two share the machine's 60 minutes.
 2. Two-subject prompts, "a <noun_a> <img> on the left and a <noun_b> <img>
    on the right on a gray background", with one reference image each of two
    personal concepts. Every image is scored per subject: the evaluator's
    (CLIP-I style) cosine between the generated subject (the checker's
    detection of its noun, else its half of the image) and its own reference
    vs the other subject's reference. own − other > 0 means identities stay
-   apart; → 0 means they blend. Four conditions: {with, without L_loc} x
-   {delayed conditioning α = 0.7, none α = 1}.
+   apart; → 0 means they blend. Also: the share of subjects drawn in their
+   reference's main colour (the checker's colour of the region). Four
+   conditions: {with, without L_loc} x {delayed conditioning α = 0.7, none α = 1}.
+   And single-subject prompts, "a <noun> <img> on a gray background", for each
+   of the 8 personal concepts: colour and noun right (α = 0.7).
 3. Time to the first image of a new subject: FastComposer compose vs Custom
    Diffusion learn + generate on the same base (goal ≥ 300x faster), each in
    its own process; both end to end (process start to PNG) and compute only
@@ -56,17 +62,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child(mode: str, args: dict, threads: int) -> dict:
-    """Run one measurement in a fresh process (own imports, own peak memory)."""
+def children(jobs: list[tuple[str, dict]], threads: int) -> list[dict]:
+    """Run measurements at once, each in a fresh process (own imports, own peak memory)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(args)], env=env, capture_output=True, text=True)
-    wall = time.time() - t
-    if proc.returncode != 0:
-        sys.exit(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["process_seconds"] = wall
-    return out
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, json.dumps(args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for mode, args in jobs]
+    outs = []
+    for (mode, _), proc in zip(jobs, procs):
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(f"{mode} failed ({proc.returncode}):\n{stderr[-3000:]}")
+        out = json.loads(stdout.strip().splitlines()[-1])
+        out["process_seconds"] = time.time() - t
+        outs.append(out)
+    return outs
+
+
+def child(mode: str, args: dict, threads: int) -> dict:
+    return children([(mode, args)], threads)[0]
 
 
 def reference(concept: str, folder: Path, seed: int = 100) -> tuple[Path, Path, str]:
@@ -84,6 +98,8 @@ def reference(concept: str, folder: Path, seed: int = 100) -> tuple[Path, Path, 
 
 
 def child_train(a: dict) -> dict:
+    import torch
+
     from multiconcept.methods.fastcomposer import FastComposerConfig, apply_settings
     from multiconcept.workflows.train_encoder import train_encoder
 
@@ -91,7 +107,8 @@ def child_train(a: dict) -> dict:
     t = time.time()
     train_encoder("toyworld", a["out"], base=a["base"], cfg=cfg, progress=False, max_minutes=a["minutes"], resume=True)
     cfg_json = json.loads((Path(a["out"]) / "fastcomposer.json").read_text())
-    return {"seconds": time.time() - t, "steps_done": cfg_json["steps_done"], "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": time.time() - t, "steps_done": cfg_json["steps_done"], "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 def child_fc_first_image(a: dict) -> dict:
@@ -143,20 +160,25 @@ def child_identity(a: dict) -> dict:
     model = FastComposer.load(a["model"])
     scorer = load_clip(a["evaluator"])
 
-    def region(img: Image.Image, noun: str, side: str) -> tuple[Image.Image, bool]:
-        """The generated subject: the checker's largest detection of its noun, else its half."""
+    def region(img: Image.Image, noun: str, side: str) -> tuple[Image.Image, bool, str | None]:
+        """The generated subject: the checker's largest detection of its noun, else its
+        half; with the colour of that detection (else of the half's largest object)."""
         img = img.convert("RGB").resize((64, 64), Image.BICUBIC) if img.size != (64, 64) else img.convert("RGB")
-        found = [d for d in analyse(img).objects if d.noun == noun]
+        objs = analyse(img).objects
+        found = [d for d in objs if d.noun == noun]
         if found:
-            return img.crop(max(found, key=lambda d: d.area).box), True
-        return img.crop((0, 0, 32, 64) if side == "left" else (32, 0, 64, 64)), False
+            best = max(found, key=lambda d: d.area)
+            return img.crop(best.box), True, best.colour
+        inside = [d for d in objs if ((d.box[0] + d.box[2]) / 2 < 32) == (side == "left")]
+        half = img.crop((0, 0, 32, 64) if side == "left" else (32, 0, 64, 64))
+        return half, False, max(inside, key=lambda d: d.area).colour if inside else None
 
     def emb(images):
         return scorer.image_embeddings(images)
 
     out = {}
     for alpha in a["alphas"]:
-        own, other, detected = [], [], []
+        own, other, detected, colour = [], [], [], []
         for ca, cb in a["pairs"]:
             ra, rb = a["refs"][ca], a["refs"][cb]
             refs = []
@@ -172,22 +194,48 @@ def child_identity(a: dict) -> dict:
             for p in paths:
                 img = Image.open(p)
                 for i, (r, side) in enumerate(((ra, "left"), (rb, "right"))):
-                    crop, ok = region(img, r["noun"], side)
+                    crop, ok, drawn = region(img, r["noun"], side)
                     e = emb([crop])[0]
                     own.append(float(e @ ref_emb[i]))
                     other.append(float(e @ ref_emb[1 - i]))
                     detected.append(ok)
+                    colour.append(drawn == r["colour"])
         own_a, other_a = np.array(own), np.array(other)
         out[str(alpha)] = {"own": own_a.mean(), "other": other_a.mean(), "margin": (own_a - other_a).mean(),
                            "margin_sem": (own_a - other_a).std(ddof=1) / np.sqrt(len(own_a)) if len(own_a) > 1 else 0.0,
                            "own_wins": float((own_a > other_a).mean()), "detected": float(np.mean(detected)),
-                           "n": len(own_a)}
+                           "colour_right": float(np.mean(colour)), "n": len(own_a)}
         out[str(alpha)] = {k: float(v) for k, v in out[str(alpha)].items()}
     return out
 
 
+def child_single(a: dict) -> dict:
+    """One subject per prompt, every personal concept: is it drawn as its noun, in its colour?"""
+    from PIL import Image
+
+    from multiconcept.methods.fastcomposer import FastComposer
+    from multiconcept.toyworld import analyse
+    from multiconcept.workflows.compose import ComposeSettings, compose
+
+    model = FastComposer.load(a["model"])
+    colour, noun, per = [], [], {}
+    for c, r in a["refs"].items():
+        paths = compose(f"a {r['noun']} <img> on a gray background", [f"{r['image']}:{r['mask']}"], model,
+                        n=a["seeds"], seed=0, out_dir=Path(a["out"]) / c, settings=ComposeSettings(steps=a["steps"]))
+        hits = []
+        for p in paths:
+            objs = analyse(Image.open(p).convert("RGB").resize((64, 64), Image.BICUBIC)).objects
+            big = max(objs, key=lambda d: d.area) if objs else None
+            hits.append(bool(big and big.colour == r["colour"]))
+            noun.append(bool(big and big.noun == r["noun"]))
+        colour += hits
+        per[c] = float(np.mean(hits))
+    return {"colour_right": float(np.mean(colour)), "noun_right": float(np.mean(noun)), "per_concept": per,
+            "n": len(colour)}
+
+
 CHILDREN = {"train": child_train, "fc-first-image": child_fc_first_image, "cd-first-image": child_cd_first_image,
-            "identity": child_identity}
+            "identity": child_identity, "single": child_single}
 
 
 # ---------------------------------------------------------------- main
@@ -206,6 +254,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="denoising steps (paper: 50)")
     ap.add_argument("--cd-steps", type=int, default=None, help="Custom Diffusion steps (default: its paper's 250)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sequential", action="store_true",
+                    help="train the two models one after the other on all threads (default: at once, half each)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets everywhere: a smoke run")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -225,28 +275,39 @@ def main() -> None:
     results: dict = {"base": a.base, "threads": a.threads, "settings": {k: str(v) for k, v in vars(a).items() if k != "child"}}
 
     # 1. train with and without L_loc (reused when already trained)
-    models = {}
+    models = {name: a.out / f"model_{name}" for name in ("loc", "noloc")}
+    jobs = []
     for name, loc in (("loc", 1e-3), ("noloc", 0.0)):
-        folder = a.out / f"model_{name}"
-        if not (folder / "fastcomposer.json").is_file():
-            settings = {"steps": a.max_steps, "lr": a.lr, "batch_size": a.batch_size, "loc_weight": loc,
-                        "checkpoint_every": 200}
-            print(f"training FastComposer ({name}, λ={loc}) for at most {a.minutes} min ...", flush=True)
-            results[f"train_{name}"] = child("train", {"out": str(folder), "base": a.base, "settings": settings,
-                                                       "minutes": a.minutes}, a.threads)
+        if (models[name] / "fastcomposer.json").is_file():
+            print(f"reusing {models[name]}", flush=True)
+            continue
+        settings = {"steps": a.max_steps, "lr": a.lr, "batch_size": a.batch_size, "loc_weight": loc,
+                    "checkpoint_every": 200}
+        if a.base == "toyworld":
+            settings["aug_grayscale_p"] = 0.0  # colour is identity here, and the captions do not say it
+        jobs.append((name, ("train", {"out": str(models[name]), "base": a.base, "settings": settings, "minutes": a.minutes})))
+    if jobs:
+        print(f"training FastComposer ({', '.join(n for n, _ in jobs)}) for at most {a.minutes} min each ...", flush=True)
+        if a.sequential:
+            done = [child(*job, a.threads) for _, job in jobs]
         else:
-            print(f"reusing {folder}", flush=True)
+            done = children([job for _, job in jobs], max(1, a.threads // len(jobs)))
+        for (name, _), info in zip(jobs, done):
+            results[f"train_{name}"] = info
+    for name, folder in models.items():
         info = json.loads((folder / "fastcomposer.json").read_text())
         results.setdefault(f"train_{name}", {}).update(steps_done=info["steps_done"], train_seconds=info["train_seconds"])
-        models[name] = folder
 
     # 2. identity blending: {loc, noloc} x {α = 0.7, 1.0}
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     pairs = PAIRS[: a.pairs]
     refs = {}
-    for c in sorted({c for p in pairs for c in p}):
+    from multiconcept.toyworld.render import PERSONAL_CONCEPTS
+
+    for c in PERSONAL_CONCEPTS:
         img, mask, noun = reference(c, work / "refs")
-        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun}
+        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun, "colour": PERSONAL_CONCEPTS[c].appearance.colour}
+    singles = refs if not a.quick else dict(list(refs.items())[:2])
     evaluator = None
     if a.base != "toyworld":  # a random CLIP in place of the evaluator: numbers are meaningless, the code path is not
         from multiconcept.metrics.tiny import save_tiny_clip
@@ -257,6 +318,8 @@ def main() -> None:
         results[f"identity_{name}"] = child("identity", {"model": str(folder), "evaluator": evaluator, "alphas": [0.7, 1.0],
                                                          "pairs": pairs, "refs": refs, "seeds": a.seeds, "steps": a.steps,
                                                          "out": str(a.out / f"images_{name}")}, a.threads)
+        results[f"single_{name}"] = child("single", {"model": str(folder), "refs": singles, "seeds": a.seeds,
+                                                     "steps": a.steps, "out": str(a.out / f"single_{name}")}, a.threads)
 
     # 3. first image of a new subject: FastComposer vs Custom Diffusion
     c = pairs[0][0]
@@ -281,13 +344,17 @@ def main() -> None:
 
 
 def table(r: dict) -> str:
-    rows = ["| FastComposer on " + r["base"] + " | own ref | other ref | own − other (± sem) | own wins | noun detected |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| FastComposer on " + r["base"] + " | own ref | other ref | own − other (± sem) | own wins | noun detected "
+            "| colour right |", "|---|---|---|---|---|---|---|"]
     for name, label in (("loc", "with L_loc"), ("noloc", "without L_loc")):
         for alpha, what in (("0.7", "delayed α=0.7"), ("1.0", "no delay α=1")):
             s = r[f"identity_{name}"][alpha]
             rows.append(f"| {label}, {what} | {s['own']:.3f} | {s['other']:.3f} | {s['margin']:+.3f} ± {s['margin_sem']:.3f} "
-                        f"| {s['own_wins']:.0%} | {s['detected']:.0%} |")
+                        f"| {s['own_wins']:.0%} | {s['detected']:.0%} | {s['colour_right']:.0%} |")
+    rows += ["", "| one subject per prompt (α=0.7) | colour right | noun right | images |", "|---|---|---|---|"]
+    for name, label in (("loc", "with L_loc"), ("noloc", "without L_loc")):
+        s = r[f"single_{name}"]
+        rows.append(f"| {label} | {s['colour_right']:.0%} | {s['noun_right']:.0%} | {s['n']} |")
     f = r["first_image"]
     fc, cd = f["fastcomposer"], f["custom_diffusion"]
     rows += ["", "| first image of a new subject | compute s | process s | peak RSS MB |", "|---|---|---|---|",
@@ -297,7 +364,8 @@ def table(r: dict) -> str:
     rows.append("")
     for name in ("loc", "noloc"):
         t = r.get(f"train_{name}", {})
-        memory = f", peak RSS {t['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in t else " (reused from an earlier run)"
+        memory = (f" on {t['threads']} thread(s), peak RSS {t['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in t
+                  else " (reused from an earlier run)")
         rows.append(f"training ({name}): {t.get('steps_done')} steps in {t.get('train_seconds', 0) / 60:.1f} min{memory}")
     return "\n".join(rows)
 

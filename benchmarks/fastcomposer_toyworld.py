@@ -245,6 +245,29 @@ CHILDREN = {"train": child_train, "fc-first-image": child_fc_first_image, "cd-fi
             "identity": child_identity, "single": child_single}
 
 
+def contact_sheet(refs: dict, pairs: list, images: Path, path: Path, scale: int = 2) -> Path:
+    """One row per pair: the two references, then 4 images at α = 1 and 2 at α = 0.7."""
+    from PIL import Image
+
+    size, pad = 64, 4
+    rows = []
+    for ca, cb in pairs:
+        cells = [Image.open(refs[c]["image"]).convert("RGB") for c in (ca, cb)]
+        gen = sorted((images / "a1.0" / f"{ca}+{cb}").glob("*.png"))[:4] + sorted((images / "a0.7" / f"{ca}+{cb}").glob("*.png"))[:2]
+        rows.append(cells + [Image.open(g).convert("RGB") for g in gen])
+    width = max(len(r) for r in rows) * (size + pad) + 3 * pad
+    sheet = Image.new("RGB", (width, len(rows) * (size + pad) + pad), (255, 255, 255))
+    for i, cells in enumerate(rows):
+        x = pad
+        for j, cell in enumerate(cells):
+            x += 2 * pad if j == 2 else 0  # a wider gap between the references and the generations
+            sheet.paste(cell.resize((size, size)), (x, pad + i * (size + pad)))
+            x += size + pad
+    sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).quantize(256)
+    sheet.save(path, optimize=True)
+    return path
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -327,6 +350,8 @@ def main() -> None:
                                                          "out": str(a.out / f"images_{name}")}, a.threads)
         results[f"single_{name}"] = child("single", {"model": str(folder), "refs": singles, "seeds": a.seeds,
                                                      "steps": a.steps, "out": str(a.out / f"single_{name}")}, a.threads)
+
+    print(f"wrote {contact_sheet(refs, pairs, a.out / 'images_loc', a.out / 'sheet.png')}", flush=True)
 
     # 3. first image of a new subject: FastComposer vs Custom Diffusion
     c = pairs[0][0]

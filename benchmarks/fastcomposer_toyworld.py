@@ -27,7 +27,10 @@
    images whose background is the prompt's (the prompt's hold). Four
    conditions: {with, without L_loc} x {delayed conditioning α = 0.7, none α = 1}.
    And single-subject prompts, "a <noun> <img> on a gray background", for each
-   of the 8 personal concepts: colour and noun right (α = 0.7).
+   of the 8 personal concepts: colour and noun right (α = 0.7). And what L_loc
+   acts on: the subject tokens' attention in the middle blocks (L_loc and the
+   share inside each subject's mask) on fresh training-like scenes, before
+   training and for both models.
 3. Time to the first image of a new subject: FastComposer compose vs Custom
    Diffusion learn + generate on the same base (goal ≥ 300x faster), each in
    its own process; both end to end (process start to PNG) and compute only
@@ -241,8 +244,37 @@ def child_single(a: dict) -> dict:
             "n": len(colour)}
 
 
+def child_attention(a: dict) -> dict:
+    """What L_loc acts on: the subject tokens' cross-attention in the middle blocks, on fresh
+    training-like scenes (a seed training never drew), every subject kept, no augmentation.
+    model None: the untrained model (base UNet, evaluator tower, a seeded new fusion MLP)."""
+    import torch
+
+    from multiconcept.methods.fastcomposer import FastComposer, FastComposerConfig, load_image_encoder
+    from multiconcept.models import load_base
+    from multiconcept.workflows.train_encoder import EncoderTrainer, open_data
+
+    if a["model"]:
+        model = FastComposer.load(a["model"])
+    else:
+        base = load_base(a["base"])
+        torch.manual_seed(0)
+        model = FastComposer(base, load_image_encoder(None, base))
+    cfg = FastComposerConfig(caption_dropout=0.0, subject_keep=1.0, augment=False, mask_loss_p=0.0,
+                             batch_size=a["batch_size"], seed=424242)
+    trainer = EncoderTrainer(model, open_data("toyworld"), cfg).eval()
+    loc, inside = [], []
+    with torch.no_grad():
+        for i in range(a["batches"]):
+            _, logs = trainer(trainer.batch(i), torch.Generator().manual_seed(i))
+            loc.append(logs["loc"])
+            inside.append(logs["mass_in_mask"])
+    return {"loc": float(np.mean(loc)), "mass_in_mask": float(np.mean(inside)), "samples": a["batches"] * a["batch_size"]}
+
+
 CHILDREN = {"train": child_train, "fc-first-image": child_fc_first_image, "cd-first-image": child_cd_first_image,
-            "identity": child_identity, "single": child_single}
+            "identity": child_identity, "single": child_single,
+            "attention": child_attention}
 
 
 def contact_sheet(refs: dict, pairs: list, images: Path, path: Path, scale: int = 2) -> Path:
@@ -351,6 +383,11 @@ def main() -> None:
         results[f"single_{name}"] = child("single", {"model": str(folder), "refs": singles, "seeds": a.seeds,
                                                      "steps": a.steps, "out": str(a.out / f"single_{name}")}, a.threads)
 
+    print("subject-token attention ...", flush=True)
+    batches = 2 if a.quick else 8
+    for name, folder in (("untrained", None), *models.items()):
+        results[f"attention_{name}"] = child("attention", {"model": str(folder) if folder else None, "base": a.base,
+                                                           "batches": batches, "batch_size": a.batch_size}, a.threads)
     print(f"wrote {contact_sheet(refs, pairs, a.out / 'images_loc', a.out / 'sheet.png')}", flush=True)
 
     # 3. first image of a new subject: FastComposer vs Custom Diffusion
@@ -383,6 +420,11 @@ def table(r: dict) -> str:
             s = r[f"identity_{name}"][alpha]
             rows.append(f"| {label}, {what} | {s['own']:.3f} | {s['other']:.3f} | {s['margin']:+.3f} ± {s['margin_sem']:.3f} "
                         f"| {s['own_wins']:.0%} | {s['detected']:.0%} | {s['colour_right']:.0%} | {s['background_right']:.0%} |")
+    rows += ["", "| subject-token attention, middle blocks | L_loc (lower: more inside) | attention mass inside the mask | samples |",
+             "|---|---|---|---|"]
+    for name, label in (("untrained", "before training"), ("loc", "with L_loc"), ("noloc", "without L_loc")):
+        s = r[f"attention_{name}"]
+        rows.append(f"| {label} | {s['loc']:+.4f} | {s['mass_in_mask']:.3f} | {s['samples']} |")
     rows += ["", "| one subject per prompt (α=0.7) | colour right | noun right | images |", "|---|---|---|---|"]
     for name, label in (("loc", "with L_loc"), ("noloc", "without L_loc")):
         s = r[f"single_{name}"]

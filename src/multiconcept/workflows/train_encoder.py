@@ -99,7 +99,7 @@ class ToyWorldSubjects:
     lets the model ignore the subject crops (the first encoders, trained on
     full captions, carried almost no colour)."""
 
-    name = "toyworld"
+    name = "toyworld (captions without colour or pattern)"  # in the checkpoint digest: older runs drew full captions
 
     def draw(self, n: int, seed: int) -> list[Record]:
         from ..toyworld import subject_dataset

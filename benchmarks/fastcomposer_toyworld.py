@@ -101,6 +101,22 @@ def reference(concept: str, folder: Path, seed: int = 100) -> tuple[Path, Path, 
     return img, mask, PERSONAL_CONCEPTS[concept].noun
 
 
+def checked(path):
+    """A generated image at the checker's size, and the checker's reading of it."""
+    from PIL import Image
+
+    from multiconcept.toyworld import IMAGE_SIZE, analyse
+
+    img = Image.open(path).convert("RGB")
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+    return img, analyse(img)
+
+
+def largest(detections):
+    return max(detections, key=lambda d: d.area) if detections else None
+
+
 # ---------------------------------------------------------------- children
 
 
@@ -161,24 +177,21 @@ def child_identity(a: dict) -> dict:
 
     from multiconcept.metrics.clip import load_clip
     from multiconcept.methods.fastcomposer import FastComposer
-    from multiconcept.toyworld import analyse
     from multiconcept.workflows.compose import ComposeSettings, compose
 
     model = FastComposer.load(a["model"])
     scorer = load_clip(a["evaluator"])
 
-    def region(img: Image.Image, noun: str, side: str) -> tuple[Image.Image, bool, str | None]:
+    def region(img: Image.Image, objs: list, noun: str, side: str) -> tuple[Image.Image, bool, str | None]:
         """The generated subject: the checker's largest detection of its noun, else its
         half; with the colour of that detection (else of the half's largest object)."""
-        img = img.convert("RGB").resize((64, 64), Image.BICUBIC) if img.size != (64, 64) else img.convert("RGB")
-        objs = analyse(img).objects
-        found = [d for d in objs if d.noun == noun]
-        if found:
-            best = max(found, key=lambda d: d.area)
+        best = largest([d for d in objs if d.noun == noun])
+        if best:
             return img.crop(best.box), True, best.colour
-        inside = [d for d in objs if ((d.box[0] + d.box[2]) / 2 < 32) == (side == "left")]
-        half = img.crop((0, 0, 32, 64) if side == "left" else (32, 0, 64, 64))
-        return half, False, max(inside, key=lambda d: d.area).colour if inside else None
+        mid = img.width // 2
+        in_half = largest([d for d in objs if ((d.box[0] + d.box[2]) / 2 < mid) == (side == "left")])
+        half = img.crop((0, 0, mid, img.height) if side == "left" else (mid, 0, img.width, img.height))
+        return half, False, in_half.colour if in_half else None
 
     def emb(images):
         return scorer.image_embeddings(images)
@@ -200,10 +213,10 @@ def child_identity(a: dict) -> dict:
             paths = compose(prompt, [f"{ra['image']}:{ra['mask']}", f"{rb['image']}:{rb['mask']}"], model, n=a["seeds"],
                             seed=0, out_dir=folder, settings=ComposeSettings(steps=a["steps"], alpha=alpha))
             for p in paths:
-                img = Image.open(p)
-                background.append(analyse(img.convert("RGB").resize((64, 64), Image.BICUBIC)).background == bg)
+                img, analysis = checked(p)
+                background.append(analysis.background == bg)
                 for i, (r, side) in enumerate(((ra, "left"), (rb, "right"))):
-                    crop, ok, drawn = region(img, r["noun"], side)
+                    crop, ok, drawn = region(img, analysis.objects, r["noun"], side)
                     e = emb([crop])[0]
                     own.append(float(e @ ref_emb[i]))
                     other.append(float(e @ ref_emb[1 - i]))
@@ -221,10 +234,7 @@ def child_identity(a: dict) -> dict:
 
 def child_single(a: dict) -> dict:
     """One subject per prompt, every personal concept: is it drawn as its noun, in its colour?"""
-    from PIL import Image
-
     from multiconcept.methods.fastcomposer import FastComposer
-    from multiconcept.toyworld import analyse
     from multiconcept.workflows.compose import ComposeSettings, compose
 
     model = FastComposer.load(a["model"])
@@ -234,8 +244,7 @@ def child_single(a: dict) -> dict:
                         n=a["seeds"], seed=0, out_dir=Path(a["out"]) / c, settings=ComposeSettings(steps=a["steps"]))
         hits = []
         for p in paths:
-            objs = analyse(Image.open(p).convert("RGB").resize((64, 64), Image.BICUBIC)).objects
-            big = max(objs, key=lambda d: d.area) if objs else None
+            big = largest(checked(p)[1].objects)
             hits.append(bool(big and big.colour == r["colour"]))
             noun.append(bool(big and big.noun == r["noun"]))
         colour += hits

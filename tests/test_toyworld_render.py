@@ -25,7 +25,7 @@ from multiconcept.toyworld import (
     write_two_concept_folder,
 )
 from multiconcept.toyworld.check import checker_accuracy
-from multiconcept.toyworld.render import HELD_OUT_PATTERNS, SHADE, LayoutError
+from multiconcept.toyworld.render import BASE_PATTERNS, HELD_OUT_PATTERNS, SHADE, LayoutError
 
 
 def _box_of(mask):
@@ -138,7 +138,7 @@ def test_subject_captions_without_appearance_name_only_nouns_and_places():
     # FastComposer's training captions: the crops carry colour and pattern, the caption must not
     full = subject_dataset(30, seed=3, layout="fixed")
     bare = subject_dataset(30, seed=3, layout="fixed", appearance=False)
-    looks = set(COLOURS) | {"striped", "checkered", "dotted", "two-tone"}
+    looks = set(COLOURS) | set(BASE_PATTERNS + HELD_OUT_PATTERNS)
     assert any(looks & set(r.caption.split()) for r in full)
     for f, b in zip(full, bare):
         assert [s.label for s in f.subjects] == [s.label for s in b.subjects]

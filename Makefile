@@ -1,18 +1,29 @@
 # Two commands matter: `make demo` (the main job) and `make test`.
 # Both create or update .venv by themselves: torch (pinned CPU wheel) first,
-# then the package with its extras. Never torchvision.
+# then every other package at the exact version and hash in requirements.lock,
+# then this package without resolving anything. Never torchvision.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench fastcomposer venv clean
+LOCK := requirements.lock
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+# the lock is resolved by uv against the torch pin (uv reads no pip configuration, so the
+# pin's wheel folder is named here), for the interpreter CI and the developers run
+UV := uv==0.13.9
+LOCK_FLAGS := pyproject.toml --extra test --extra report --generate-hashes --no-emit-package torch \
+	--python-version 3.11 --find-links /opt/wheels --quiet
 
-$(STAMP): pyproject.toml Makefile
+.PHONY: demo test bench fastcomposer venv lock upgrade-check clean
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,report]"
+	$(PIP) $(TORCH)
+	$(PIP) --require-hashes --no-deps -r $(LOCK)
+	$(PIP) --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,5 +46,16 @@ fastcomposer: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py
 
+# Regenerate the lock on purpose (newest releases within pyproject's ranges), then run `make test`.
+lock:
+	test -x .lock-venv/bin/uv || ($(PY) -m venv .lock-venv && .lock-venv/bin/pip install -q $(UV))
+	echo "$(TORCH)" > .lock-venv/torch.txt
+	.lock-venv/bin/uv pip compile $(LOCK_FLAGS) -c .lock-venv/torch.txt -o $(LOCK)
+
+# Drift check: the newest releases pyproject admits, in a throw-away venv; runs the suite and
+# says which packages moved and what broke. Changes nothing in the project.
+upgrade-check:
+	$(PY) tools/upgrade_check.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .lock-venv build src/*.egg-info .pytest_cache

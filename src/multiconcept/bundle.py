@@ -8,12 +8,18 @@ Tensors are named by what they are:
 - method-specific prefixes (``value_residual/...`` for Infusion, ...).
 The header (safetensors metadata, one JSON string) carries the method,
 tokens, class words, base fingerprint, hyper-parameters and format version.
+Beside it, ``multiconcept_sha256`` holds `content_digest` of that header text
+and every tensor, checked on load: a flipped byte anywhere is "corrupt", not
+black images. Bundles written before the digest existed load unchecked; a
+separate key (not a header field) so older readers ignore it.
 Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -27,6 +33,16 @@ from .errors import UserError, require
 
 FORMAT_VERSION = 1
 HEADER_KEY = "multiconcept"
+DIGEST_KEY = "multiconcept_sha256"
+
+# Trained values sit orders of magnitude below this: CLIP token embeddings and attention weights are
+# |x| < 1.2 on SD 1.5, ToyWorld and the tiny base, their deltas and LoRA factors smaller still, and
+# Infusion's value residuals live on the scale of CLIP's hidden states (outliers ~30). Above 1e4 a
+# value is a corrupt byte or a diverged run, and in fp16 it is within 7x of overflow (65504), which
+# is what turns images black.
+SUSPICIOUS_ABS = 1e4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,36 +97,137 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def content_digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the header's JSON text, then per tensor (sorted by name) its name, safetensors dtype,
+    shape and little-endian bytes, each field length-prefixed.
+
+    Defined on what the bundle holds rather than on the file's layout (tensor order, alignment
+    padding), so any writer of the same content gets the same digest; length prefixes keep one
+    field from running into the next (name "ab" + dtype "c" differs from "a" + "bc").
+    """
+    h = hashlib.sha256(b"multiconcept-bundle-digest-1\n")
+
+    def put(b) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    put(header_text.encode("utf-8", "surrogatepass"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        put(name.encode("utf-8", "surrogatepass"))
+        put(_DTYPE_NAMES.get(t.dtype, str(t.dtype)).encode())
+        put(json.dumps(list(t.shape)).encode())
+        put(t.reshape(-1).view(torch.uint8).numpy())  # a 1-D uint8 array: len() is its byte count
+    return h.hexdigest()
+
+
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors.items()}
-    meta = {HEADER_KEY: json.dumps(bundle.header(), sort_keys=True)}
+    header_text = json.dumps(bundle.header(), sort_keys=True)
+    meta = {HEADER_KEY: header_text, DIGEST_KEY: content_digest(header_text, tensors)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+# what every header must hold, and its JSON type: a header that parses but lacks a field must be
+# refused here, not become a KeyError in whichever command reads that field first
+_HEADER_FIELDS = {"method": str, "tokens": list, "class_words": list, "base_name": str, "base_fingerprint": str,
+                  "hyperparameters": dict, "extra": dict}
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system is not a file either
+        return False
+
+
+def _read_metadata(path: Path) -> dict:
+    require(_is_file(path), f"bundle {path} does not exist: check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable .safetensors bundle ({_first_line(e)}): pass a file written by `multiconcept learn`") from e
+
+
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def _parse_header(path: Path, meta: dict) -> dict:
+    require(HEADER_KEY in meta, f"{path} is a safetensors file but not a multiconcept bundle (no header): pass a file written by `multiconcept learn`")
+    damaged = f"bundle {path} has a damaged header"
+    try:
+        header = json.loads(meta[HEADER_KEY])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints over Python's digit limit
+        raise UserError(f"{damaged} ({type(e).__name__}): re-learn it or restore a copy") from e
+    require(isinstance(header, dict), f"{damaged} (a JSON {type(header).__name__}, not an object): re-learn it or restore a copy")
+    v = header.get("format_version")
+    # bool is an int in Python: `true` must not pass for version 1
+    if not (type(v) is int and v == FORMAT_VERSION):
+        raise UserError(f"bundle {path} has format version {v!r}; this multiconcept reads {FORMAT_VERSION}: upgrade multiconcept or re-learn")
+    for key, kind in _HEADER_FIELDS.items():
+        require(isinstance(header.get(key), kind),
+                f"{damaged} ({key!r} is missing or not a JSON {kind.__name__}): re-learn it or restore a copy")
+    for key in ("tokens", "class_words"):
+        require(all(isinstance(x, str) for x in header[key]), f"{damaged} ({key!r} holds a non-string): re-learn it or restore a copy")
+    require(len(header["tokens"]) == len(header["class_words"]),
+            f"{damaged} ({len(header['tokens'])} tokens but {len(header['class_words'])} class words): re-learn it or restore a copy")
+    return header
 
 
 def read_header(path: str | Path) -> dict:
     path = Path(path)
-    require(path.is_file(), f"bundle {path} does not exist: check the path")
+    return _parse_header(path, _read_metadata(path))
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"bundle {path} is corrupt ({why}): re-learn it or restore a copy")
+
+
+def _load_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(header, tensors, integrity) with integrity "verified" or "unchecked" (no digest: an older bundle).
+
+    Refuses a digest mismatch and non-finite values; warns about values no training produces.
+    """
+    meta = _read_metadata(path)
+    header = _parse_header(path, meta)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .safetensors bundle ({e}): pass a file written by `multiconcept learn`") from e
-    require(HEADER_KEY in meta, f"{path} is a safetensors file but not a multiconcept bundle (no header): pass a file written by `multiconcept learn`")
-    try:
-        header = json.loads(meta[HEADER_KEY])
-    except json.JSONDecodeError as e:
-        raise UserError(f"bundle {path} has a damaged header: re-run `multiconcept learn`") from e
-    v = header.get("format_version")
-    require(v == FORMAT_VERSION, f"bundle {path} has format version {v}; this multiconcept reads {FORMAT_VERSION}: upgrade multiconcept or re-learn")
-    return header
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(path, f"its tensors cannot be read: {_first_line(e)}") from e
+    stored = meta.get(DIGEST_KEY)
+    integrity = "unchecked"
+    if stored is not None:
+        actual = content_digest(meta[HEADER_KEY], tensors)
+        if stored != actual:
+            raise _corrupt(path, f"content sha256 is {actual[:12]}..., its header says {stored[:12]}...")
+        integrity = "verified"
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            if integrity == "verified":  # the bytes are the ones training wrote: it diverged
+                raise UserError(f"bundle {path} holds NaN or infinite values in {name} (training diverged): "
+                                f"re-learn it, e.g. with a lower --lr")
+            raise _corrupt(path, f"{name} holds NaN or infinite values")
+        peak = float(t.abs().max())
+        if peak > SUSPICIOUS_ABS:
+            log.warning(f"warning: bundle {path}: {name} has values up to {peak:.3g}, far beyond what training "
+                        f"produces (|x| <= {SUSPICIOUS_ABS:g}); images may come out black: re-learn it if they do")
+    return header, tensors, integrity
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    header = read_header(path)
-    tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    header, tensors, _ = _load_checked(Path(path))
     fields = {k: header[k] for k in Bundle.__dataclass_fields__ if k in header and k != "tensors"}
     return Bundle(tensors=tensors, **fields)
 
@@ -124,21 +241,10 @@ def check_base(bundle: Bundle, base, path: str = "") -> None:
 
 
 def describe(path: str | Path) -> dict:
-    """What `multiconcept inspect` prints: the header and every tensor's shape, dtype and bytes."""
-    header = read_header(path)
-    rows, total = [], 0
-    with safe_open(str(path), framework="pt") as f:
-        for k in sorted(f.keys()):
-            sl = f.get_slice(k)
-            shape = sl.get_shape()
-            dtype = sl.get_dtype()
-            n = 1
-            for s in shape:
-                n *= s
-            nbytes = n * _DTYPE_BYTES.get(dtype, 4)
-            total += nbytes
-            rows.append({"name": k, "shape": shape, "dtype": dtype, "bytes": nbytes})
-    return {"header": header, "tensors": rows, "tensor_bytes": total, "file_bytes": Path(path).stat().st_size}
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    """What `multiconcept inspect` prints: the header, integrity and every tensor's shape, dtype and bytes."""
+    path = Path(path)
+    header, tensors, integrity = _load_checked(path)
+    rows = [{"name": k, "shape": list(t.shape), "dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype)),
+             "bytes": t.numel() * t.element_size()} for k, t in sorted(tensors.items())]
+    return {"header": header, "integrity": integrity, "tensors": rows,
+            "tensor_bytes": sum(r["bytes"] for r in rows), "file_bytes": path.stat().st_size}

@@ -1,0 +1,114 @@
+"""The boxes stage: open-vocabulary detection of a caption's nouns.
+
+Published pipeline: Grounding DINO (SwinT-OGC; `IDEA-Research/grounding-dino-tiny` is that checkpoint on the
+hub) prompted with the nouns, box threshold 0.25, text threshold 0.2, then class-agnostic NMS at IoU 0.5.
+OWLv2 (MuDI's choice) is the option; its scores run lower than Grounding DINO's, so pass a lower
+`--box-threshold` with it (0.1 is transformers' default for OWLv2). The class is read from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .loading import load, model_source, model_type
+from .records import Entity
+
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+BOX_THRESHOLD, TEXT_THRESHOLD, NMS_IOU = 0.25, 0.2, 0.5  # Subject-Diffusion's data_process.py
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
+    """Greedy non-maximum suppression (torchvision.ops.nms's rule; torchvision is not installed here)."""
+    order = scores.argsort(descending=True).tolist()
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    keep: list[int] = []
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        lt = torch.maximum(boxes[i, :2], boxes[:, :2])
+        rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        suppressed |= inter / (area[i] + area - inter).clamp(min=1e-9) > iou
+    return keep
+
+
+class Detector:
+    def __init__(self, model, processor, name: str, box_threshold: float = BOX_THRESHOLD,
+                 text_threshold: float = TEXT_THRESHOLD, nms_iou: float | None = NMS_IOU):
+        self.model, self.processor, self.name = model, processor, name
+        self.box_threshold, self.text_threshold, self.nms_iou = box_threshold, text_threshold, nms_iou
+        self.device, self.dtype = model.device, model.dtype
+
+    def _to(self, batch) -> dict:
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict):
+        return self.model(**inputs)
+
+    def __call__(self, images: list[Image.Image], nouns: list[list[str]]) -> list[list[Entity]]:
+        todo = [i for i, n in enumerate(nouns) if n]
+        out: list[list[Entity]] = [[] for _ in images]
+        if not todo:
+            return out
+        imgs, ns = [images[i] for i in todo], [nouns[i] for i in todo]
+        inputs = self.inputs(imgs, ns)
+        results = self.post(self.forward(inputs), inputs, imgs, ns)
+        for i, res in zip(todo, results):
+            w, h = images[i].size
+            boxes = res["boxes"].float().cpu()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            scores = res["scores"].float().cpu()
+            keep = nms(boxes, scores, self.nms_iou) if self.nms_iou is not None else range(len(scores))
+            out[i] = [Entity(str(res["labels"][k]).strip(), tuple(round(float(v), 2) for v in boxes[k]),
+                             round(float(scores[k]), 4)) for k in keep]
+        return out
+
+
+class GroundingDinoDetector(Detector):
+    def inputs(self, images, nouns):
+        # Grounding DINO reads its prompt as lower-case phrases each ended by a dot
+        text = [". ".join(n.lower() for n in ns) + "." for ns in nouns]
+        return self._to(self.processor(images=images, text=text, return_tensors="pt", padding=True))
+
+    def post(self, outputs, inputs, images, nouns):
+        res = self.processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
+            target_sizes=[im.size[::-1] for im in images])
+        return [{"boxes": r["boxes"], "scores": r["scores"], "labels": r["text_labels"] if "text_labels" in r else r["labels"]} for r in res]
+
+
+class Owlv2Detector(Detector):
+    def inputs(self, images, nouns):
+        return self._to(self.processor(images=images, text=nouns, return_tensors="pt", padding=True))
+
+    def post(self, outputs, inputs, images, nouns):
+        # OWLv2 pads each image to a square before resizing, so boxes come back on the padded square
+        sizes = [(max(im.size), max(im.size)) for im in images]
+        res = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=self.box_threshold, target_sizes=sizes, text_labels=nouns)
+        return [{"boxes": r["boxes"], "scores": r["scores"], "labels": r["text_labels"]} for r in res]
+
+
+def load_detector(name: str = DEFAULT_DETECTOR, device: torch.device = torch.device("cpu"),
+                  dtype: torch.dtype = torch.float32, box_threshold: float = BOX_THRESHOLD,
+                  text_threshold: float = TEXT_THRESHOLD, nms_iou: float | None = NMS_IOU) -> Detector:
+    import transformers
+
+    source = model_source(name, "--detector")
+    kind = model_type(source, "--detector")
+    if kind == "grounding-dino":
+        classes, cls = ("GroundingDinoForObjectDetection", "GroundingDinoProcessor"), GroundingDinoDetector
+    elif kind == "owlv2":
+        classes, cls = ("Owlv2ForObjectDetection", "Owlv2Processor"), Owlv2Detector
+    else:
+        raise UserError(f"--detector {name} is a {kind!r} checkpoint: pass Grounding DINO or OWLv2 "
+                        f"(default {DEFAULT_DETECTOR})")
+    model, processor = load(getattr(transformers, classes[0]), getattr(transformers, classes[1]), source,
+                            "--detector", device, dtype)
+    return cls(model, processor, name, box_threshold, text_threshold, nms_iou)

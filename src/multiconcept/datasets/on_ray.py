@@ -1,0 +1,86 @@
+"""The builder on a Ray cluster: Ray Data reads the source and runs the pipeline in a pool of actors.
+
+Ray Data turns the list of units into rows, one per batch of `batch_size` source items (`flat_map`, run on
+the cluster, so the source is read where the workers are); `map_batches` hands each row to a
+`PipelineWorker` actor, a callable class that loads every model once, in its constructor, and keeps it for
+all the batches it is given (`concurrency` actors, each with `num_gpus` / `num_cpus`). Rows come back in
+source order (`preserve_order`), so the driver writes each shard exactly as the local path does, from
+batches cut the same way: the same input gives the same shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Iterator
+
+from ..errors import UserError
+from .pipeline import Pipeline, StageSpec
+from .records import Item, pack, unpack
+from .sources import Unit, read_unit
+
+
+def unit_batches(unit: Unit, batch_size: int) -> Iterator[list[Item]]:
+    """A unit's items in batches; a unit with no items yields one empty batch, so that it is still written."""
+    batch: list[Item] = []
+    sent = False
+    for it in read_unit(unit):
+        batch.append(it)
+        if len(batch) == batch_size:
+            yield batch
+            batch, sent = [], True
+    if batch or not sent:
+        yield batch
+
+
+def _read_rows(row: dict, batch_size: int):
+    unit = Unit.from_json(row["unit"])
+    return [{"unit": unit.name, "payload": pack(batch)} for batch in unit_batches(unit, batch_size)]
+
+
+class PipelineWorker:
+    """One per actor: the models load here once."""
+
+    def __init__(self, spec: dict, threads: int | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        self.pipe = Pipeline(StageSpec.from_dict(spec))
+
+    def __call__(self, rows: dict) -> dict:
+        payloads = [pack(self.pipe.process(unpack(bytes(p)))) for p in rows["payload"]]
+        return {"unit": list(rows["unit"]), "payload": payloads}
+
+
+def ray_batches(units: list[Unit], spec: StageSpec, batch_size: int, *, address: str | None, workers: int,
+                num_gpus: float, num_cpus: float, threads: int | None) -> Iterator[list[Item]]:
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise UserError("--ray needs Ray Data: pip install 'multiconcept[dataset]' (or drop --ray)") from e
+    started = not ray.is_initialized()
+    if started:
+        try:
+            kw = {"address": address} if address else {"num_cpus": max(os.cpu_count() or 1, int(workers * num_cpus + 0.999))}
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
+        except Exception as e:  # noqa: BLE001 - any failure to reach a cluster is the user's address
+            raise UserError(f"could not start or reach Ray ({address or 'local'}): {str(e).splitlines()[0]}: "
+                            "check the address, or give --ray without one for a local Ray") from e
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
+        ds = ds.flat_map(functools.partial(_read_rows, batch_size=batch_size))
+        ds = ds.map_batches(PipelineWorker, fn_constructor_kwargs={"spec": spec.to_dict(), "threads": threads},
+                            batch_size=1, concurrency=workers, num_gpus=num_gpus, num_cpus=num_cpus,
+                            batch_format="numpy")
+        for row in ds.iter_rows():
+            yield unpack(bytes(row["payload"]))
+    finally:
+        if started:
+            ray.shutdown()

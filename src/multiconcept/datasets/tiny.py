@@ -1,0 +1,108 @@
+"""Tiny random-weight checkpoints of the builder's real model classes, built from configs and saved with their
+processors, as transformers' own tests build theirs. They load through exactly the path a downloaded BLIP,
+Grounding DINO, OWLv2 or SAM takes (`load_captioner(folder)`, ...), so tests and benchmarks exercise the
+real code offline. Their outputs are random: good for shapes and plumbing, not for quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
+
+# mostly ToyWorld's nouns, so a random caption names things and the vocabulary nouns stage finds some
+WORDS = ("a", "the", "and", "on", "left", "right", *COLOURS, *BACKGROUNDS, "background", *CLASS_NOUNS, ".")
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+
+
+def _bert_tokenizer(folder: Path, bos: bool = False):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + list(dict.fromkeys(WORDS))) + "\n")
+    return BertTokenizer(str(vocab), **({"bos_token": "[DEC]"} if bos else {}))
+
+
+def write_vocabulary(path: str | Path) -> Path:
+    """The noun list the tiny pipeline is tested with (`--nouns vocab:PATH`)."""
+    Path(path).write_text("\n".join(CLASS_NOUNS) + "\n")
+    return Path(path)
+
+
+def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2) -> Path:
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder = Path(folder)
+    tok = _bert_tokenizer(folder, bos=True)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=4, image_size=image_size, patch_size=4),
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=40, bos_token_id=tok.bos_token_id,
+                         pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
+        projection_dim=width, image_text_hidden_size=width))
+    model.save_pretrained(folder)
+    BlipProcessor(BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tok).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int = 128, d_model: int = 32) -> Path:
+    """Swin backbone from its config (no timm), BERT text tower from its config. 128 px: at 64 the last feature
+    level is 1x1, where GroupNorm (32 groups of 32 channels) has one value per group and refuses."""
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor, SwinConfig
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+
+    folder = Path(folder)
+    tok = _bert_tokenizer(folder)
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(GroundingDinoConfig(
+        # decoder_layers=2: its box heads are tied across decoder layers, which one layer cannot be
+        d_model=d_model, encoder_layers=1, decoder_layers=2, num_queries=8, use_timm_backbone=False,
+        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=image_size,
+                                   out_indices=[2, 3, 4]),
+        text_config={"model_type": "bert", "vocab_size": len(tok), "hidden_size": 16, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 64},
+        max_text_len=64, encoder_ffn_dim=d_model, decoder_ffn_dim=d_model, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2))
+    model.save_pretrained(folder)
+    GroundingDinoProcessor(GroundingDinoImageProcessorPil(size={"shortest_edge": image_size, "longest_edge": image_size}),
+                           tok).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sam(folder: str | Path, seed: int = 0, image_size: int = 64, width: int = 32) -> Path:
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = SamModel(SamConfig(
+        vision_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
+                           image_size=image_size, patch_size=8, output_channels=width, window_size=2,
+                           global_attn_indexes=[1], num_pos_feats=width // 2, mlp_dim=2 * width),
+        prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, mlp_dim=2 * width,
+                                 iou_head_hidden_dim=width)))
+    model.save_pretrained(folder)
+    mask = image_size // 4
+    SamProcessor(SamImageProcessorPil(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size},
+                                      mask_size={"longest_edge": mask}, mask_pad_size={"height": mask, "width": mask})
+                 ).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
+    """{captioner, detector, segmenter, nouns}: StageSpec arguments for the whole tiny pipeline."""
+    from .loading import quiet_loading
+
+    folder = Path(folder)
+    with quiet_loading():
+        return {"captioner": str(save_tiny_blip(folder / "blip", seed)),
+                "detector": str(save_tiny_grounding_dino(folder / "grounding-dino", seed)),
+                "segmenter": str(save_tiny_sam(folder / "sam", seed)),
+                "nouns": f"vocab:{write_vocabulary(folder / 'nouns.txt')}"}

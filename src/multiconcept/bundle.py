@@ -152,7 +152,8 @@ def _read_metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .safetensors bundle ({_first_line(e)}): pass a file written by `multiconcept learn`") from e
+        raise UserError(f"{path} is not a readable .safetensors bundle ({_first_line(e)}): it is truncated, corrupt or "
+                        f"another kind of file; pass a bundle `multiconcept learn` wrote, or restore a copy") from e
 
 
 def _first_line(e: BaseException, limit: int = 120) -> str:

@@ -93,17 +93,50 @@ def read_png_metadata(path: str | Path) -> dict:
     return json.loads(raw)
 
 
+def check_lora_file(path: Path) -> None:
+    """A --lora file must be a readable safetensors file of finite tensors, before diffusers sees it
+    (its loaders raise OSError, ValueError, KeyError, ... and log several lines of their own)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        ok = path.suffix == ".safetensors" and path.is_file()
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        ok = False
+    require(ok, f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            bad = next((k for k in keys if not _finite(f.get_tensor(k))), None)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        why = _gist(e)
+        raise UserError(f"LoRA {path} is corrupt or not a safetensors file ({why}): "
+                        f"download it again, or pass a diffusers/kohya LoRA .safetensors") from e
+    require(bool(keys), f"LoRA {path} holds no tensors: pass a diffusers/kohya LoRA .safetensors")
+    require(bad is None, f"LoRA {path} holds NaN or infinite values in {bad}: it is corrupt; download it again")
+
+
 def add_lora(loaded: Loaded, path: str | Path, scale: float = 1.0) -> None:
     """Add a diffusers-format LoRA file (e.g. a style LoRA) on top of the loaded bundles."""
+    from diffusers.utils import logging as diffusers_logging
+
     path = Path(path)
-    require(path.is_file() and path.suffix == ".safetensors",
-            f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
+    check_lora_file(path)
     pipe = loaded.base.pipe
     name = f"extra_{len(getattr(loaded.base, '_active_loras', []))}"
+    verbosity = diffusers_logging.get_verbosity()
+    # a failed load is logged by diffusers as several lines; the one-line error below says it instead
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"LoRA {path} does not fit this base ({str(e).splitlines()[0][:120]}): use a LoRA made for it") from e
+    except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers/peft raise means "does not fit"
+        why = _gist(e)
+        raise UserError(f"LoRA {path} does not fit this base ({why}): use a LoRA made for it") from e
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # keys diffusers does not recognise load as nothing, silently
+    require(any(name in names for names in pipe.get_list_adapters().values()),
+            f"LoRA {path} changes no layer of this base (its keys, e.g. {_first_key(path)!r}, match none): "
+            f"use a diffusers/kohya LoRA made for this base")
     active = getattr(loaded.base, "_active_loras", [])
     weights = getattr(loaded.base, "_lora_weights", [1.0] * len(active))
     active.append(name)
@@ -111,6 +144,25 @@ def add_lora(loaded: Loaded, path: str | Path, scale: float = 1.0) -> None:
     loaded.base._active_loras, loaded.base._lora_weights = active, weights
     pipe.set_adapters(active, adapter_weights=weights)
     loaded.extra_loras.append(path.name)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _gist(e: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line: its first line, and the next when the first only introduces it
+    (torch's "Error(s) in loading state_dict for X:" says which tensor on the line after)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text[:limit]
+
+
+def _first_key(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return next(iter(f.keys()))
 
 
 @dataclass

@@ -15,8 +15,8 @@ from ..errors import UserError
 from .loading import load, model_source, model_type
 from .records import Entity
 
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
-BOX_THRESHOLD, TEXT_THRESHOLD, NMS_IOU = 0.25, 0.2, 0.5  # Subject-Diffusion's data_process.py
+from .defaults import BOX_THRESHOLD, NMS_IOU, TEXT_THRESHOLD
+from .defaults import DETECTOR as DEFAULT_DETECTOR
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:

@@ -14,7 +14,7 @@ from PIL import Image
 from ..errors import UserError
 from .loading import load, model_source, model_type
 
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"  # the published script's captioner
+from .defaults import CAPTIONER as DEFAULT_CAPTIONER
 MAX_NEW_TOKENS = 30
 
 

@@ -16,7 +16,7 @@ from ..errors import UserError
 from .loading import load, model_source, model_type
 from .records import Entity
 
-DEFAULT_SEGMENTER = "facebook/sam-vit-huge"  # the published script's SAM ViT-H
+from .defaults import SEGMENTER as DEFAULT_SEGMENTER
 
 
 class SamSegmenter:

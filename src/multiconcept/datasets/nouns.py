@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError, require
 
-DEFAULT_NOUNS = "spacy:en_core_web_sm"
+from .defaults import NOUNS as DEFAULT_NOUNS
 
 
 def _dedupe(words) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError, require
+from .errors import UserError, is_file, require
 
 FORMAT_VERSION = 1
 HEADER_KEY = "multiconcept"
@@ -139,15 +139,8 @@ _HEADER_FIELDS = {"method": str, "tokens": list, "class_words": list, "base_name
                   "hyperparameters": dict, "extra": dict}
 
 
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):  # a name too long for the file system is not a file either
-        return False
-
-
 def _read_metadata(path: Path) -> dict:
-    require(_is_file(path), f"bundle {path} does not exist: check the path")
+    require(is_file(path), f"bundle {path} does not exist: check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}

@@ -1,17 +1,16 @@
 """The `multiconcept` command: parse, validate, call a workflow, print.
 
-Every UserError becomes one line on stderr and exit code 2.
+Every UserError and every usage error (unknown option or verb, a bad or
+missing value) becomes one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-
-# library chatter (e.g. "CLIPImageProcessor requires torchvision") is not the user's business
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError, require
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-concept personalised text-to-image diffusion.")
@@ -27,6 +26,49 @@ toyworld_app = typer.Typer(no_args_is_help=True, help="The embedded synthetic wo
 app.add_typer(toyworld_app, name="toyworld")
 out = Console()
 err = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' loading bars, deprecation notes and
+    advice off the terminal, so a bad input's error is the first line a user sees."""
+    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(var, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+@app.callback()
+def root(
+    verbose: bool = typer.Option(False, "--verbose", help="show libraries' progress bars and warnings"),
+    max_image_side: Optional[int] = typer.Option(
+        None, "--max-image-side", help="longest image side accepted, in pixels (default 8192; env MULTICONCEPT_MAX_IMAGE_SIDE)"),
+):
+    if not verbose:
+        quiet_libraries()
+    if max_image_side is not None:
+        from .images import limits, parse_side
+
+        limits.max_side = parse_side(max_image_side, "--max-image-side")
+
+
+def _check_number(value, *, minimum=None, above=None):
+    if value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    if minimum is not None and value < minimum:
+        raise typer.BadParameter(f"{value} is below the minimum {minimum}")
+    if above is not None and value <= above:
+        raise typer.BadParameter(f"{value} must be greater than {above}")
+    return value
+
+
+def number(default, *decls: str, help: str, minimum=None, above=None):
+    """An int or float option that must be finite and in range, checked as it arrives."""
+    return typer.Option(default, *decls, help=help,
+                        callback=lambda v: _check_number(v, minimum=minimum, above=above))
+
 
 BaseOpt = typer.Option(None, "--base", help="pipeline folder, hub id, 'tiny' (random test model) or 'toyworld' (default)")
 DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -44,33 +86,35 @@ def key_values(pairs: list[str], what: str) -> dict[str, str]:
     return d
 
 
-@app.command()
+IMAGE_RULES = ("Images: PNG, JPEG, WebP or BMP, at least 32 and at most 8192 pixels on a side (--max-image-side); "
+               "transparent pixels count as white in images and as black in masks; a mask is white on black.")
+
+
+@app.command(help="Learn concepts from images; write one bundle.\n\n" + IMAGE_RULES)
 def learn(
     method: str = typer.Option(..., "--method", "-m", help="textual-inversion | custom-diffusion | lora | ... (see `multiconcept methods`)"),
     concept: List[str] = typer.Option(..., "--concept", "-c", help="TOKEN=CLASS, e.g. '<cat1>=cat'; repeat for several"),
     image: List[str] = typer.Option(..., "--image", "-i", help="image or folder holding every concept, or TOKEN=PATH for one concept's images"),
     mask: List[str] = typer.Option([], "--mask", help="TOKEN=PATH, one per image of that concept, in order (white = concept)"),
-    output: Path = typer.Option(..., "--out", "-o", help="bundle file to write (.safetensors)"),
+    output: Path = typer.Option(..., "--out", "-o", help="bundle file to write (.safetensors); an existing one needs --overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
     base: Optional[str] = BaseOpt,
-    steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the method's)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: the method's)"),
-    batch_size: Optional[int] = typer.Option(None, help="images per micro-batch"),
-    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimiser step"),
-    seed: int = typer.Option(0, help="seed for data order, noise and timesteps"),
+    steps: Optional[int] = number(None, "--steps", help="optimiser steps (default: the method's)", minimum=1),
+    lr: Optional[float] = number(None, "--lr", help="learning rate (default: the method's)", above=0),
+    batch_size: Optional[int] = number(None, "--batch-size", help="images per micro-batch", minimum=1),
+    grad_accum: Optional[int] = number(None, "--grad-accum", help="micro-batches per optimiser step", minimum=1),
+    seed: int = number(0, "--seed", help="seed for data order, noise and timesteps", minimum=0),
     mixed_precision: str = typer.Option("no", help="no | fp16 | bf16"),
     reg_dir: Optional[Path] = typer.Option(None, help="regularisation images, each with a .txt caption beside it"),
-    reg_generate: int = typer.Option(0, help="draw this many class-prompt images with the base as regularisation"),
+    reg_generate: int = number(0, "--reg-generate", help="draw this many class-prompt images with the base as regularisation", minimum=0),
     param: List[str] = typer.Option([], "--param", "-p", help="method setting KEY=VALUE (see `multiconcept methods NAME`)"),
     resume: bool = typer.Option(False, help="continue from the checkpoint beside --out"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
-    """Learn concepts from images; write one bundle."""
     from .workflows.learn import learn as run
 
-    if output.suffix != ".safetensors":
-        raise UserError(f"--out {output} must end in .safetensors: bundles are safetensors files")
     overrides = key_values(param, "--param")
     for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if v is not None:
@@ -78,7 +122,8 @@ def learn(
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
     path = run(method, concept, image, mask, output, base=base, overrides=overrides, reg_dir=reg_dir,
-               reg_generate=reg_generate, resume=resume, device=device, dtype=dtype, progress=progress)
+               reg_generate=reg_generate, resume=resume, device=device, dtype=dtype, progress=progress,
+               overwrite=overwrite)
     out.print(f"wrote {path}")
 
 
@@ -86,16 +131,17 @@ def learn(
 def generate(
     prompt: str = typer.Argument(..., help="e.g. 'photo of a <cat1> cat and <dog1> dog on the beach'"),
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="bundle file; repeat to combine"),
-    n: int = typer.Option(4, "-n", help="images"),
-    seed: int = typer.Option(0, help="image i uses seed + i"),
+    n: int = number(4, "-n", help="images", minimum=1),
+    seed: int = number(0, "--seed", help="image i uses seed + i", minimum=0),
     output: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNGs"),
-    steps: int = typer.Option(50, help="denoising steps"),
-    guidance: float = typer.Option(6.0, help="classifier-free guidance scale"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace PNGs of the same seeds already in --out"),
+    steps: int = number(50, "--steps", help="denoising steps", minimum=1),
+    guidance: float = number(6.0, "--guidance", help="classifier-free guidance scale", minimum=0),
     scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
     negative: str = typer.Option("", help="negative prompt"),
     attention_maps: bool = typer.Option(False, "--attention-maps", help="also write per-token heatmaps to OUT/attention"),
     lora: List[Path] = typer.Option([], "--lora", help="a diffusers-format LoRA .safetensors (e.g. a style) added on top"),
-    lora_scale: float = typer.Option(1.0, help="weight of every --lora"),
+    lora_scale: float = number(1.0, "--lora-scale", help="weight of every --lora"),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="inpaint into this image (needs --inpaint-mask)"),
     inpaint_mask: Optional[Path] = typer.Option(None, "--inpaint-mask", help="white = the region to fill"),
     base: Optional[str] = BaseOpt,
@@ -103,18 +149,27 @@ def generate(
     dtype: str = DtypeOpt,
 ):
     """Generate images with learned concepts (optionally inpainted into another image)."""
-    from .data import load_image
-    from .workflows.generate import Inpaint, SampleSettings, add_lora, generate as run, load_with_bundles
+    from .images import read_image, read_mask
+    from .workflows.generate import (Inpaint, SampleSettings, add_lora, check_prompt_tokens, generate as run,
+                                     load_with_bundles, planned_paths)
 
+    settings = SampleSettings(steps=steps, guidance=guidance, scheduler=scheduler, negative_prompt=negative)
     if (init_image is None) != (inpaint_mask is None):
         raise UserError("inpainting needs both --init-image and --inpaint-mask")
-    inpaint = Inpaint(load_image(init_image), load_image(inpaint_mask)) if init_image else None
+    require(not output.exists() or output.is_dir(), f"--out {output} is a file: give a folder for the PNGs")
+    if not overwrite:
+        clash = [p for p in planned_paths(output, n, seed) if p.exists()]
+        if clash:
+            raise UserError(f"{clash[0]} already exists: pass --overwrite to replace it, or pick another --out or --seed")
+    inpaint = None
+    if init_image:
+        source = read_image(init_image, role="init image")
+        inpaint = Inpaint(source, read_mask(inpaint_mask, source.size, role="inpainting mask"))
+    check_prompt_tokens(prompt, [str(b) for b in bundle])
     loaded = load_with_bundles(base, [str(b) for b in bundle], device=device, dtype=dtype)
     for f in lora:
         add_lora(loaded, f, lora_scale)
-    paths = run(prompt, loaded, n, seed, output, SampleSettings(steps=steps, guidance=guidance, scheduler=scheduler,
-                                                                negative_prompt=negative), attention_maps=attention_maps,
-                inpaint=inpaint)
+    paths = run(prompt, loaded, n, seed, output, settings, attention_maps=attention_maps, inpaint=inpaint)
     for p in paths:
         out.print(str(p))
 
@@ -207,22 +262,39 @@ def _load_command_modules() -> None:
 _load_command_modules()
 
 
-def main() -> None:
-    import click
+def _click_errors() -> tuple[type, type]:
+    """click's UsageError and ClickException, from wherever this typer takes click
+    (typer >= 0.29 vendors its own copy, so `import click` would name other classes)."""
+    mro = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return mro["UsageError"], mro["ClickException"]
 
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {' '.join(message.split())}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    usage_error, click_error = _click_errors()
     try:
-        app(standalone_mode=False)
+        app(args=argv, prog_name="multiconcept", standalone_mode=False)
     except UserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
+        _fail(str(e))
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
+            sys.exit(0)
+        where = e.ctx.command_path if e.ctx is not None else "multiconcept"
+        _fail(f"{e.format_message()} (see `{where} --help`)")
+    except click_error as e:
+        _fail(e.format_message())
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    except OSError as e:
+        # the machine's answer (a full disk, a folder we may not write), not a bug of ours
+        _fail(f"{e.strerror or e} ({e.filename}): free space or fix the permissions" if e.filename else str(e))
 
 
 if __name__ == "__main__":

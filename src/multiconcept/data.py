@@ -14,47 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import UserError, require
+from .errors import UserError, is_dir, is_file, require
+from .images import SUFFIXES, limits, read_image, read_mask
 from .prompts import Concept
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-READABLE_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+IMAGE_SUFFIXES = SUFFIXES
 
 
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    require(path.is_file(), f"image {path} does not exist: check the path")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            img = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"image {path} is corrupt or not an image ({type(e).__name__}): re-export it as PNG or JPEG") from e
-    require(
-        mode in READABLE_MODES,
-        f"image {path} has mode {mode}, which is not supported: convert it to RGB (e.g. PIL's img.convert('RGB'))",
-    )
-    if mode in ("RGBA", "LA", "P"):
-        # transparent pixels become white, as most image tools show them
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(canvas, rgba)
-    return img.convert("RGB")
+def load_image(path: str | Path, *, role: str = "image", min_side: int = 1) -> Image.Image:
+    return read_image(path, role=role, min_side=min_side)
 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
     """A binary mask (white = the concept) that must match its image's size."""
-    m = load_image(path).convert("L")
-    require(
-        m.size == size,
-        f"mask {path} is {m.size[0]}x{m.size[1]} but its image is {size[0]}x{size[1]}: make them the same size",
-    )
-    arr = np.asarray(m) > 127
-    require(bool(arr.any()), f"mask {path} is empty (no white pixels): paint the concept white on black")
-    return Image.fromarray((arr * 255).astype(np.uint8), "L")
+    return read_mask(path, size)
 
 
 def is_mask_name(p: Path) -> bool:
@@ -64,7 +39,9 @@ def is_mask_name(p: Path) -> bool:
 
 def list_images(path: str | Path) -> list[Path]:
     path = Path(path)
-    if path.is_dir():
+    # checked here, where a spec first becomes a path, so a name the OS refuses (too long) is "missing" too
+    require(is_dir(path) or is_file(path), f"image {path} does not exist: check the path")
+    if is_dir(path):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(p))
         require(bool(files), f"folder {path} holds no images (png, jpg, webp, bmp): add some or pass files")
         return files
@@ -107,7 +84,8 @@ def build_concept_set(concepts: list[Concept], images: list[str], masks: list[st
     for spec in images:
         token, path = _split_token(spec, tokens)
         for f in list_images(path):
-            examples.append(Example(load_image(f), tokens if token is None else [token], source=str(f)))
+            image = load_image(f, role="source image", min_side=limits.min_side)
+            examples.append(Example(image, tokens if token is None else [token], source=str(f)))
     mask_specs: dict[str, list[str]] = {}
     for spec in masks:
         token, path = _split_token(spec, tokens)
@@ -125,11 +103,11 @@ def build_concept_set(concepts: list[Concept], images: list[str], masks: list[st
 
 
 def _split_token(spec: str, tokens: list[str]) -> tuple[str | None, str]:
-    if spec.startswith("<") and ">=" in spec:
-        token, path = spec.split("=", 1)
-        require(token in tokens, f"{spec!r} names {token}, which is not a --concept: add --concept '{token}=CLASS'")
-        return token, path
-    return None, spec
+    token, path = spec.split("=", 1) if spec.startswith("<") and ">=" in spec else (None, spec)
+    # Path("") is ".": an empty path would quietly read the current folder
+    require(path.strip() != "", f"{spec!r} gives no path: pass an image or a folder, e.g. '<cat1>=photos/cat/'")
+    require(token is None or token in tokens, f"{spec!r} names {token}, which is not a --concept: add --concept '{token}=CLASS'")
+    return token, path
 
 
 # ---------------------------------------------------------------- prompts
@@ -215,7 +193,7 @@ def load_regularisation(folder: str | Path) -> list[RegExample]:
     for f in list_images(folder):
         cap = f.with_suffix(".txt")
         require(cap.is_file(), f"regularisation image {f} has no caption file {cap.name}: add one line of text beside it")
-        out.append(RegExample(load_image(f), cap.read_text().strip()))
+        out.append(RegExample(load_image(f, role="regularisation image", min_side=limits.min_side), cap.read_text().strip()))
     return out
 
 

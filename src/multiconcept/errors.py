@@ -12,3 +12,24 @@ class UserError(Exception):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+def is_file(path) -> bool:
+    """pathlib's is_file, except that a name the OS refuses (longer than its limit, or holding NUL)
+    is simply not there: pathlib raises OSError for ENAMETOOLONG, which would escape as a traceback."""
+    from pathlib import Path
+
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path) -> bool:
+    """pathlib's is_dir, with is_file's tolerance of names the OS refuses."""
+    from pathlib import Path
+
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,22 @@ def toyworld_available() -> bool:
     return (TOYWORLD_DIR / "base" / "model_index.json").is_file()
 
 
+def follow_progress_bar_setting() -> None:
+    """diffusers and transformers draw loading bars unless told in code; take
+    huggingface_hub's switch (HF_HUB_DISABLE_PROGRESS_BARS, which the CLI sets
+    unless --verbose) as the word for all three."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+
 def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32") -> Base:
     from diffusers import StableDiffusionPipeline
 
+    follow_progress_bar_setting()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if name in (None, "toyworld"):
@@ -235,7 +249,7 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
                 "the ToyWorld base is not built into this install: run `multiconcept toyworld build`, "
                 "or pass --base tiny (random test model) or --base PATH_OR_HUB_ID"
             )
-        pipe = StableDiffusionPipeline.from_pretrained(TOYWORLD_DIR / "base", torch_dtype=dt)
+        pipe = StableDiffusionPipeline.from_pretrained(TOYWORLD_DIR / "base", dtype=dt)
         name = "toyworld"
     elif name == "tiny":
         pipe = tiny_pipeline()
@@ -251,7 +265,7 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
             source = name
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source, torch_dtype=dt, safety_checker=None, requires_safety_checker=False
+                source, dtype=dt, safety_checker=None, requires_safety_checker=False
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -17,6 +17,13 @@ import torch
 from .errors import UserError, require
 
 TOKEN_PATTERN = re.compile(r"^<[^<>\s]+>$")
+# a concept token inside a prompt; CLIP's own specials look like <|endoftext|> and are not concepts
+PROMPT_TOKEN = re.compile(r"<[^<>\s|]+>")
+
+
+def concept_tokens_in(prompt: str) -> list[str]:
+    """The <name> tokens a prompt uses, in order, each once."""
+    return list(dict.fromkeys(PROMPT_TOKEN.findall(prompt)))
 
 
 @dataclass
@@ -31,6 +38,8 @@ class Concept:
             f"concept token {self.token!r} must look like <name> (angle brackets, no spaces), e.g. <cat1>",
         )
         require(bool(self.class_word.strip()), f"concept {self.token} needs a class word, e.g. {self.token}=cat")
+        require(is_text(self.token + self.class_word),
+                f"concept {self.token!r}={self.class_word!r} holds bytes that are not UTF-8 text: retype it")
 
     @property
     def phrase(self) -> str:
@@ -61,7 +70,18 @@ class Encoded:
     positions: dict[str, list[int]] = field(default_factory=dict)
 
 
+def is_text(s: str) -> bool:
+    """False when `s` holds a lone surrogate: how Python decodes argv bytes that are not UTF-8 (the
+    shell passed raw Latin-1, say). Tokenizers refuse such strings with a TypeError."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def tokenize_checked(tokenizer, prompt: str) -> Encoded:
+    require(is_text(prompt), f"prompt {prompt!r} holds bytes that are not UTF-8 text: retype it, or save it as UTF-8")
     enc = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
     n, limit = len(enc["input_ids"]), tokenizer.model_max_length
     require(

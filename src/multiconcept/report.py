@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from .bundle import atomic_write
+from .images import read_image
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -23,7 +24,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 
 def data_uri(img: Image.Image | str | Path) -> str:
     if not isinstance(img, Image.Image):
-        img = Image.open(img)
+        img = read_image(img)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

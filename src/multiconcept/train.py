@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .bundle import atomic_write, save_bundle
@@ -268,21 +268,34 @@ def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 
 def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, digest: str) -> int:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("digest") != digest:
-            raise UserError(f"checkpoint {path} was made with other settings, method or base: use the same ones, or delete {path.parent} to start over")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    method.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("param/")})
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, idx, name = k.split("/", 2)
-            state.setdefault(int(idx), {})[name] = v
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-    return int(meta["step"])
+    start_over = f"delete {path.parent} to start over (or run without --resume)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("digest") != digest:
+                raise UserError(f"checkpoint {path} was made with other settings, method or base: use the same ones, or {start_over}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step = int(meta["step"])
+        method.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("param/")})
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("opt/"):
+                _, idx, name = k.split("/", 2)
+                state.setdefault(int(idx), {})[name] = v
+        sd = optimizer.state_dict()
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+    except UserError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): {start_over}") from e
+    return step
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Temp files of `target` left by a run killed while writing it (see bundle.atomic_write)."""
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the loop
@@ -316,6 +329,10 @@ def train(
     trainer = Trainer(method, base, data, cfg, reg)
     digest = config_digest(cfg, method.name, base.fingerprint)
     start = 0
+    if work.is_dir():
+        remove_stale_temps(ckpt)
+    if out.parent.is_dir():
+        remove_stale_temps(out)
     if resume and ckpt.is_file():
         start = load_checkpoint(ckpt, method, optimizer, digest)
     unet, text_encoder, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
@@ -350,6 +367,7 @@ def train(
                 bar[0].update(bar[1], advance=1, loss=logs_sum.get("loss", math.nan))
             if log:
                 log.write(json.dumps({"step": step + 1, **{k: round(v, 6) for k, v in logs_sum.items()}}) + "\n")
+                log.flush()  # a killed run keeps every step it logged
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(ckpt, method, optimizer, step + 1, digest)
     finally:
@@ -359,11 +377,12 @@ def train(
             bar[0].stop()
         method.teardown()
     save_bundle(method.to_bundle(), out)
-    if ckpt.is_file():
-        ckpt.unlink()
+    if work.is_dir():
+        ckpt.unlink(missing_ok=True)
+        remove_stale_temps(ckpt)
         try:
             work.rmdir()
-        except OSError:
+        except OSError:  # the user's own files are in it
             pass
     return out
 

@@ -7,6 +7,7 @@ else: data, noise, optimiser, accumulation, checkpoints.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -61,6 +62,30 @@ CHOICES = {"latents": ("auto", "sample", "mean"), "loss_region": ("masks", "unna
            "unnamed": ("keep", "erase")}
 
 
+# (lowest value, whether the lowest itself is allowed); every float must also be finite
+BOUNDS = {"steps": (1, True), "lr": (0, False), "batch_size": (1, True), "grad_accum": (1, True),
+          "weight_decay": (0, True), "max_grad_norm": (0, True), "resolution": (0, True), "checkpoint_every": (0, True)}
+PROBABILITIES = ("flip_p", "reg_fraction")
+
+
+def check_settings(cfg) -> None:
+    """Every number a setting can take, checked once, before any model loads."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"setting {f.name} must be a finite number, got {v}: fix --param {f.name} (or its option)")
+        low, inclusive = BOUNDS.get(f.name, (None, True))
+        if f.name in PROBABILITIES:
+            low, inclusive = 0, True
+            if v > 1:
+                raise UserError(f"setting {f.name} is a probability, got {v}: give a value from 0 to 1")
+        if low is not None and (v < low or (v == low and not inclusive)):
+            bound = f"at least {low}" if inclusive else f"greater than {low}"
+            raise UserError(f"setting {f.name} must be {bound}, got {v}: fix --param {f.name} (or its option)")
+
+
 def apply_overrides(cfg, overrides: dict[str, str]):
     """--param key=value strings onto a config dataclass, typed by its defaults."""
     known = {f.name: f for f in fields(cfg)}
@@ -86,6 +111,7 @@ def apply_overrides(cfg, overrides: dict[str, str]):
             raise UserError(f"{key} must be {', '.join(CHOICES[key][:-1])} or {CHOICES[key][-1]}, got {val!r}: "
                             f"fix --param {key}")
         setattr(cfg, key, val)
+    check_settings(cfg)
     return cfg
 
 

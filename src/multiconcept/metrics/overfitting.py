@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 
 from ..errors import require
+from ..images import read_image
 from ..methods import infusion as _registers_infusion  # noqa: F401  (Infusion bundles load here too)
 
 RECONSTRUCTION_NOTE = (
@@ -239,11 +239,7 @@ def concept_wasserstein(custom, base, phrase: str, class_word: str, scorer, out_
     base_paths = _generate_set(base, base_prompts, seeds, out_dir / "base", steps, guidance)
 
     def embed(paths):
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        return scorer.image_embeddings(images)
+        return scorer.image_embeddings([read_image(p) for p in paths])
 
     return {
         "value": frechet_distance(embed(custom_paths), embed(base_paths)),

@@ -78,6 +78,11 @@ class BenchmarkSettings:
                               batch_size=self.batch_size)
 
 
+# a range is expanded into a list: '0-9999999999' would fill the memory before anything else runs;
+# 10,000 images per prompt is far past any protocol (the default draws 4)
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """'0,1,2', '0-7' or a mix: '0-3,10'."""
     seeds: list[int] = []
@@ -86,6 +91,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             if "-" in part:
                 a, b = part.split("-", 1)
                 require(int(a) <= int(b), f"--seeds range {part!r} runs backwards: write low-high")
+                require(int(b) - int(a) < MAX_SEEDS - len(seeds),
+                        f"--seeds {text!r} names more than {MAX_SEEDS} seeds: give fewer (e.g. 0-7)")
                 seeds.extend(range(int(a), int(b) + 1))
             elif part:
                 seeds.append(int(part))

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..bundle import atomic_write
 from ..data import load_image, load_mask
-from ..errors import require
+from ..errors import is_file, require
 from ..methods.fastcomposer import FastComposer, SubjectPrompt, parse_subject_prompt, subject_crop
 from .generate import SCHEDULERS, png_metadata
 
@@ -105,25 +106,29 @@ def sample(model: FastComposer, prompt: SubjectPrompt, crops: torch.Tensor, seed
 
 def parse_subject_spec(spec: str) -> tuple[Path, Path | None]:
     """'IMG' or 'IMG:MASK' (a path that exists as a whole wins over a split)."""
-    if Path(spec).is_file() or ":" not in spec:
-        require(Path(spec).is_file(), f"subject image {spec} does not exist: pass --subject IMG or IMG:MASK")
+    if is_file(spec) or ":" not in spec:
+        require(is_file(spec), f"subject image {spec} does not exist: pass --subject IMG or IMG:MASK")
         return Path(spec), None
     img, mask = spec.rsplit(":", 1)
-    require(Path(img).is_file(), f"subject image {img} (from {spec!r}) does not exist: pass --subject IMG or IMG:MASK")
-    require(Path(mask).is_file(), f"subject mask {mask} (from {spec!r}) does not exist: pass --subject IMG or IMG:MASK")
+    require(is_file(img), f"subject image {img} (from {spec!r}) does not exist: pass --subject IMG or IMG:MASK")
+    require(is_file(mask), f"subject mask {mask} (from {spec!r}) does not exist: pass --subject IMG or IMG:MASK")
     return Path(img), Path(mask)
 
 
-def subject_crops(specs: list[str], size: int, seed: int) -> torch.Tensor:
-    """The noise-background crops of each subject (noise seeded by `seed`)."""
-    rng = np.random.default_rng(seed)
-    crops = []
+def read_subjects(specs: list[str]) -> list[tuple[Image.Image, np.ndarray | None]]:
+    """Each subject's image and mask (white = subject), read and checked."""
+    subjects = []
     for spec in specs:
         img_path, mask_path = parse_subject_spec(spec)
-        img = load_image(img_path)
-        mask = np.asarray(load_mask(mask_path, img.size)) > 127 if mask_path else None
-        crops.append(subject_crop(img, mask, None, size, rng))
-    return torch.stack(crops)
+        img = load_image(img_path, role="subject image")
+        subjects.append((img, np.asarray(load_mask(mask_path, img.size)) > 127 if mask_path else None))
+    return subjects
+
+
+def subject_crops(subjects: list[tuple[Image.Image, np.ndarray | None]], size: int, seed: int) -> torch.Tensor:
+    """The noise-background crops of each subject (noise seeded by `seed`)."""
+    rng = np.random.default_rng(seed)
+    return torch.stack([subject_crop(img, mask, None, size, rng) for img, mask in subjects])
 
 
 def compose(
@@ -144,16 +149,14 @@ def compose(
     settings.check()
     require(n >= 1, f"-n must be at least 1, got {n}")
     require(bool(subjects), "no subject given: add --subject IMG[:MASK], one per image marker in the prompt")
-    for s in subjects:
-        parse_subject_spec(s)  # missing files: fail before loading models
+    pictures = read_subjects(subjects)  # bad files: fail before loading models
     model_name = Path(model).name if not isinstance(model, FastComposer) else "fastcomposer"
     if not isinstance(model, FastComposer):
         model = FastComposer.load(model, base=base, device=device, dtype=dtype)
     parsed = parse_subject_prompt(model.tokenizer, prompt, len(subjects))
-    crops = subject_crops(subjects, model.encoder.image_size, seed)
+    crops = subject_crops(pictures, model.encoder.image_size, seed)
     base = model.base
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta_common = {
         "prompt": prompt, "negative_prompt": "", "scheduler": settings.scheduler, "steps": settings.steps,
         "guidance": settings.guidance, "alpha": settings.alpha,

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .. import report
+from ..images import read_image, read_mask
 from ..models import load_base, toyworld_available
 from ..toyworld import check, left_to_right, write_two_concept_folder
 from .generate import SampleSettings, generate, load_with_bundles
@@ -131,10 +132,10 @@ def _clip_scores(grid: dict, rows: list, src: Path, names: tuple[str, str]) -> t
     if not toyworld_evaluator_available():
         return [], ""
     scorer = load_clip(None)
-    image = Image.open(src / "image.png").convert("RGB")
-    refs = [scorer.image_embeddings([concept_crop(image, Image.open(src / f"{name}_mask.png"))]) for name in names]
+    image = read_image(src / "image.png")
+    refs = [scorer.image_embeddings([concept_crop(image, read_mask(src / f"{name}_mask.png"))]) for name in names]
     for row, paths in zip(rows, grid.values()):
-        emb = scorer.image_embeddings([Image.open(p).convert("RGB") for p in paths])
+        emb = scorer.image_embeddings([read_image(p) for p in paths])
         row += [round(mean_pairwise_cosine(emb, r), 3) for r in refs]
     return ([f"CLIP-I {TOKENS[0]}", f"CLIP-I {TOKENS[1]}"],
             " CLIP-I: mean cosine of ToyWorld-evaluator embeddings, generations vs the concept's masked crop "
@@ -144,7 +145,7 @@ def _clip_scores(grid: dict, rows: list, src: Path, names: tuple[str, str]) -> t
 def _colour_scores(paths, kind, a, b) -> list[float]:
     hits = np.zeros(2)
     for p in paths:
-        img = np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.NEAREST))
+        img = np.asarray(read_image(p).resize((64, 64), Image.NEAREST))
         for j, obj in enumerate((a, b)):
             hits[j] += bool(check(img, obj.noun, obj.colour)["colour_present"])
     return list(hits / len(paths))

@@ -39,7 +39,7 @@ from PIL import Image
 
 from ..bundle import atomic_write
 from ..data import IMAGE_SUFFIXES, is_mask_name, load_image, load_mask
-from ..errors import UserError, require
+from ..errors import UserError, is_dir, is_file, require
 from ..metrics import (
     SCALES,
     Signature,
@@ -92,7 +92,7 @@ class Source:
 
 
 def is_source(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / "concepts.json").is_file() or (folder / "scene.json").is_file())
+    return is_dir(folder) and ((folder / "concepts.json").is_file() or (folder / "scene.json").is_file())
 
 
 def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Source:
@@ -195,8 +195,8 @@ class References:
 
 
 def _image_files(path: Path) -> list[Path]:
-    require(path.exists(), f"reference {path} does not exist: check the path")
-    if path.is_dir():
+    require(is_file(path) or is_dir(path), f"reference {path} does not exist: check the path")
+    if is_dir(path):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(p))
         require(bool(files), f"reference folder {path} holds no images: add some, or pass an image")
         return files
@@ -221,10 +221,10 @@ def build_references(reference: Sequence[str], reference_masks: Sequence[str], t
         if token is None and is_source(p):
             refs.add_source(load_source(p, tokens))
         elif token is None:
-            refs.whole.extend(load_image(f) for f in _image_files(p))
+            refs.whole.extend(load_image(f, role="reference image") for f in _image_files(p))
         else:
             require(token in tokens, f"--reference {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
-            refs.concept.setdefault(token, []).extend(load_image(f) for f in _image_files(p))
+            refs.concept.setdefault(token, []).extend(load_image(f, role="reference image") for f in _image_files(p))
     masks: dict[str, list[str]] = {}
     for spec in reference_masks:
         token, path = _token_spec(spec, "--reference-mask")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from ..bundle import Bundle, atomic_write, check_base, load_bundle
+from ..bundle import Bundle, atomic_write, check_base, load_bundle, read_header
 from ..errors import UserError, require
 from ..models import Base, load_base
-from ..prompts import Concept, locate_concepts
+from ..prompts import Concept, concept_tokens_in, locate_concepts
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -34,6 +35,15 @@ class SampleSettings:
     batch_size: int = 4
     height: int = 0  # 0 = the base's native size
     width: int = 0
+
+    def __post_init__(self):
+        require(isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        require(math.isfinite(self.guidance) and self.guidance >= 0,
+                f"guidance must be a finite number >= 0, got {self.guidance}")
+        require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
+        require(self.height >= 0 and self.width >= 0, f"height and width must be >= 0 (0: the base's), "
+                                                      f"got {self.height}x{self.width}")
+        require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -64,6 +74,30 @@ def load_with_bundles(base: Base | str | None, bundle_paths: list[str], device="
         get_method(b.method).apply(base, b)
         loaded.bundles.append((str(p), b))
     return loaded
+
+
+def image_name(seed: int, prefix: str = "") -> str:
+    return f"{prefix}{seed:06d}.png"
+
+
+def planned_paths(out_dir: str | Path, n: int, seed: int, prefix: str = "") -> list[Path]:
+    """The files `generate` will write, so a caller can refuse to overwrite them first."""
+    return [Path(out_dir) / image_name(seed + i, prefix) for i in range(n)]
+
+
+def check_prompt_tokens(prompt: str, bundle_paths: list[str]) -> None:
+    """Refuse a concept token no bundle defines: the text encoder would read it as
+    a few ordinary word pieces and draw something, silently. Reads headers only,
+    so this runs before any model loads."""
+    refuse_undefined_tokens(prompt, [t for p in bundle_paths for t in read_header(p)["tokens"]])
+
+
+def refuse_undefined_tokens(prompt: str, defined: list[str]) -> None:
+    missing = [t for t in concept_tokens_in(prompt) if t not in defined]
+    if missing:
+        have = f"the bundles define {', '.join(defined)}" if defined else "no bundle is loaded (-b FILE)"
+        raise UserError(f"the prompt names {', '.join(missing)}, which no loaded bundle defines; {have}: "
+                        f"load the bundle that defines it, or fix the prompt")
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -187,9 +221,9 @@ def generate(
     base, pipe = loaded.base, loaded.base.pipe
     require(n >= 1, f"-n must be at least 1, got {n}")
     locate_concepts(base.tokenizer, prompt, loaded.concepts)  # length limit, class words present
+    refuse_undefined_tokens(prompt, [c.token for c in loaded.concepts])
     set_scheduler(pipe, settings.scheduler)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     h = settings.height or base.resolution
     w = settings.width or base.resolution
     meta_common = {
@@ -214,7 +248,7 @@ def generate(
         else:
             images = _sample(pipe, prompt, seeds, gens, settings, h, w, inpaint)
         for i, (s, img) in enumerate(zip(seeds, images)):
-            path = out_dir / f"{name_prefix}{s:06d}.png"
+            path = out_dir / image_name(s, name_prefix)
             meta = {**meta_common, "seed": s}
             atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
             paths.append(path)

@@ -13,13 +13,25 @@ from ..prompts import parse_concept
 from ..train import train
 
 
+def check_output(out: str | Path, *, overwrite: bool) -> None:
+    """Refuse a bundle path that training could only fail to write, before training."""
+    out = Path(out)
+    require(out.suffix == ".safetensors", f"--out {out} must end in .safetensors: bundles are safetensors files")
+    require(not out.is_dir(), f"--out {out} is a folder: name the bundle file, e.g. {out / 'concepts.safetensors'}")
+    require(overwrite or not out.exists(),
+            f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    parent = next((p for p in out.parents if p.exists()), None)
+    require(parent is None or parent.is_dir(), f"--out {out} lies under {parent}, which is a file: choose another --out")
+
+
 def learn(method: str, concepts: list[str], images: list[str], masks: list[str], out: str | Path, *,
           base: Base | str | None = None, overrides: dict[str, str] | None = None, reg_dir: str | Path | None = None,
           reg_generate: int = 0, resume: bool = False, device: str = "auto", dtype: str = "fp32",
-          progress: bool = True, work_dir: str | Path | None = None, stop_after: int | None = None) -> Path | None:
+          progress: bool = True, work_dir: str | Path | None = None, stop_after: int | None = None,
+          overwrite: bool = True) -> Path | None:
+    check_output(out, overwrite=overwrite)
     cls = get_method(method)  # unknown method: fail before loading anything
     cfg = apply_overrides(cls.Config(), overrides or {})
-    require(cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
     data = build_concept_set([parse_concept(c) for c in concepts], images, masks)
     if not isinstance(base, Base):
         base = load_base(base, device=device, dtype=dtype)

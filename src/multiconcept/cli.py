@@ -241,7 +241,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="a method name for i
 @app.command()
 def demo(output: Path = typer.Option(Path("demo-out"), "--out", "-o", help="folder for the page and images"),
          base: Optional[str] = BaseOpt,
-         steps: Optional[int] = typer.Option(None, help="training steps (default: the demo's budget)")):
+         steps: Optional[int] = number(None, help="training steps (default: the demo's budget)", minimum=1)):
     """The main job: learn two concepts from one image, generate, write an HTML page."""
     from .workflows.demo import run_demo
 

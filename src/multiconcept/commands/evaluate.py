@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..cli import BaseOpt, app, key_values, out
+from ..cli import BaseOpt, app, key_values, out, number
 from ..errors import UserError
 
 ClipOpt = typer.Option(None, "--clip", help="CLIPModel folder or hub id (default: the ToyWorld evaluator, when built)")
@@ -42,13 +42,13 @@ def evaluate(
     scale: str = ScaleOpt,
     text_prefix: str = PrefixOpt,
     output: Path = typer.Option(Path("results.json"), "--out", "-o", help="JSON file to write"),
-    batch_size: int = typer.Option(64, help="images per model call"),
+    batch_size: int = number(64, help="images per model call", minimum=1),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
     overfitting: bool = typer.Option(False, "--overfitting", help="add Infusion's overfitting metrics (needs the bundles)"),
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="bundle file for --overfitting (default: the ones the "
                                       "metadata names, found beside GEN_DIR)"),
     base: Optional[str] = BaseOpt,
-    seed: int = typer.Option(0, help="seed for --overfitting's samples"),
+    seed: int = number(0, help="seed for --overfitting's samples", minimum=0),
 ):
     """Score generations: CLIP-T, CLIP-I, DINO, leakage; writes JSON."""
     from ..workflows.evaluate import evaluate as run
@@ -73,23 +73,23 @@ def benchmark(
     output: Path = typer.Option(..., "--out", "-o", help="folder for cells, results.json and report.html"),
     protocol: str = typer.Option("two-concept", help="two-concept | dreambench | dreambench-live | multi-subject | a .txt file"),
     base: Optional[str] = BaseOpt,
-    steps: Optional[int] = typer.Option(None, help="training steps (default: each method's)"),
+    steps: Optional[int] = number(None, help="training steps (default: each method's)", minimum=1),
     param: List[str] = typer.Option([], "--param", "-p", help="method setting KEY=VALUE for every method"),
-    train_seed: int = typer.Option(0, help="training seed"),
-    images_per_prompt: Optional[int] = typer.Option(None, help="images per prompt: seeds 0..K-1 (default 4)"),
+    train_seed: int = number(0, help="training seed", minimum=0),
+    images_per_prompt: Optional[int] = number(None, help="images per prompt: seeds 0..K-1 (default 4)", minimum=1),
     seeds: Optional[str] = typer.Option(None, help="image seeds for every prompt, e.g. 0-15 or 0,1,2"),
-    sample_steps: int = typer.Option(50, help="denoising steps (DisenDiff: DDIM 50)"),
-    guidance: float = typer.Option(6.0, help="classifier-free guidance (DisenDiff: 6)"),
+    sample_steps: int = number(50, help="denoising steps (DisenDiff: DDIM 50)", minimum=1),
+    guidance: float = number(6.0, help="classifier-free guidance (DisenDiff: 6)", minimum=0),
     scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
-    batch_size: int = typer.Option(4, help="images per sampling batch"),
+    batch_size: int = number(4, help="images per sampling batch", minimum=1),
     clip: Optional[str] = ClipOpt,
     dino: Optional[str] = DinoOpt,
     scale: str = ScaleOpt,
     text_prefix: str = PrefixOpt,
-    threads: Optional[int] = typer.Option(None, help="torch threads per job (default: this process's); fixed so "
-                                          "results do not depend on the executor; with --ray, CPUs/threads jobs run at once"),
+    threads: Optional[int] = number(None, help="torch threads per job (default: this process's); fixed so "
+                                          "results do not depend on the executor; with --ray, CPUs/threads jobs run at once", minimum=1),
     ray: bool = typer.Option(False, "--ray", help="run jobs as Ray tasks (RAY_ADDRESS, else a local Ray)"),
-    ray_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray started by --ray"),
+    ray_cpus: Optional[int] = number(None, help="CPUs of the local Ray started by --ray", minimum=1),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):

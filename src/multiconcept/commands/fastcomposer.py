@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import BaseOpt, DeviceOpt, DtypeOpt, app, key_values, out
+from ..cli import BaseOpt, DeviceOpt, DtypeOpt, app, key_values, out, number
 from ..errors import UserError, require
 
 ENCODER_METHODS = ("fastcomposer",)
@@ -23,16 +23,16 @@ def train_encoder(
     base: Optional[str] = BaseOpt,
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="CLIP folder or hub id; default: ToyWorld's "
                                                                                "evaluator, or a tiny tower on --base tiny"),
-    steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the paper's 150k)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (paper 1e-5; ToyWorld needs ~1e-4)"),
-    batch_size: Optional[int] = typer.Option(None, help="images per micro-batch and process"),
-    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimiser step"),
-    loc_weight: Optional[float] = typer.Option(None, help="λ of the localisation loss (paper 1e-3; 0 = off)"),
-    seed: int = typer.Option(0, help="seed for data, crops, noise and timesteps"),
+    steps: Optional[int] = number(None, help="optimiser steps (default: the paper's 150k)", minimum=1),
+    lr: Optional[float] = number(None, help="learning rate (paper 1e-5; ToyWorld needs ~1e-4)", above=0),
+    batch_size: Optional[int] = number(None, help="images per micro-batch and process", minimum=1),
+    grad_accum: Optional[int] = number(None, help="micro-batches per optimiser step", minimum=1),
+    loc_weight: Optional[float] = number(None, help="λ of the localisation loss (paper 1e-3; 0 = off)", minimum=0),
+    seed: int = number(0, help="seed for data, crops, noise and timesteps", minimum=0),
     mixed_precision: str = typer.Option("no", help="no | fp16 | bf16"),
     param: List[str] = typer.Option([], "--param", "-p", help="setting KEY=VALUE, e.g. vision_layers=0 (see `multiconcept methods` "
                                                               "for the fine-tuning ones; FastComposerConfig for these)"),
-    max_minutes: Optional[float] = typer.Option(None, help="stop after this many minutes and write the model so far"),
+    max_minutes: Optional[float] = number(None, help="stop after this many minutes and write the model so far", above=0),
     resume: bool = typer.Option(False, help="continue from the checkpoint in --out"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -63,12 +63,12 @@ def compose(
     prompt: str = typer.Argument(..., help="subjects marked after their nouns, e.g. 'a star <img> and a circle <img> on a gray background'"),
     subject: List[str] = typer.Option([], "--subject", "-s", help="IMG or IMG:MASK (white = subject), one per marker, in marker order"),
     model: Path = typer.Option(..., "--model", help="FastComposer model folder (train-encoder or convert-fastcomposer)"),
-    alpha: float = typer.Option(0.7, help="share of steps conditioned on the subjects; the first 1-alpha are text-only"),
-    guidance: float = typer.Option(5.0, help="classifier-free guidance scale"),
-    steps: int = typer.Option(50, help="denoising steps"),
+    alpha: float = number(0.7, help="share of steps conditioned on the subjects; the first 1-alpha are text-only", minimum=0),
+    guidance: float = number(5.0, help="classifier-free guidance scale", minimum=0),
+    steps: int = number(50, help="denoising steps", minimum=1),
     scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
-    seed: int = typer.Option(0, help="image i uses seed + i"),
-    n: int = typer.Option(1, "-n", help="images"),
+    seed: int = number(0, help="image i uses seed + i", minimum=0),
+    n: int = number(1, "-n", help="images", minimum=1),
     output: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNGs"),
     base: Optional[str] = typer.Option(None, "--base", help="base pipeline; default: the one the model names"),
     device: str = DeviceOpt,
@@ -88,7 +88,7 @@ def convert_fastcomposer(
     output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
     base: Optional[str] = typer.Option(None, "--base", help="check the UNet against this base and record its fingerprint "
                                                             "(e.g. a local SD 1.5 folder)"),
-    vision_heads: Optional[int] = typer.Option(None, help="attention heads of the vision tower (default: width / 64, as CLIP)"),
+    vision_heads: Optional[int] = number(None, help="attention heads of the vision tower (default: width / 64, as CLIP)", minimum=1),
 ):
     """Convert the official FastComposer checkpoint to safetensors in current diffusers/transformers names."""
     from ..convert import convert_fastcomposer as run

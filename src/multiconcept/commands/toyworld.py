@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import out, toyworld_app
+from ..cli import out, toyworld_app, number
 from ..errors import require
 from ..models import TOYWORLD_DIR
 
@@ -19,26 +19,26 @@ def build_cmd(
     output: Path = typer.Option(TOYWORLD_DIR, "--out", "-o", help="where base/, evaluator/, quality.json go "
                                 "(default: inside the package, where `--base toyworld` finds them)"),
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
-    seed: int = typer.Option(0, help="the whole build is seeded"),
-    steps: Optional[int] = typer.Option(None, help="UNet training steps (default 12000)"),
+    seed: int = number(0, help="the whole build is seeded", minimum=0),
+    steps: Optional[int] = number(None, help="UNet training steps (default 12000)", minimum=1),
     text_encoder: str = typer.Option("evaluator-tuned", help="evaluator-tuned (the evaluator's text tower, trained with "
                                      "the UNet) | evaluator (that tower, frozen) | scratch (random init, trained)"),
     prediction_type: str = typer.Option("v_prediction", help="what the UNet predicts: v_prediction | epsilon"),
     noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
                                        "(needs v_prediction) | scaled_linear | linear"),
-    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)"),
-    noise_offset: float = typer.Option(0.0, help="offset noise std, e.g. 0.1 for epsilon-prediction (0: off)"),
+    snr_gamma: Optional[float] = number(None, help="Min-SNR-γ loss weighting, e.g. 5 (default off)", above=0),
+    noise_offset: float = number(0.0, help="offset noise std, e.g. 0.1 for epsilon-prediction (0: off)", minimum=0),
     timestep_sampling: str = typer.Option("mixed", help="training timesteps: uniform | logit_normal "
                                           "(t/T = sigmoid(N(mean, std))) | mixed (half of each)"),
-    timestep_mean: float = typer.Option(1.0, help="logit-normal mean"),
-    timestep_std: float = typer.Option(1.0, help="logit-normal std"),
-    easy_share: float = typer.Option(0.0, help="share of each batch from single-object scenes, fully captioned"),
+    timestep_mean: float = number(1.0, help="logit-normal mean"),
+    timestep_std: float = number(1.0, help="logit-normal std", above=0),
+    easy_share: float = number(0.0, help="share of each batch from single-object scenes, fully captioned", minimum=0),
     base_layout: str = typer.Option("fixed", help="base training scenes: fixed (one centred object or a "
                                     "left/right pair) | free (five positions, two sizes, 1-3 objects)"),
-    caption_colour_p: float = typer.Option(0.75, help="share of objects whose colour the base's captions say "
-                                           "(below 1, 'a star' is in distribution too)"),
-    threads: int = typer.Option(2, help="torch CPU threads"),
-    max_unet_hours: Optional[float] = typer.Option(None, help="stop UNet training after this long"),
+    caption_colour_p: float = number(0.75, help="share of objects whose colour the base's captions say "
+                                           "(below 1, 'a star' is in distribution too)", minimum=0),
+    threads: int = number(2, help="torch CPU threads", minimum=1),
+    max_unet_hours: Optional[float] = number(None, help="stop UNet training after this long", above=0),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
 ):

@@ -69,7 +69,7 @@ from ..methods.fastcomposer import (
 from ..models import Base, load_base
 from ..prompts import find_word_spans
 from ..train import (TrainingDiverged, _progress, choose_latent_mode, config_digest, latents_from_moments, load_checkpoint,
-                     save_checkpoint, step_seed)
+                     remove_stale_temps, save_checkpoint, step_seed)
 
 MANIFEST = "subjects.jsonl"
 
@@ -366,6 +366,8 @@ def train_encoder(
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
     ckpt = out / "checkpoint.safetensors"
     start = 0
+    if out.is_dir():
+        remove_stale_temps(ckpt)
     if resume and ckpt.is_file():
         start = load_checkpoint(ckpt, model, optimizer, digest)
     graph, optimizer = acc.prepare(trainer, optimizer)

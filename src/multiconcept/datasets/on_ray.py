@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -19,6 +20,8 @@ from ..errors import UserError
 from .pipeline import Pipeline, StageSpec
 from .records import Item, pack, unpack
 from .sources import Unit, read_unit
+
+READ_CPUS = 0.1
 
 
 def unit_batches(unit: Unit, batch_size: int) -> Iterator[list[Item]]:
@@ -65,7 +68,7 @@ def ray_batches(units: list[Unit], spec: StageSpec, batch_size: int, *, address:
     started = not ray.is_initialized()
     if started:
         try:
-            kw = {"address": address} if address else {"num_cpus": max(os.cpu_count() or 1, int(workers * num_cpus + 0.999))}
+            kw = {"address": address} if address else {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * num_cpus + READ_CPUS))}
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
         except Exception as e:  # noqa: BLE001 - any failure to reach a cluster is the user's address
             raise UserError(f"could not start or reach Ray ({address or 'local'}): {str(e).splitlines()[0]}: "
@@ -75,9 +78,10 @@ def ray_batches(units: list[Unit], spec: StageSpec, batch_size: int, *, address:
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-        ds = ds.flat_map(functools.partial(_read_rows, batch_size=batch_size))
+        # reading is light: a small CPU share, so the actors' whole CPUs never starve it
+        ds = ds.flat_map(functools.partial(_read_rows, batch_size=batch_size), num_cpus=READ_CPUS)
         ds = ds.map_batches(PipelineWorker, fn_constructor_kwargs={"spec": spec.to_dict(), "threads": threads},
-                            batch_size=1, concurrency=workers, num_gpus=num_gpus, num_cpus=num_cpus,
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus, num_cpus=num_cpus,
                             batch_format="numpy")
         for row in ds.iter_rows():
             yield unpack(bytes(row["payload"]))

@@ -132,11 +132,9 @@ def check_lora_file(path: Path) -> None:
     (its loaders raise OSError, ValueError, KeyError, ... and log several lines of their own)."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        ok = path.suffix == ".safetensors" and path.is_file()
-    except (OSError, ValueError):  # e.g. a name too long for the file system
-        ok = False
-    require(ok, f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
+    from ..errors import is_file
+
+    require(path.suffix == ".safetensors" and is_file(path), f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

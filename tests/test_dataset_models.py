@@ -122,3 +122,29 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     scores = torch.tensor([0.5, 0.9, 0.4, 0.3])
     # box 1 overlaps box 0 at IoU 0.81, box 3 overlaps box 0 at 0.5 (not above) and box 1 at 0.4
     assert sorted(nms(boxes, scores, 0.5)) == [1, 2, 3]
+
+
+def test_blip2_captioner_and_owlv2_detector_swap_in(tiny, tmp_path):
+    """The stages are chosen by the checkpoint: BLIP-2 for BLIP, OWLv2 for Grounding DINO, same pipeline."""
+    from multiconcept.datasets.loading import quiet_loading
+    from multiconcept.datasets.on_ray import unit_batches
+    from multiconcept.datasets.pipeline import Pipeline
+    from multiconcept.datasets.sources import list_units
+    from multiconcept.datasets.tiny import save_tiny_blip2, save_tiny_owlv2
+
+    root, models = tiny
+    with quiet_loading():
+        blip2, owl = save_tiny_blip2(tmp_path / "blip2"), save_tiny_owlv2(tmp_path / "owl")
+    # the tiny BLIP-2 speaks the CLIP-format test vocabulary, not ToyWorld's nouns: take the source's captions
+    pipe = Pipeline(spec(models, captioner="source", detector=str(owl), box_threshold=0.0))
+    batch = next(unit_batches(list_units(root / "src")[0], 4))
+    pipe.process(batch)
+    kept = [it for it in batch if it.alive]
+    assert kept and all(it.reject is None for it in batch)
+    for it in kept:
+        assert all(e.label in it.nouns for e in it.entities)  # OWLv2's hits map back to the queried nouns
+        assert all(e.mask is not None and e.mask.shape == it.image().size[::-1] for e in it.entities)
+    with_blip2 = Pipeline(spec(models, captioner=str(blip2)))
+    assert type(with_blip2.captioner).__name__ == "Blip2Captioner"
+    captions = with_blip2.caption(batch)
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)

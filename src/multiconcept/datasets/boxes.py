@@ -85,14 +85,21 @@ class GroundingDinoDetector(Detector):
 
 class Owlv2Detector(Detector):
     def inputs(self, images, nouns):
-        return self._to(self.processor(images=images, text=nouns, return_tensors="pt", padding=True))
+        # OWL's processor pads each query to the tokenizer's fixed length (16), its default
+        return self._to(self.processor(images=images, text=nouns, return_tensors="pt"))
 
     def post(self, outputs, inputs, images, nouns):
         # OWLv2 pads each image to a square before resizing, so boxes come back on the padded square
         sizes = [(max(im.size), max(im.size)) for im in images]
-        res = self.processor.post_process_grounded_object_detection(
-            outputs, threshold=self.box_threshold, target_sizes=sizes, text_labels=nouns)
-        return [{"boxes": r["boxes"], "scores": r["scores"], "labels": r["text_labels"]} for r in res]
+        res = self.processor.post_process_grounded_object_detection(outputs, threshold=self.box_threshold,
+                                                                    target_sizes=sizes)
+        out = []
+        for r, ns in zip(res, nouns):
+            # the processor pads every image's queries to the batch's longest list: drop the padding's hits
+            keep = r["labels"] < len(ns)
+            out.append({"boxes": r["boxes"][keep], "scores": r["scores"][keep],
+                        "labels": [ns[i] for i in r["labels"][keep].tolist()]})
+        return out
 
 
 def load_detector(name: str = DEFAULT_DETECTOR, device: torch.device = torch.device("cpu"),

@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints of the builder's real model classes, built from configs and saved with their
 processors, as transformers' own tests build theirs. They load through exactly the path a downloaded BLIP,
-Grounding DINO, OWLv2 or SAM takes (`load_captioner(folder)`, ...), so tests and benchmarks exercise the
+BLIP-2, Grounding DINO, OWLv2 or SAM takes (`load_captioner(folder)`, ...), so tests and benchmarks exercise the
 real code offline. Their outputs are random: good for shapes and plumbing, not for quality.
 """
 
@@ -32,7 +32,8 @@ def write_vocabulary(path: str | Path) -> Path:
     return Path(path)
 
 
-def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2) -> Path:
+def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2,
+                   patch_size: int = 4) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -41,7 +42,7 @@ def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, widt
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(
         vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                           num_attention_heads=4, image_size=image_size, patch_size=4),
+                           num_attention_heads=4, image_size=image_size, patch_size=patch_size),
         text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=40, bos_token_id=tok.bos_token_id,
                          pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
@@ -51,7 +52,35 @@ def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, widt
     return folder
 
 
-def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int = 128, d_model: int = 32) -> Path:
+def save_tiny_blip2(folder: str | Path, seed: int = 0, image_size: int = 32, width: int = 32, queries: int = 4) -> Path:
+    """BLIP-2 (ViT, Q-Former, OPT) with a CLIP-format BPE tokenizer that knows BLIP-2's <image> token."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from ..models import tiny_tokenizer
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.image_token = "<image>"
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        qformer_config=dict(vocab_size=len(tok), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=2 * width, encoder_hidden_size=width, max_position_embeddings=32),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=width, num_hidden_layers=1,
+                         num_attention_heads=2, ffn_dim=2 * width, word_embed_proj_dim=width, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        num_query_tokens=queries, image_token_index=tok.convert_tokens_to_ids("<image>")))
+    model.save_pretrained(folder)
+    Blip2Processor(BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tok,
+                   num_query_tokens=queries).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int = 128, d_model: int = 32,
+                             embed_dim: int = 8, layers: int = 1, queries: int = 8) -> Path:
     """Swin backbone from its config (no timm), BERT text tower from its config. 128 px: at 64 the last feature
     level is 1x1, where GroupNorm (32 groups of 32 channels) has one value per group and refuses."""
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor, SwinConfig
@@ -62,8 +91,9 @@ def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int 
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(GroundingDinoConfig(
         # decoder_layers=2: its box heads are tied across decoder layers, which one layer cannot be
-        d_model=d_model, encoder_layers=1, decoder_layers=2, num_queries=8, use_timm_backbone=False,
-        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=image_size,
+        d_model=d_model, encoder_layers=layers, decoder_layers=max(2, layers), num_queries=queries,
+        use_timm_backbone=False,
+        backbone_config=SwinConfig(embed_dim=embed_dim, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=image_size,
                                    out_indices=[2, 3, 4]),
         text_config={"model_type": "bert", "vocab_size": len(tok), "hidden_size": 16, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 64},
@@ -75,16 +105,38 @@ def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int 
     return folder
 
 
-def save_tiny_sam(folder: str | Path, seed: int = 0, image_size: int = 64, width: int = 32) -> Path:
+def save_tiny_owlv2(folder: str | Path, seed: int = 0, image_size: int = 64, width: int = 32) -> Path:
+    """OWLv2 with a CLIP-format BPE tokenizer; its processor pads every query to 16 tokens, as OWL's does."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
+    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+
+    from ..models import tiny_tokenizer
+
+    folder = Path(folder)
+    tok = tiny_tokenizer(max_length=16)
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Owlv2ForObjectDetection(Owlv2Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, **ids),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=width))
+    model.save_pretrained(folder)
+    Owlv2Processor(Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size}), tok).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sam(folder: str | Path, seed: int = 0, image_size: int = 64, width: int = 32, layers: int = 2) -> Path:
     from transformers import SamConfig, SamModel, SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
     folder = Path(folder)
     torch.manual_seed(seed)
     model = SamModel(SamConfig(
-        vision_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
+        vision_config=dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * width,
                            image_size=image_size, patch_size=8, output_channels=width, window_size=2,
-                           global_attn_indexes=[1], num_pos_feats=width // 2, mlp_dim=2 * width),
+                           global_attn_indexes=[layers - 1], num_pos_feats=width // 2, mlp_dim=2 * width),
         prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=8, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, mlp_dim=2 * width,
                                  iou_head_hidden_dim=width)))

@@ -1,0 +1,219 @@
+"""Subject-dataset builder benchmark: what the pipeline adds over its models, Ray vs local, memory vs size.
+
+    python benchmarks/bench_dataset.py                      # all four parts (~15 min on 2 cores)
+    python benchmarks/bench_dataset.py --parts ratio --batches 6
+
+1. ratio: per stage, images/s through `Pipeline.process` (processor, model, post-processing, filters, item
+   bookkeeping) over images/s of the bare model call on the very same pre-processed batches (BLIP
+   `generate`, Grounding DINO forward, SAM image encoder + box-prompted decoder). Random-weight models of
+   the real classes at sizes where the model is most of the work (stated in the output); batch 8;
+   ToyWorld images; 1 torch thread. Pipeline and bare calls alternate batch by batch, so background load
+   hits both; the median of the per-batch ratios is the robust figure on a shared machine.
+2. ray: the same 1,000 ToyWorld images through the tiny test models, filters off: the local path (one
+   process, 1 or 2 torch threads) vs a local Ray with 2 actors (1 thread each); wall time including Ray's
+   start and the actors' model loading, and whether the shards are byte-identical.
+3. memory: peak RSS of a fresh process building N ToyWorld images with the ground-truth stages (the
+   pipeline, the writer and the index without model weights, which do not grow with N), N = 1k and 10k.
+4. filters: what each filter drops of 1,000 ToyWorld renders (real masks), per profile.
+Writes benchmarks/results/dataset.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+HERE = Path(__file__).parent
+
+
+def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1) -> dict:
+    import torch
+
+    from multiconcept.datasets.filters import PROFILES
+    from multiconcept.datasets.loading import quiet_loading
+    from multiconcept.datasets.on_ray import unit_batches
+    from multiconcept.datasets.pipeline import Pipeline, StageSpec
+    from multiconcept.datasets.sources import list_units
+    from multiconcept.datasets.tiny import save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam, write_vocabulary
+    from multiconcept.datasets.toyworld import write_toyworld_source
+
+    torch.set_num_threads(threads)
+    sizes = {"captioner": "BLIP, ViT 4 x 256 at 224 px (patch 16) + text decoder 4 x 256, 30 new tokens",
+             "detector": "Grounding DINO, Swin embed 32 at 256 px, d_model 128, 1+2 layers, 50 queries",
+             "segmenter": "SAM, ViT 4 x 128 at 256 px (patch 8: 32x32 tokens), box-prompted decoder"}
+    with quiet_loading():
+        spec = StageSpec(captioner=str(save_tiny_blip(work / "blip", image_size=224, width=256, layers=4, patch_size=16)),
+                         detector=str(save_tiny_grounding_dino(work / "gdino", image_size=256, d_model=128, embed_dim=32,
+                                                               layers=1, queries=50)),
+                         segmenter=str(save_tiny_sam(work / "sam", image_size=256, width=128, layers=4)),
+                         nouns=f"vocab:{write_vocabulary(work / 'nouns.txt')}", filters=PROFILES["off"], device="cpu")
+    write_toyworld_source(work / "src", batch_size * (batches + 1), seed=11, per_shard=10_000)
+    pipe = Pipeline(spec)
+    cap, det, seg = pipe.captioner, pipe.detector, pipe.segmenter
+    stage_s = {"caption": 0.0, "boxes": 0.0, "masks": 0.0}
+    bare_s = dict(stage_s)
+    images = dict.fromkeys(stage_s, 0)
+    per_batch: dict[str, list[float]] = {k: [] for k in stage_s}
+    for i, batch in enumerate(unit_batches(list_units(work / "src")[0], batch_size)):
+        pipe.process(batch)
+        imgs = [it.image() for it in batch]
+        with_nouns = [it for it in batch if it.nouns]
+        with_boxes = [it for it in batch if it.entities]
+        # the bare calls, on the inputs the stages built from the same images (prepared outside the clock)
+        cap_in = cap.inputs(imgs)
+        det_in = det.inputs([it.image() for it in with_nouns], [it.nouns for it in with_nouns]) if with_nouns else None
+        seg_in = seg.inputs([it.image() for it in with_boxes]) if with_boxes else None
+        t0 = time.perf_counter()
+        cap.generate(cap_in)
+        t1 = time.perf_counter()
+        if det_in is not None:
+            det.forward(det_in)
+        t2 = time.perf_counter()
+        if seg_in is not None:
+            emb = seg.embed(seg_in["pixel_values"])
+            for j, it in enumerate(with_boxes):
+                (h, w), (rh, rw) = seg_in["original_sizes"][j].tolist(), seg_in["reshaped_input_sizes"][j].tolist()
+                boxes = torch.tensor([e.box for e in it.entities]) * torch.tensor([rw / w, rh / h, rw / w, rh / h])
+                seg.decode(emb[j:j + 1], boxes[None])
+        t3 = time.perf_counter()
+        if i == 0:
+            continue  # warm-up batch
+        for stage, dt in (("caption", t1 - t0), ("boxes", t2 - t1), ("masks", t3 - t2)):
+            ours = sum(it.seconds.get(stage, 0.0) for it in batch)
+            bare_s[stage] += dt
+            stage_s[stage] += ours
+            per_batch[stage].append(dt / ours)
+        images["caption"] += len(batch)
+        images["boxes"] += len(with_nouns)
+        images["masks"] += len(with_boxes)
+    rows = {}
+    for stage in stage_s:
+        rows[stage] = {"images": images[stage], "pipeline_images_per_s": round(images[stage] / stage_s[stage], 2),
+                       "bare_images_per_s": round(images[stage] / bare_s[stage], 2),
+                       "ratio": round(bare_s[stage] / stage_s[stage], 3),
+                       "median_batch_ratio": round(float(np.median(per_batch[stage])), 3),
+                       "batch_ratios": [round(r, 3) for r in per_batch[stage]]}
+    return {"batch_size": batch_size, "threads": threads, "models": sizes, "stages": rows}
+
+
+def _shard_bytes(out: Path) -> dict:
+    got = {}
+    for p in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(p) as tf:
+            got.update({f"{p.name}/{m.name}": tf.extractfile(m).read() for m in tf.getmembers()})
+    return got
+
+
+def ray_part(work: Path, n: int = 1000) -> dict:
+    from multiconcept.datasets.filters import PROFILES
+    from multiconcept.datasets.pipeline import StageSpec
+    from multiconcept.datasets.tiny import save_tiny_models
+    from multiconcept.datasets.toyworld import write_toyworld_source
+    from multiconcept.workflows.dataset import BuildSettings, build
+
+    models = save_tiny_models(work / "models")
+    write_toyworld_source(work / "src", n, seed=21, per_shard=100)
+    spec = StageSpec(filters=PROFILES["off"], device="cpu", **models)
+    res = {"images": n}
+    for name, cfg in (("local_1_thread", BuildSettings(stages=spec, batch_size=8, threads=1)),
+                      ("local_2_threads", BuildSettings(stages=spec, batch_size=8, threads=2)),
+                      ("ray", BuildSettings(stages=spec, batch_size=8, threads=1, ray=True, ray_workers=2, ray_cpus=1))):
+        t = time.perf_counter()
+        report = build(work / "src", work / name, cfg)
+        wall = time.perf_counter() - t
+        res[name] = {"seconds": round(wall, 1), "images_per_s": round(n / wall, 2), "kept": report["images"]["kept"],
+                     "entities": report["entities_kept"]}
+    for local in ("local_1_thread", "local_2_threads"):
+        res[f"ray_over_{local}"] = round(res[local]["seconds"] / res["ray"]["seconds"], 3)
+    res["identical_shards"] = _shard_bytes(work / "local_1_thread") == _shard_bytes(work / "ray") == \
+        _shard_bytes(work / "local_2_threads")
+    return res
+
+
+def _memory_child(source: str, out: str) -> None:
+    from multiconcept.datasets.filters import PROFILES
+    from multiconcept.datasets.pipeline import StageSpec
+    from multiconcept.workflows.dataset import BuildSettings, build
+
+    t = time.perf_counter()
+    report = build(source, out, BuildSettings(stages=StageSpec(filters=PROFILES["toyworld"]).all_toyworld()))
+    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "seconds": round(time.perf_counter() - t, 1), "images": report["images"]["in"],
+                      "entities": report["entities_kept"]}))
+
+
+def memory_part(work: Path, sizes=(1000, 10_000)) -> dict:
+    from multiconcept.datasets.toyworld import write_toyworld_source
+
+    res = {}
+    for n in sizes:
+        write_toyworld_source(work / f"src{n}", n, seed=31, per_shard=1000)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(work / f"src{n}"), str(work / f"out{n}")],
+                             check=True, capture_output=True, text=True).stdout
+        res[str(n)] = json.loads(out.strip().splitlines()[-1])
+    return res
+
+
+def filters_part(work: Path, n: int = 1000) -> dict:
+    """What each filter keeps of n ToyWorld renders (ground-truth stages, so real masks): the toyworld profile,
+    and the published one with its size filter off (every render is 64 px, below its 600)."""
+    from dataclasses import replace
+
+    from multiconcept.datasets.filters import PROFILES
+    from multiconcept.datasets.pipeline import StageSpec
+    from multiconcept.datasets.toyworld import write_toyworld_source
+    from multiconcept.workflows.dataset import BuildSettings, build
+
+    write_toyworld_source(work / "src", n, seed=41, per_shard=1000)
+    res = {}
+    for name, f in (("toyworld", PROFILES["toyworld"]), ("published_without_size", replace(PROFILES["published"], min_long_side=None))):
+        report = build(work / "src", work / name, BuildSettings(stages=StageSpec(filters=f).all_toyworld()))
+        res[name] = {"images": report["images"], "entities_kept": report["entities_kept"],
+                     "filters": {k: [v["in"], v["dropped"]] for k, v in report["filters"].items()}}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="ratio,ray,memory,filters")
+    ap.add_argument("--batches", type=int, default=6, help="timed batches of 8 for the ratio part")
+    ap.add_argument("--ray-images", type=int, default=1000)
+    ap.add_argument("--memory-sizes", default="1000,10000")
+    ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        return _memory_child(*args.memory_child)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for part in args.parts.split(","):
+            t = time.perf_counter()
+            if part == "ratio":
+                results[part] = ratio_part(work / part, args.batches)
+            elif part == "ray":
+                results[part] = ray_part(work / part, args.ray_images)
+            elif part == "filters":
+                results[part] = filters_part(work / part)
+            elif part == "memory":
+                results[part] = memory_part(work / part, tuple(int(s) for s in args.memory_sizes.split(",")))
+            results[part]["bench_seconds"] = round(time.perf_counter() - t, 1)
+            print(json.dumps({part: results[part]}, indent=1), flush=True)
+    (HERE / "results").mkdir(exist_ok=True)
+    path = HERE / "results" / "dataset.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **results}, indent=1))  # a run of some parts keeps the others' figures
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ OWLv2 (MuDI's choice) is the option; its scores run lower than Grounding DINO's,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -20,19 +21,21 @@ from .defaults import DETECTOR as DEFAULT_DETECTOR
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
-    """Greedy non-maximum suppression (torchvision.ops.nms's rule; torchvision is not installed here)."""
-    order = scores.argsort(descending=True).tolist()
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    keep: list[int] = []
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        lt = torch.maximum(boxes[i, :2], boxes[:, :2])
-        rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
-        inter = (rb - lt).clamp(min=0).prod(dim=1)
-        suppressed |= inter / (area[i] + area - inter).clamp(min=1e-9) > iou
+    """Greedy non-maximum suppression (torchvision.ops.nms's rule; torchvision is not installed here).
+    The IoU matrix is computed once; the greedy pass then only ORs rows of booleans."""
+    if len(boxes) == 0:
+        return []
+    order = scores.argsort(descending=True)
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+    over = (inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-9) > iou).numpy()
+    removed = np.zeros(len(b), dtype=bool)
+    keep = []
+    for i in range(len(b)):
+        if not removed[i]:
+            keep.append(int(order[i]))
+            removed |= over[i]
     return keep
 
 

@@ -171,13 +171,13 @@ def test_cli_builds_and_refuses_bad_input_in_one_line(run_cli, source, tmp_path)
         assert code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_ray_option_takes_an_optional_address(run_cli, monkeypatch, source, tmp_path):
+def test_cli_ray_runs_locally_or_on_the_named_cluster(run_cli, monkeypatch, source, tmp_path):
     import multiconcept.workflows.dataset as wf
 
     seen = []
     monkeypatch.setattr(wf, "build", lambda src, out, cfg, progress=None: seen.append(cfg) or
                         {"shards": 0, "images": {"in": 0, "kept": 0, "rejected": 0}, "entities_kept": 0})
-    for args, address in ((["--ray"], None), (["--ray", "ray://head:10001"], "ray://head:10001"), ([], None)):
+    for args, address in ((["--ray"], None), (["--ray-address", "ray://head:10001"], "ray://head:10001"), ([], None)):
         code, out, err = run_cli("dataset", "build", str(source), "--out", tmp_path / "o", *args, "--ray-workers", "3")
         assert code == 0, err
         assert seen[-1].ray == bool(args) and seen[-1].ray_address == address and seen[-1].ray_workers == 3

@@ -36,9 +36,10 @@ def build_cmd(
     shard_size: int = typer.Option(1000, help="images per output shard from a folder or list (a tar keeps its own)"),
     mask_format: str = typer.Option("png", help="png (one PNG per entity) | rle (COCO RLE in the json; needs pycocotools)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads per process"),
-    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-                                      help="run on Ray: alone a local Ray, or the cluster ADDRESS (ray://host:10001, "
-                                           "auto); put it after SOURCE"),
+    # `--ray [ADDRESS]` cannot be: typer 0.29 has no options with an optional value, so the address is its own option
+    ray: bool = typer.Option(False, "--ray", help="run on Ray (a local Ray unless --ray-address names a cluster)"),
+    ray_address: Optional[str] = typer.Option(None, help="the Ray cluster to join: ray://host:10001, or auto "
+                                              "(the cluster this machine belongs to); implies --ray"),
     ray_workers: int = typer.Option(2, help="Ray actors, each loading every model once"),
     ray_gpus: float = typer.Option(0.0, help="GPUs per Ray actor"),
     ray_cpus: float = typer.Option(1.0, help="CPUs per Ray actor"),
@@ -58,8 +59,8 @@ def build_cmd(
         raise UserError(f"--nms {nms}: give an IoU such as 0.5, or 'off'") from e
     settings = FilterSettings.profile(filters).with_overrides(key_values(filter_, "--filter"))
     spec = StageSpec(captioner, nouns, detector, segmenter, box_threshold, text_threshold, nms_iou, settings, device, dtype)
-    cfg = BuildSettings(spec, batch_size, shard_size, mask_format, threads, ray is not None,
-                        None if ray in (None, "local") else ray, ray_workers, ray_gpus, ray_cpus)
+    cfg = BuildSettings(spec, batch_size, shard_size, mask_format, threads, ray or ray_address is not None,
+                        ray_address, ray_workers, ray_gpus, ray_cpus)
 
     last = {"shard": None, "line": ""}
 

@@ -1,7 +1,7 @@
 """dataset build: images -> caption -> nouns -> boxes -> masks -> filters -> WebDataset shards + Parquet index.
 
     multiconcept dataset build laion/ --out sdd/ --nouns vocab:nouns.txt          # published models and filters
-    multiconcept dataset build laion/ --out sdd/ --ray --ray-gpus 1 --ray-workers 8  # the same on a Ray cluster
+    multiconcept dataset build laion/ --out sdd/ --ray-address auto --ray-gpus 1 --ray-workers 8  # on a Ray cluster
 
 One output shard per source unit (a tar, or `shard_size` images of a folder or list); a shard is written to
 a temporary name while its batches stream through the pipeline and renamed when complete, so memory stays

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from multiconcept.bundle import DIGEST_KEY, HEADER_KEY, describe, load_bundle, read_header
+from multiconcept.bundle import DIGEST_FIELD, HEADER_KEY, describe, load_bundle, read_header
 from multiconcept.errors import UserError
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,7 +76,7 @@ def test_concept_spec(tokenizer, spec):
 def test_concept_spec_round_trip(name, cls):
     from multiconcept.prompts import is_text, parse_concept
 
-    assume(cls.strip() and is_text(name + cls))  # refusing the rest is test_concept_spec's business
+    assume(cls.strip() and is_text(name + cls) and "|" not in name)  # refusing the rest is test_concept_spec's business
     c = parse_concept(f"<{name}>={cls}")
     assert (c.token, c.class_word) == (f"<{name}>", cls.strip())
 
@@ -208,9 +208,20 @@ HEADER_TEXT = st.one_of(
     st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),  # nesting deeper than json's recursion allows
     st.just('{"format_version": 1, "x": ' + "9" * 5000 + "}"),  # an int over Python's digit limit
 )
+def with_digest(header_text: str, digest) -> str:
+    """The header text with a (random) digest field, where the text is a JSON object."""
+    try:
+        header = json.loads(header_text)
+    except (ValueError, RecursionError):
+        return header_text
+    if not isinstance(header, dict):
+        return header_text
+    return json.dumps({**header, DIGEST_FIELD: digest})
+
+
 META = st.one_of(
     st.builds(lambda h: {HEADER_KEY: h}, HEADER_TEXT),
-    st.builds(lambda h, d: {HEADER_KEY: h, DIGEST_KEY: d}, HEADER_TEXT, st.text(max_size=70)),
+    st.builds(lambda h, d: {HEADER_KEY: with_digest(h, d)}, HEADER_TEXT, st.one_of(st.text(max_size=70), st.integers())),
     st.dictionaries(st.text(max_size=12), st.text(max_size=20), max_size=3),
 )
 

@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 import pytest
 
-from multiconcept.toyworld.build import BuildConfig, _check_state, make_schedulers
+from multiconcept.errors import UserError
+from multiconcept.workflows.toyworld_build.settings import BuildConfig, check_state
+from multiconcept.workflows.toyworld_build.unet import make_schedulers
 from multiconcept.workflows.generate import SCHEDULERS
 
 
 def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
-    _check_state(tmp_path, BuildConfig(), resume=True)
-    _check_state(tmp_path, BuildConfig(unet_steps=99, threads=1), resume=True)  # runtime fields may change
-    with pytest.raises(ValueError, match="vae_lr"):
-        _check_state(tmp_path, BuildConfig(vae_lr=1.0), resume=True)
+    check_state(tmp_path, BuildConfig(), resume=True)
+    check_state(tmp_path, BuildConfig(unet_steps=99, threads=1), resume=True)  # runtime fields may change
+    with pytest.raises(UserError, match="vae_lr"):
+        check_state(tmp_path, BuildConfig(vae_lr=1.0), resume=True)
 
 
-@pytest.mark.parametrize("field, old_value", [("text_encoder", "scratch"), ("prediction_type", "epsilon"),
-                                              ("noise_schedule", "linear")])
-def test_a_work_dir_from_before_a_setting_existed_keeps_its_old_behaviour(tmp_path, field, old_value):
-    old = {k: v for k, v in asdict(BuildConfig()).items() if k != field}
-    (tmp_path / "state.json").write_text(json.dumps({"config": old}))
-    with pytest.raises(ValueError, match=field):
-        _check_state(tmp_path, BuildConfig(), resume=True)  # the new default differs from what it was built with
-    _check_state(tmp_path, BuildConfig(**{field: old_value}), resume=True)
+def test_an_old_work_dirs_checkpoint_is_refused_with_how_to_start_over(tmp_path):
+    """Checkpoints in the build's former format (one 'meta' key) are not resumed into the one loop."""
+    import torch
+    from safetensors.torch import save_file
+
+    from multiconcept.workflows.toyworld_build.common import Log, StageJob, stage_loop
+
+    save_file({"m.weight": torch.zeros(2, 3)}, str(tmp_path / "ckpt.safetensors"), metadata={"meta": "{}"})
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(UserError, match="earlier multiconcept.*to start over"):
+        stage_loop("t", StageJob(lambda step: model(torch.ones(1, 3)).sum(), {"m": model}), opt, steps=2,
+                   max_minutes=None, peak_lr=1e-3, warmup=1, checkpoint=tmp_path / "ckpt.safetensors", digest="d",
+                   checkpoint_minutes=0, log=Log(tmp_path / "log", echo=False))
 
 
 @pytest.mark.parametrize("prediction_type, schedule, first, last",
@@ -43,7 +48,7 @@ def test_the_build_samples_where_its_unet_was_trained(prediction_type, schedule,
 def test_zero_terminal_snr_needs_v_prediction():
     train, _ = make_schedulers("v_prediction", "scaled_linear_zero_snr")
     assert float(train.alphas_cumprod[-1]) == 0.0  # pure noise at t = T: no mean colour leaks through
-    with pytest.raises(ValueError, match="v_prediction"):
+    with pytest.raises(UserError, match="v_prediction"):
         make_schedulers("epsilon", "scaled_linear_zero_snr")
 
 
@@ -68,9 +73,9 @@ def test_every_sampler_stays_finite_on_the_zero_snr_schedule(name):
 
 
 def test_an_unknown_text_encoder_is_refused_before_any_work(tmp_path):
-    from multiconcept.toyworld.build import build
+    from multiconcept.workflows.toyworld_build import build
 
-    with pytest.raises(ValueError, match="text_encoder"):
+    with pytest.raises(UserError, match="text_encoder"):
         build(tmp_path / "out", tmp_path / "work", config=BuildConfig(text_encoder="clip-l"), progress=False)
     assert not (tmp_path / "work").exists()
 
@@ -80,7 +85,8 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     a caption longer than it would lose its last words in training."""
     import numpy as np
 
-    from multiconcept.toyworld.build import Log, train_tokenizer
+    from multiconcept.workflows.toyworld_build.common import Log
+    from multiconcept.workflows.toyworld_build.tokenizer import train_tokenizer
     from multiconcept.toyworld.render import base_training_scene, describe
 
     cfg = BuildConfig()
@@ -95,7 +101,7 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
 def test_logit_normal_timesteps_spend_more_steps_where_the_class_decides_the_shape():
     import torch
 
-    from multiconcept.toyworld.build import sample_timesteps
+    from multiconcept.workflows.toyworld_build.unet import sample_timesteps
 
     def share(cfg):
         t = sample_timesteps(cfg, 20000, 1000, torch.Generator().manual_seed(0))
@@ -110,7 +116,7 @@ def test_logit_normal_timesteps_spend_more_steps_where_the_class_decides_the_sha
 def test_mixed_timesteps_keep_the_highest_noise_share_and_add_the_middle():
     import torch
 
-    from multiconcept.toyworld.build import sample_timesteps
+    from multiconcept.workflows.toyworld_build.unet import sample_timesteps
 
     def shares(cfg):
         t = sample_timesteps(cfg, 20000, 1000, torch.Generator().manual_seed(0))
@@ -127,7 +133,7 @@ def test_mixed_timesteps_keep_the_highest_noise_share_and_add_the_middle():
 def test_offset_noise_spreads_each_channels_mean_and_is_off_by_default():
     import torch
 
-    from multiconcept.toyworld.build import training_noise
+    from multiconcept.workflows.toyworld_build.unet import training_noise
 
     def channel_mean_std(cfg):
         return float(training_noise(cfg, (4096, 4, 16, 16), torch.Generator().manual_seed(0)).mean((2, 3)).std())
@@ -142,7 +148,7 @@ def test_offset_noise_spreads_each_channels_mean_and_is_off_by_default():
 def test_the_curriculum_share_draws_single_object_scenes():
     import numpy as np
 
-    from multiconcept.toyworld.build import batch_indices
+    from multiconcept.workflows.toyworld_build.unet import batch_indices
 
     singles = np.arange(0, 100, 3)
     idx, easy = batch_indices(BuildConfig(easy_share=0.5), 100, singles, np.random.default_rng(0))
@@ -150,3 +156,17 @@ def test_the_curriculum_share_draws_single_object_scenes():
     idx, easy = batch_indices(BuildConfig(), 100, singles, np.random.default_rng(0))
     assert not any(easy)  # the default keeps the old draw: old work dirs resume on the same batches
     np.testing.assert_array_equal(idx, np.random.default_rng(0).integers(100, size=16))
+
+
+def test_a_quick_build_runs_every_stage_end_to_end(tmp_path):
+    """Tokenizer, VAE, evaluator, latent pool, UNet, shipping and the quality report, each through
+    the one training loop, with tiny step counts; the shipped folder loads as a base and draws."""
+    from multiconcept.models import load_base
+    from multiconcept.workflows.toyworld_build import build
+
+    report = build(tmp_path / "out", tmp_path / "work", config=BuildConfig.quick(), progress=False)
+    assert report["unet_training"]["steps"] == 3 and report["single_object"]["prompts"] > 0
+    assert not list((tmp_path / "work").glob("ckpt_*.safetensors"))  # finished stages discard their checkpoints
+    base = load_base(str(tmp_path / "out" / "base"))
+    image = base.pipe("a red star on a gray background", num_inference_steps=2).images[0]
+    assert image.size == (64, 64)

@@ -193,7 +193,7 @@ def test_latent_normalisation_keeps_the_autoencoder_and_whitens_latents():
     torch = pytest.importorskip("torch")
     from diffusers import AutoencoderKL
 
-    from multiconcept.toyworld.build import _latent_stats, normalise_latents
+    from multiconcept.workflows.toyworld_build.vae import latent_stats as _latent_stats, normalise_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -213,22 +213,24 @@ def test_latent_normalisation_keeps_the_autoencoder_and_whitens_latents():
 
 def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     torch = pytest.importorskip("torch")
-    from multiconcept.toyworld.build import Checkpoint
+    from multiconcept.training.checkpoint import load_checkpoint, save_checkpoint
+    from multiconcept.workflows.toyworld_build.common import StageJob
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     ema = {"w": torch.full((2,), 5.0)}
-    Checkpoint(tmp_path / "c.safetensors").save({"m": model, "ema": ema}, opt, {"step": 7})
+    job = StageJob(None, {"m": model, "ema": ema})
+    save_checkpoint(tmp_path / "c.safetensors", job.state(), opt, step=7, digest="d", seconds=1.5, extra={"monitor": [1]})
     model2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
     ema2 = {"w": torch.zeros(2)}
-    meta = Checkpoint(tmp_path / "c.safetensors").load({"m": model2, "ema": ema2}, opt2)
-    assert meta == {"step": 7}
+    tensors, info = load_checkpoint(tmp_path / "c.safetensors", opt2, "d")
+    StageJob(None, {"m": model2, "ema": ema2}).load_state(tensors)
+    assert info == {"step": 7, "seconds": 1.5, "extra": {"monitor": [1]}}
     assert torch.equal(model.weight, model2.weight) and torch.equal(ema2["w"], ema["w"])
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
-    assert Checkpoint(tmp_path / "missing.safetensors").load({"m": model2}, opt2) is None
 
 
 def test_fixed_layout_is_one_centred_object_or_a_left_right_pair():

@@ -33,7 +33,9 @@ from .errors import UserError, is_file, require
 
 FORMAT_VERSION = 1
 HEADER_KEY = "multiconcept"
-DIGEST_KEY = "multiconcept_sha256"
+# the digest is a field of the header, not a metadata key of its own: safetensors writes
+# metadata keys in no fixed order, and one key keeps a re-saved bundle byte-identical
+DIGEST_FIELD = "content_sha256"
 
 # Trained values sit orders of magnitude below this: CLIP token embeddings and attention weights are
 # |x| < 1.2 on SD 1.5, ToyWorld and the tiny base, their deltas and LoRA factors smaller still, and
@@ -128,8 +130,9 @@ def content_digest(header_text: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors.items()}
-    header_text = json.dumps(bundle.header(), sort_keys=True)
-    meta = {HEADER_KEY: header_text, DIGEST_KEY: content_digest(header_text, tensors)}
+    header = bundle.header()
+    header[DIGEST_FIELD] = content_digest(json.dumps(header, sort_keys=True), tensors)
+    meta = {HEADER_KEY: json.dumps(header, sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -197,10 +200,10 @@ def _load_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor], str]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _corrupt(path, f"its tensors cannot be read: {_first_line(e)}") from e
-    stored = meta.get(DIGEST_KEY)
+    stored = header.pop(DIGEST_FIELD, None)
     integrity = "unchecked"
     if stored is not None:
-        actual = content_digest(meta[HEADER_KEY], tensors)
+        actual = content_digest(json.dumps(header, sort_keys=True), tensors)
         if stored != actual:
             raise _corrupt(path, f"content sha256 is {actual[:12]}..., its header says {stored[:12]}...")
         integrity = "verified"

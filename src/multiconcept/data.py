@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError, is_dir, is_file, require
+from .errors import is_dir, is_file, require
 from .images import SUFFIXES, limits, read_image, read_mask
 from .prompts import Concept
 

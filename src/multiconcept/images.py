@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError, require
+from .errors import UserError, is_file, require
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 READABLE_MODES = {"RGB", "RGBA", "L", "LA", "P"}
@@ -67,7 +67,7 @@ limits = Limits()
 def read_image(path: str | Path, *, role: str = "image", min_side: int = 1, background=(255, 255, 255)) -> Image.Image:
     """An RGB image, or a clear UserError naming the file, the problem and the fix."""
     path = Path(path)
-    require(path.is_file(), f"{role} {path} does not exist: check the path")
+    require(is_file(path), f"{role} {path} does not exist: check the path")
     try:
         with warnings.catch_warnings():
             # our side limit is checked below from the header; PIL's warning would only repeat it

@@ -16,7 +16,7 @@ import torch
 
 from .errors import UserError, require
 
-TOKEN_PATTERN = re.compile(r"^<[^<>\s]+>$")
+TOKEN_PATTERN = re.compile(r"^<[^<>\s|]+>$")  # no "|": CLIP's specials are <|...|>
 # a concept token inside a prompt; CLIP's own specials look like <|endoftext|> and are not concepts
 PROMPT_TOKEN = re.compile(r"<[^<>\s|]+>")
 
@@ -35,7 +35,7 @@ class Concept:
     def __post_init__(self):
         require(
             bool(TOKEN_PATTERN.match(self.token)),
-            f"concept token {self.token!r} must look like <name> (angle brackets, no spaces), e.g. <cat1>",
+            f"concept token {self.token!r} must look like <name> (angle brackets, no spaces or |), e.g. <cat1>",
         )
         require(bool(self.class_word.strip()), f"concept {self.token} needs a class word, e.g. {self.token}=cat")
         require(is_text(self.token + self.class_word),

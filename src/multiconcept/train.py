@@ -1,8 +1,6 @@
-"""The one training loop every fine-tuning method runs in.
-
-Methods supply trainable tensors and extra losses; this file owns the data
-sampling, noise, the diffusion loss, accelerate (mixed precision, devices,
-`accelerate launch` for many GPUs), accumulation, checkpoints and resume.
+"""Fine-tuning a method: data sampling, noise and the diffusion loss, as a job
+of the one training loop (training/loop.py), which owns accelerate,
+accumulation, checkpoints and resume.
 
 Every random choice of optimiser step `s` (which image, augmentation, noise,
 timestep) comes from generators seeded by (seed, s), so a run killed and
@@ -13,23 +11,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .bundle import atomic_write, save_bundle
+from .bundle import save_bundle
 from .data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
 from .errors import UserError
+from .latents import choose_latent_mode, latents_from_moments
 from .losses import diffusion_target, masked_mse
 from .methods.base import Method, TrainConfig
 from .models import Base
 from .prompts import locate_concepts
+from .training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
+from .training.checkpoint import remove_stale_temps
+
+__all__ = ["FineTuneJob", "Trainer", "TrainingDiverged", "choose_latent_mode", "config_digest", "latents_from_moments",
+           "loss_region", "step_seed", "train"]
 
 
 def loss_region(mode: str, named: torch.Tensor, unnamed: torch.Tensor) -> torch.Tensor:
@@ -52,41 +54,6 @@ def loss_region(mode: str, named: torch.Tensor, unnamed: torch.Tensor) -> torch.
     raise UserError(f"loss_region must be masks, unnamed-out or all, got {mode!r}: fix --param loss_region")
 
 
-POSTERIOR_STD_LIMIT = 0.5  # see choose_latent_mode
-
-
-def choose_latent_mode(mode: str, vae, pixels: torch.Tensor | None) -> str:
-    """``sample`` (diffusers' and kohya's scripts) or ``mean`` of the VAE posterior.
-
-    ``auto`` measures the posterior on ``pixels`` (one training image): when a
-    latent channel's posterior std exceeds POSTERIOR_STD_LIMIT, in the scaled
-    latents the UNet sees (whose spread is about 1), a sample is mostly noise
-    in that channel, so the posterior mean is used. SD's VAE gives stds of a
-    few hundredths; ToyWorld's has one channel that collapsed to the prior
-    (std ~4.7), and its base was trained on posterior means for that reason:
-    sampling held the fine-tuning loss near 5 instead of 0.3."""
-    if mode in ("sample", "mean"):
-        return mode
-    if mode != "auto":
-        raise UserError(f"latents must be auto, sample or mean, got {mode!r}: fix --param latents")
-    if pixels is None:
-        return "sample"
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        std = dist.std.float().mean((0, 2, 3)) * vae.config.scaling_factor
-    return "mean" if std.max().item() > POSTERIOR_STD_LIMIT else "sample"
-
-
-def latents_from_moments(vae, moments: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Scaled latents from the VAE's posterior moments (``batch 2C h w``: mean, log-variance)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    z = mean
-    if mode == "sample":
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen).to(mean.device)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
-
-
 def erase_regions(pixels: torch.Tensor, erase: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
     """Paint the ``erase`` masks' pixels (``k h w``) with the median colour of the
     pixels outside every ``objects`` mask: a crude inpainting, exact on plain
@@ -98,14 +65,6 @@ def erase_regions(pixels: torch.Tensor, erase: torch.Tensor, objects: torch.Tens
     hole = erase.amax(0) >= 0.5
     out[:, hole] = fill[:, None]
     return out
-
-
-class TrainingDiverged(UserError):
-    pass
-
-
-def step_seed(seed: int, step: int, micro: int = 0) -> int:
-    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
 
 
 class Trainer:
@@ -248,7 +207,7 @@ def _training_scheduler(base: Base):
     return DDPMScheduler.from_config(base.pipe.scheduler.config)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- the run
 
 def config_digest(cfg: TrainConfig, method: str, fingerprint: str) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k != "log_file"}  # where logs go does not change training
@@ -256,49 +215,24 @@ def config_digest(cfg: TrainConfig, method: str, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, step: int, digest: str) -> None:
-    tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in method.trainable_state().items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for name, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"opt/{idx}/{name}"] = val.detach().cpu().contiguous().reshape(val.shape)
-    meta = {"step": str(step), "digest": digest}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+class FineTuneJob:
+    """A method's fine-tuning as a job of the training loop."""
 
+    def __init__(self, trainer: Trainer, method: Method):
+        self.trainer, self.method = trainer, method
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, digest: str) -> int:
-    start_over = f"delete {path.parent} to start over (or run without --resume)"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("digest") != digest:
-                raise UserError(f"checkpoint {path} was made with other settings, method or base: use the same ones, or {start_over}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        step = int(meta["step"])
-        method.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("param/")})
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith("opt/"):
-                _, idx, name = k.split("/", 2)
-                state.setdefault(int(idx), {})[name] = v
-        sd = optimizer.state_dict()
-        sd["state"] = state
-        optimizer.load_state_dict(sd)
-    except UserError:
-        raise
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): {start_over}") from e
-    return step
+    def loss(self, step: int, micro: int, gen: torch.Generator):
+        return self.trainer.loss(self.trainer.batch(step, micro), gen)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.method.trainable_state()
 
-def remove_stale_temps(target: Path) -> None:
-    """Temp files of `target` left by a run killed while writing it (see bundle.atomic_write)."""
-    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.method.load_trainable_state(tensors)
 
+    def after_step(self, step: int, extra: dict) -> None:
+        self.method.after_step()
 
-# ---------------------------------------------------------------- the loop
 
 def train(
     method_cls: type[Method],
@@ -312,88 +246,40 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Path | None:
     """Train and write the bundle to `out`. Returns its path, or None when
-    `stop_after` ended this run early (the checkpoint holds the state)."""
-    from accelerate import Accelerator
-
+    `stop_after` or `cancel` ended the run early (the checkpoint holds the state)."""
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".ckpt")
     ckpt = work / "checkpoint.safetensors"
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=base.device.type == "cpu")
+    accelerator = make_accelerator(cfg.mixed_precision, device=base.device.type)
     method = method_cls(base, data, cfg)
     groups = method.setup()
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     trainer = Trainer(method, base, data, cfg, reg)
     digest = config_digest(cfg, method.name, base.fingerprint)
-    start = 0
-    if work.is_dir():
-        remove_stale_temps(ckpt)
-    if out.parent.is_dir():
-        remove_stale_temps(out)
-    if resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, method, optimizer, digest)
-    unet, text_encoder, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
-    params = [p for g in groups for p in g["params"]]
-
-    bar = _progress(progress, cfg.steps, start, method.name)
-    log = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else None
+    remove_stale_temps(out)
+    _, _, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
+    settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                            mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
+                            log_file=cfg.log_file, progress_bar=progress, name=method.name)
     try:
-        for step in range(start, cfg.steps):
-            if stop_after is not None and step >= stop_after:
-                save_checkpoint(ckpt, method, optimizer, step, digest)
-                return None
-            optimizer.zero_grad(set_to_none=True)
-            logs_sum: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro) + 1)
-                with accelerator.autocast():
-                    loss, logs = trainer.loss(trainer.batch(step, micro), gen)
-                if not torch.isfinite(loss):
-                    where = f"; the last good checkpoint is {ckpt}" if ckpt.is_file() else ""
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step}{where}: lower --lr or use fp32; nothing was written to {out}"
-                    )
-                accelerator.backward(loss / cfg.grad_accum)
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            method.after_step()
-            if bar:
-                bar[0].update(bar[1], advance=1, loss=logs_sum.get("loss", math.nan))
-            if log:
-                log.write(json.dumps({"step": step + 1, **{k: round(v, 6) for k, v in logs_sum.items()}}) + "\n")
-                log.flush()  # a killed run keeps every step it logged
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(ckpt, method, optimizer, step + 1, digest)
+        outcome = run(FineTuneJob(trainer, method), optimizer, [p for g in groups for p in g["params"]], settings,
+                      checkpoint=ckpt, digest=digest, resume=resume, accelerator=accelerator, on_step=on_step,
+                      cancel=cancel, stop_after=stop_after)
     finally:
-        if log:
-            log.close()
-        if bar:
-            bar[0].stop()
         method.teardown()
-    save_bundle(method.to_bundle(), out)
-    if work.is_dir():
-        ckpt.unlink(missing_ok=True)
-        remove_stale_temps(ckpt)
-        try:
-            work.rmdir()
-        except OSError:  # the user's own files are in it
-            pass
-    return out
-
-
-def _progress(enabled: bool, total: int, start: int, name: str):
-    if not enabled:
+    if not outcome.finished:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    p = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                 TimeRemainingColumn())
-    task = p.add_task(name, total=total, completed=start, loss=math.nan)
-    p.start()
-    return p, task
+    bundle = method.to_bundle()
+    bad = next((k for k, v in bundle.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise TrainingDiverged(f"training left NaN or infinite values in {bad}: lower --lr or use fp32; "
+                               f"nothing was written to {out}")
+    save_bundle(bundle, out)
+    discard_checkpoint(ckpt, remove_folder=True)
+    return out

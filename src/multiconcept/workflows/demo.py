@@ -17,7 +17,7 @@ from PIL import Image
 
 from .. import report
 from ..images import read_image, read_mask
-from ..models import load_base, toyworld_available
+from ..models import toyworld_available
 from ..toyworld import check, left_to_right, write_two_concept_folder
 from .generate import SampleSettings, generate, load_with_bundles
 from .learn import learn

@@ -39,11 +39,10 @@ image's size; `box` (x1/y1 exclusive) is optional, default the mask's extent.
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,6 +54,7 @@ from ..attention import AttentionStore, capture_attention, resize_mask
 from ..bundle import atomic_write
 from ..data import load_image, load_mask, mask_tensor, to_tensor
 from ..errors import UserError, require
+from ..latents import choose_latent_mode, latents_from_moments
 from ..losses import balanced_l1_loc_loss, diffusion_target, masked_mse
 from ..methods.fastcomposer import (
     MARKER,
@@ -68,8 +68,8 @@ from ..methods.fastcomposer import (
 )
 from ..models import Base, load_base
 from ..prompts import find_word_spans
-from ..train import (TrainingDiverged, _progress, choose_latent_mode, config_digest, latents_from_moments, load_checkpoint,
-                     remove_stale_temps, save_checkpoint, step_seed)
+from ..train import config_digest
+from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed
 
 MANIFEST = "subjects.jsonl"
 
@@ -249,6 +249,25 @@ def middle_resolutions(latent_size: int) -> list[int]:
     return sizes
 
 
+class EncoderJob:
+    """FastComposer's training as a job of the training loop; `graph` is the
+    trainer as accelerate prepared it (DDP under `accelerate launch`)."""
+
+    def __init__(self, trainer: "EncoderTrainer", graph, trainables: dict[str, torch.Tensor]):
+        self.trainer, self.graph, self.trainables = trainer, graph, trainables
+
+    def loss(self, step: int, micro: int, gen: torch.Generator):
+        return self.graph(self.trainer.batch(step, micro), gen)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.trainables)
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.trainables.items():
+                p.copy_(tensors[k])
+
+
 class EncoderTrainer(nn.Module):
     """Data sampling and the loss; a module, so accelerate can wrap it (DDP)."""
 
@@ -265,8 +284,9 @@ class EncoderTrainer(nn.Module):
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)  # the paper trains with DDPM's 1000 steps
         self.latent_mode: str | None = None  # chosen on the first batch (see choose_latent_mode)
 
-    def batch(self, step: int, micro: int = 0, process: int = 0, processes: int = 1) -> dict:
-        seed = step_seed(self.cfg.seed, step, micro * processes + process)
+    def batch(self, step: int, micro: int = 0) -> dict:
+        """`micro` counts micro-batches over every process (the loop's numbering)."""
+        seed = step_seed(self.cfg.seed, step, micro)
         rng = random.Random(seed)
         records = self.data.draw(self.cfg.batch_size, seed)
         crop = self.model.encoder.image_size
@@ -340,20 +360,19 @@ def train_encoder(
     max_minutes: float | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    on_step: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Path | None:
     """Train FastComposer and write the model folder `out`. Returns it, or
     None when `stop_after` ended the run early (the checkpoint in `out` holds
     the state; `resume=True` continues). `max_minutes` stops at the first step
     past the budget and writes the model as trained so far (and a checkpoint)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
     cfg = cfg or FastComposerConfig()
     source = open_data(data)  # bad folder: fail before loading models
     out = Path(out)
     require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
     # subjects dropped from a caption leave the image encoder without gradient on some steps
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu") or not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = make_accelerator(cfg.mixed_precision, device=device, find_unused_parameters=True)
     if not isinstance(base, Base):
         base = load_base(base, device=str(acc.device) if device == "auto" else device, dtype=dtype)
     torch.manual_seed(cfg.seed)
@@ -365,56 +384,21 @@ def train_encoder(
     trainer = EncoderTrainer(model, source, cfg)
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
     ckpt = out / "checkpoint.safetensors"
-    start = 0
-    if out.is_dir():
-        remove_stale_temps(ckpt)
-    if resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, model, optimizer, digest)
     graph, optimizer = acc.prepare(trainer, optimizer)
-    params = list(trainables.values())
-    bar = _progress(progress and acc.is_main_process, cfg.steps, start, "fastcomposer")
-    began, step, stopped = time.time(), start, False
-    try:
-        for step in range(start, cfg.steps):
-            over_time = max_minutes is not None and time.time() - began > 60 * max_minutes
-            if (stop_after is not None and step >= stop_after) or over_time:
-                if acc.is_main_process:
-                    save_checkpoint(ckpt, model, optimizer, step, digest)
-                if not over_time:
-                    return None
-                stopped = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            logs_sum: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = trainer.batch(step, micro, acc.process_index, acc.num_processes)
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro * acc.num_processes + acc.process_index) + 1)
-                with acc.autocast():
-                    loss, logs = graph(batch, gen)
-                if not torch.isfinite(loss):
-                    where = f"; the last good checkpoint is {ckpt}" if ckpt.is_file() else ""
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step}{where}: lower --lr or use fp32")
-                acc.backward(loss / cfg.grad_accum)
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            if bar:
-                bar[0].update(bar[1], advance=1, loss=logs_sum.get("loss", math.nan))
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
-                save_checkpoint(ckpt, model, optimizer, step + 1, digest)
-        else:
-            step = cfg.steps
-    finally:
-        if bar:
-            bar[0].stop()
+    settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                            mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
+                            max_minutes=max_minutes, progress_bar=progress, name="fastcomposer")
+    outcome = run(EncoderJob(trainer, graph, trainables), optimizer, list(trainables.values()), settings,
+                  checkpoint=ckpt, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
+                  on_step=on_step, cancel=cancel)
+    if outcome.reason in ("stopped", "cancelled"):
+        return None
     acc.wait_for_everyone()
     if acc.is_main_process:
         meta = {"method": "fastcomposer", "data": source.name, "image_encoder_source": image_encoder,
-                "settings": config_dict(cfg), "steps_done": step, "loc_resolutions": trainer.loc_resolutions,
-                "stopped_for_time": stopped, "train_seconds": round(time.time() - began, 1)}
+                "settings": config_dict(cfg), "steps_done": outcome.steps_done, "loc_resolutions": trainer.loc_resolutions,
+                "stopped_for_time": outcome.reason == "time", "train_seconds": round(outcome.seconds, 1)}
         model.save(out, meta, unet=cfg.train_unet)
-        if not stopped and ckpt.is_file():
-            ckpt.unlink()
+        if outcome.finished:  # a run stopped for time keeps its checkpoint: --resume continues
+            discard_checkpoint(ckpt)
     return out

@@ -1,0 +1,57 @@
+"""Stage 6b: the shipped files: the base pipeline in fp16 and the evaluator with its processor."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from ...toyworld.render import CLASS_NOUNS, COLOURS
+from .common import Log, replace_dir
+from .quality import quick_score
+from .settings import BuildConfig
+from .unet import make_pipeline
+
+
+def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
+    """SD-style tokenizer folders also carry vocab.json + merges.txt (tokenizer.json alone
+    loads too), so CLIPTokenizer(vocab_file, merges_file) works on the shipped folder."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+
+
+def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
+    """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
+    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
+              for kind, (te, un) in trained.items()}
+    choice = max(scores, key=lambda k: (scores[k]["match"], k == "raw"))
+    log(f"ship: raw {scores['raw']} / ema {scores['ema']} -> shipping {choice}")
+    te, un = trained[choice]
+    pipe = make_pipeline(copy.deepcopy(vae).half(), copy.deepcopy(te).half(), tokenizer, copy.deepcopy(un).half(), cfg)
+    tmp = out / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    _add_vocab_files(tmp / "tokenizer", work / "tokenizer")
+    replace_dir(tmp, out / "base")
+    ship_evaluator(out, work)
+    return choice, scores
+
+
+def ship_evaluator(out: Path, work: Path) -> Path:
+    """OUT/evaluator: the trained CLIPModel in fp16 (loaders upcast to fp32), its
+    tokenizer (+ vocab.json/merges.txt) and image recipe. The evaluator is final
+    once its stage ends, so it can ship before the base does."""
+    from transformers import CLIPModel
+
+    src, tmp = work / "evaluator", out / "evaluator.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    CLIPModel.from_pretrained(src, dtype=torch.float32).half().save_pretrained(tmp, safe_serialization=True)
+    _add_vocab_files(tmp, work / "tokenizer")
+    replace_dir(tmp, out / "evaluator")
+    return out / "evaluator"
+
+
+# ---------------------------------------------------------------- entry point

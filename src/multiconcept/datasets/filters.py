@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import UserError, require
 from .records import Entity, Item
 
-NEAR_WHITE = 250  # a pixel is near-white when every channel is at least this (the spec gives the 10% share only)
+NEAR_WHITE = 250  # a pixel is near-white when every channel is at least this (the paper gives the 10% share only)
 
 
 def _s(default, help_: str):

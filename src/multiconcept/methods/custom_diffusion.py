@@ -17,7 +17,7 @@ from .base import Method, TrainConfig, hp
 
 @dataclass
 class CustomDiffusionConfig(TrainConfig):
-    # Custom Diffusion paper / DisenDiff spec: lr 1e-5 x batch 2 x 4 = 8e-5, 250 steps
+    # Custom Diffusion paper / DisenDiff paper's setup: lr 1e-5 x batch 2 x 4 = 8e-5, 250 steps
     steps: int = hp(250, "optimiser steps (paper: 250 single, 500 multi-concept)")
     lr: float = hp(1e-5, "learning rate before scaling (paper: 1e-5, scaled to 8e-5)")
     scale_lr: bool = hp(True, "multiply lr by batch x accumulation x processes")

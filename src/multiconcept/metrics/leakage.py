@@ -1,6 +1,6 @@
 """Leakage: for a single-concept prompt, how much the OTHER concept shows up.
 
-Two measures (evaluation.md, "ours, beyond the papers"); lower is better:
+Two measures (ours, beyond the papers; docs/evidence.md); lower is better:
 - embedding leakage: the image alignment (CLIP-I, DINO) of the generation to
   the other concept's reference crop. evaluate.py computes it with the same
   code as image alignment; it is only meaningful next to the own-concept

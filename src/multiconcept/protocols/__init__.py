@@ -1,4 +1,4 @@
-"""Evaluation protocols as editable prompt files (evaluation.md, "Protocols").
+"""Evaluation protocols as editable prompt files (the papers' prompt lists).
 
 A protocol file is plain text: ``# comments``, a ``[both]`` section whose
 prompts hold every concept ({a}, {b}, {c}, ... = concept 1, 2, 3 as

@@ -1,7 +1,8 @@
-"""ToyWorld: the embedded synthetic world (spec/toyworld.md).
+"""ToyWorld: the embedded synthetic world (docs/toyworld.md).
 
 `render` draws scenes with exact ground truth, `check` scores images from
-pixels alone, `build` trains and ships the base pipeline and the evaluator.
+pixels alone; `workflows/toyworld_build` trains and ships the base pipeline
+and the evaluator.
 """
 
 from .check import Analysis, Detection, analyse, check, checker_accuracy

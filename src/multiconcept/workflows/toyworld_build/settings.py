@@ -23,7 +23,7 @@ class BuildConfig:
     # each layer's mass on padding, 0.3-2.8% on the class noun). Captions are at most 32
     # tokens with BOS/EOS (median 17, 3,000 sampled); code reads tokenizer.model_max_length.
     max_length: int = 32
-    # VAE (spec: 0.95 M params reach PSNR ≈ 27.6 in ~12 min)
+    # VAE (0.95 M params; PSNR 26.4 dB on held-out renders, docs/toyworld.md)
     world_pool: int = 20000  # renders of every appearance, for the VAE and the evaluator
     vae_steps: int = 2000
     vae_batch: int = 16
@@ -39,7 +39,7 @@ class BuildConfig:
     evaluator_batch: int = 64
     evaluator_lr: float = 5e-4
     evaluator_max_minutes: float | None = 12.0
-    # text encoder + UNet (spec: batch 16, AdamW 3e-4 with warm-up, clip 1.0, 10% caption dropout)
+    # text encoder + UNet (batch 16, AdamW 3e-4 with warm-up, clip 1.0, 10% caption dropout)
     base_pool: int = 24000  # each scene is seen ~8x in 12k steps; captions are re-drawn every time
     # "evaluator": the base's text encoder is the evaluator's text tower, frozen (as SD
     # uses a pretrained CLIP text encoder). "scratch": trained jointly with the UNet
@@ -107,7 +107,7 @@ class BuildConfig:
     unet_lr: float = 3e-4
     warmup: int = 500
     caption_dropout: float = 0.1
-    ema_decay: float = 0.995  # spec: raw beat EMA 0.999 early; both are kept, the better one ships
+    ema_decay: float = 0.995  # raw and EMA weights are both kept; the better on the checker ships
     max_unet_hours: float | None = None
     # The max_* caps bound a stage's training time: the cosine schedule runs on
     # max(step fraction, time fraction), so a capped stage still anneals fully and
@@ -115,7 +115,7 @@ class BuildConfig:
     # evaluation and shipping
     eval_seeds: int = 2  # images per single-object prompt
     sample_steps: int = 30
-    guidance: float = 4.0  # spec: 3–5 best at this size, 7.5 oversaturates
+    guidance: float = 4.0  # the quality report's and the evidence's guidance (docs/toyworld.md)
     monitor_every: int = 2000  # steps between quick checker scores during UNet training
     checkpoint_minutes: float = 5.0
     threads: int = 2
@@ -145,7 +145,7 @@ _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator
                    "eval_seeds", "sample_steps", "guidance"}
 
 # Prompt vocabulary beyond the world, so "a photo of <tok> star on the beach"
-# tokenizes into whole words (DreamBench-style templates, evaluation.md).
+# tokenizes into whole words (DreamBooth's DreamBench prompt templates).
 
 
 NOISE_SCHEDULES = {

@@ -73,7 +73,7 @@ def make_text_encoder(tokenizer):
 def make_unet(cross_attention_dim: int = 128):
     from diffusers import UNet2DConditionModel
 
-    # The spec's 5.9 M layout: cross-attention at 16x16 and 8x8 (where methods read maps).
+    # ToyWorld's 5.9 M layout: cross-attention at 16x16 and 8x8 (where methods read maps).
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

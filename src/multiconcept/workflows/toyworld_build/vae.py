@@ -26,7 +26,7 @@ from .settings import CHECKPOINTS, BuildConfig, stage_digest
 def make_vae():
     from diffusers import AutoencoderKL
 
-    # Three blocks = two 2x downsamplings: 64x64x3 -> 16x16x4, the spec's 0.95 M-param layout.
+    # Three blocks = two 2x downsamplings: 64x64x3 -> 16x16x4, ToyWorld's 0.95 M-param layout.
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
                          layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64)

@@ -27,7 +27,7 @@ VARIANTS = [
     ("disendiff", "disendiff", ()),
     ("disendiff + union/erase", "disendiff", (("union_sampling", "true"), ("unnamed", "erase"))),
 ]
-# On the ToyWorld base every variant trains the same way (README, "The demo's settings"): whole-image
+# On the ToyWorld base every variant trains the same way (docs/demo.md, "The demo's settings"): whole-image
 # loss (the papers'), captions in ToyWorld's words, no scale augmentation or flips (the base draws objects
 # at fixed places, and a flip swaps which side the first-named concept is on), batch 2 without
 # accumulation. lr: 1e-4 x 2 for Custom Diffusion and DisenDiff (the paper's 1e-5 x 8 moved nothing in

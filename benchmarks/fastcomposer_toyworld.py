@@ -36,7 +36,7 @@
    its own process; both end to end (process start to PNG) and compute only
    (models loaded). Peak memory (ru_maxrss of each process) vs fine-tuning.
 
-Prints a markdown table for the README and writes OUT/results.json.
+Prints a markdown table (docs/evidence.md, FastComposer) and writes OUT/results.json.
 """
 
 from __future__ import annotations

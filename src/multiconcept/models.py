@@ -6,7 +6,7 @@
 - ``"tiny"``: a random Stable-Diffusion-shaped pipeline built from configs,
   for tests and for machines without ToyWorld weights;
 - a local folder holding a StableDiffusionPipeline (``model_index.json``) or
-  a hub id (``runwayml/stable-diffusion-v1-5``), loaded by diffusers.
+  a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), loaded by diffusers.
 """
 
 from __future__ import annotations

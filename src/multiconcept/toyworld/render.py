@@ -312,7 +312,7 @@ def describe(objects: Sequence[SceneObject], background: str,
 # How the base model's training scenes are laid out. "free": the world's five positions and both
 # sizes. "fixed": one large object in the center, or two large ones on the left and right. On a
 # single-object set the same recipe learned class -> shape in ~1,200 steps with large centred
-# objects and had not by 1,600 with the five positions and two sizes (README, How the ToyWorld recipe was found).
+# objects and had not by 1,600 with the five positions and two sizes (docs/toyworld.md, How the recipe was found).
 BASE_LAYOUTS = ("free", "fixed")
 FIXED_LAYOUT = {1: ("center",), 2: ("left", "right")}
 # P(1, 2, 3 objects) per layout

@@ -38,7 +38,7 @@ DEMO_STEPS = 250
 
 def demo_settings(method: str, background: str) -> dict[str, str]:
     """The demo's training settings over the method's defaults (measured on the ToyWorld base,
-    README "The demo's settings"): with the paper's lr (1e-5 x batch 2), scale augmentation,
+    docs/demo.md, "The demo's settings"): with the paper's lr (1e-5 x batch 2), scale augmentation,
     flips and 'photo of a {}' captions, 60-300 steps learned neither concept.
 
     - captions in ToyWorld's words ('a <s1> heart and <s2> star on a black background');

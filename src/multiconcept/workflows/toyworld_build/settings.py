@@ -51,7 +51,7 @@ class BuildConfig:
     # the padding states by 11.3, circle -> star by 5.2; content tokens' mean pairwise
     # cosine 0.83), and with it the fourth run drew colour and background right but every
     # class as one blob. (Fifth run, this setting with the 32-token context: class 0.19 at
-    # step 1,000, 0.06 at 2,000 — no better; README, How the ToyWorld recipe was found.)
+    # step 1,000, 0.06 at 2,000 — no better; docs/toyworld.md, How the recipe was found.)
     text_encoder: str = "evaluator-tuned"
     # What the UNet predicts. Linear betas leave a terminal SNR of ~4e-5, and with
     # epsilon-prediction the loss at high noise (where background, colour and class
@@ -69,7 +69,7 @@ class BuildConfig:
     # scaled-linear betas rescaled to zero terminal SNR (Lin et al., with v-prediction
     # and trailing timesteps): 28% of timesteps below SNR 0.05, 58% in 0.05..5 (linear: 42%).
     # It did not bring shapes by itself (fourth run: class 0.00 at step 4,000; cross-attention
-    # nearly uniform, mostly on padding tokens; README, How the ToyWorld recipe was found).
+    # nearly uniform, mostly on padding tokens; docs/toyworld.md, How the recipe was found).
     noise_schedule: str = "scaled_linear_zero_snr"
     # Min-SNR-γ loss weighting (Hang et al.; diffusers' --snr_gamma): None = plain MSE on the target.
     snr_gamma: float | None = None
@@ -80,7 +80,7 @@ class BuildConfig:
     # Where training timesteps are drawn. "uniform" (DDPM). "logit_normal": t/T = sigmoid(N(mean,
     # std)) (SD3's sampling), to spend more steps where the class decides the shape: on the fourth
     # run's weights, SDEdit from clean latents kept every shape from t = 499 and almost none from
-    # t = 832, and the class word never steered it (README, How the ToyWorld recipe was found). "mixed": half the
+    # t = 832, and the class word never steered it (docs/toyworld.md, How the recipe was found). "mixed": half the
     # draws uniform, half logit-normal, so the highest-noise steps (where the background colour is
     # set: logit-normal(1, 1) alone left tinted backgrounds on the trivial set) keep their share.
     # Default: mixed, logit-normal(1, 1) (the seventh run, with the fixed layout: class 0.62 at step

@@ -203,7 +203,8 @@ def filters_part(work: Path, n: int = 1000) -> dict:
 
     write_toyworld_source(work / "src", n, seed=41, per_shard=1000)
     res = {}
-    for name, f in (("toyworld", PROFILES["toyworld"]), ("published_without_size", replace(PROFILES["published"], min_long_side=None))):
+    for name, f in (("toyworld", PROFILES["toyworld"]),
+                    ("published_without_size", replace(PROFILES["published"], min_long_side=None))):
         report = build(work / "src", work / name, BuildSettings(stages=StageSpec(filters=f).all_toyworld()))
         res[name] = {"images": report["images"], "entities_kept": report["entities_kept"],
                      "filters": {k: [v["in"], v["dropped"]] for k, v in report["filters"].items()}}

@@ -84,19 +84,22 @@ def main() -> None:
             rows.append(report("ToyWorld", meta_unet(raw), folder))
         else:
             print("(ToyWorld base not built: its row is missing; run `multiconcept toyworld build`)")
-    print("| geometry | attn2 layers | Σ d_l | value fp16 (tensor / file bytes) | value fp32 | K+V fp16 | TI token fp32 | Custom Diffusion fp32 | Infusion / CD |")
+    print("| geometry | attn2 layers | Σ d_l | value fp16 (tensor / file bytes) | value fp32 | K+V fp16 | TI token fp32 "
+          "| Custom Diffusion fp32 | Infusion / CD |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['geometry']} | {r['attn2_layers']} | {r['sum_d_l']:,} | {r['value_fp16_tensor_bytes']:,} / "
               f"{r['value_fp16_file_bytes']:,} | {r['value_fp32_tensor_bytes']:,} | {r['key_value_fp16_tensor_bytes']:,} | "
-              f"{r['textual_inversion_token_bytes']:,} | {r['custom_diffusion_bytes']:,} | {r['infusion_over_custom_diffusion']:.2e} |")
+              f"{r['textual_inversion_token_bytes']:,} | {r['custom_diffusion_bytes']:,} | "
+              f"{r['infusion_over_custom_diffusion']:.2e} |")
     sd = rows[0]
     goal = 25_000
     print(f"\nSD 1.5 value-only fp16: {sd['value_fp16_tensor_bytes']:,} tensor bytes "
           f"({sd['value_fp16_tensor_bytes'] / 1024:.1f} KiB), file {sd['value_fp16_file_bytes']:,} bytes; "
           f"goal <= {goal:,} bytes: {'met' if sd['value_fp16_tensor_bytes'] <= goal else 'NOT met'} for the tensors, "
           f"{'met' if sd['value_fp16_file_bytes'] <= goal else 'not met'} for the file (header included); "
-          f"paper claims 11 KB = {PAPER_CLAIM_BYTES:,} bytes, ratio ours/claim {sd['value_fp16_tensor_bytes'] / PAPER_CLAIM_BYTES:.2f}")
+          f"paper claims 11 KB = {PAPER_CLAIM_BYTES:,} bytes, "
+          f"ratio ours/claim {sd['value_fp16_tensor_bytes'] / PAPER_CLAIM_BYTES:.2f}")
 
 
 if __name__ == "__main__":

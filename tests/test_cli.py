@@ -108,7 +108,8 @@ def bad_cases(scene, tmp):
         "missing image": (base + ["-c", "<a1>=cat", "-i", str(tmp / "nope.png")], "does not exist"),
         "corrupt image": (base + ["-c", "<a1>=cat", "-i", corrupt], "corrupt or not an image"),
         "unsupported mode": (base + ["-c", "<a1>=cat", "-i", str(cmyk)], "mode CMYK, which is not supported"),
-        "mask size": (base + ["-c", "<a1>=cat", "-i", scene["image"], "--mask", f"<a1>={big_mask}"], "40x40 but its image is 32x32"),
+        "mask size": (base + ["-c", "<a1>=cat", "-i", scene["image"], "--mask", f"<a1>={big_mask}"],
+                      "40x40 but its image is 32x32"),
         "empty mask": (base + ["-c", "<a1>=cat", "-i", scene["image"], "--mask", f"<a1>={empty}"], "is empty"),
         "special token": (base + ["-c", "<|endoftext|>=cat", "-i", scene["image"]], "no spaces or |"),
         "unknown method": (["learn", "-m", "nope", "-c", "<a1>=cat", "-i", scene["image"], "-o", out], "unknown method"),
@@ -139,7 +140,8 @@ def test_bad_learn_input(scene, run_cli, tmp_path, case):
     ("prompt too long", "a <a1> cat " + "very " * 80, "longer than the text encoder's limit of 77"),
 ])
 def test_bad_generate_prompt(run_cli, cd_bundle, tmp_path, case, prompt, message):
-    code, _, stderr = run_cli("generate", prompt, "-b", cd_bundle, "-n", "1", "--steps", "1", "-o", tmp_path / "g", "--base", "tiny")
+    code, _, stderr = run_cli("generate", prompt, "-b", cd_bundle, "-n", "1", "--steps", "1", "-o", tmp_path / "g",
+                              "--base", "tiny")
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "g").glob("*.png")) if (tmp_path / "g").exists() else True
 
@@ -179,7 +181,8 @@ def test_regularisation_folder_and_generated(scene, run_cli, tmp_path):
     out = tmp_path / "r.safetensors"
     code, _, err = run_cli(*learn_args(scene, out), "--reg-dir", reg, "--reg-generate", "2")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "r.reg").iterdir()) == ["reg_0000.png", "reg_0000.txt", "reg_0001.png", "reg_0001.txt"]
+    assert sorted(p.name for p in (tmp_path / "r.reg").iterdir()) == ["reg_0000.png", "reg_0000.txt",
+                                                                       "reg_0001.png", "reg_0001.txt"]
     assert (tmp_path / "r.reg" / "reg_0000.txt").read_text() == "photo of a cat and dog"
     (reg / "r0.txt").unlink()
     code, _, err = run_cli(*learn_args(scene, tmp_path / "r2.safetensors"), "--reg-dir", reg)

@@ -158,7 +158,8 @@ def _first_line(e: BaseException, limit: int = 120) -> str:
 
 
 def _parse_header(path: Path, meta: dict) -> dict:
-    require(HEADER_KEY in meta, f"{path} is a safetensors file but not a multiconcept bundle (no header): pass a file written by `multiconcept learn`")
+    require(HEADER_KEY in meta, f"{path} is a safetensors file but not a multiconcept bundle (no header): "
+                                "pass a file written by `multiconcept learn`")
     damaged = f"bundle {path} has a damaged header"
     try:
         header = json.loads(meta[HEADER_KEY])
@@ -168,14 +169,17 @@ def _parse_header(path: Path, meta: dict) -> dict:
     v = header.get("format_version")
     # bool is an int in Python: `true` must not pass for version 1
     if not (type(v) is int and v == FORMAT_VERSION):
-        raise UserError(f"bundle {path} has format version {v!r}; this multiconcept reads {FORMAT_VERSION}: upgrade multiconcept or re-learn")
+        raise UserError(f"bundle {path} has format version {v!r}; this multiconcept reads {FORMAT_VERSION}: "
+                        "upgrade multiconcept or re-learn")
     for key, kind in _HEADER_FIELDS.items():
         require(isinstance(header.get(key), kind),
                 f"{damaged} ({key!r} is missing or not a JSON {kind.__name__}): re-learn it or restore a copy")
     for key in ("tokens", "class_words"):
-        require(all(isinstance(x, str) for x in header[key]), f"{damaged} ({key!r} holds a non-string): re-learn it or restore a copy")
+        require(all(isinstance(x, str) for x in header[key]),
+                f"{damaged} ({key!r} holds a non-string): re-learn it or restore a copy")
     require(len(header["tokens"]) == len(header["class_words"]),
-            f"{damaged} ({len(header['tokens'])} tokens but {len(header['class_words'])} class words): re-learn it or restore a copy")
+            f"{damaged} ({len(header['tokens'])} tokens but {len(header['class_words'])} class words): "
+            "re-learn it or restore a copy")
     return header
 
 

@@ -74,7 +74,8 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
         lines.append(f'pipe.load_lora_weights("{out}", weight_name="{LORA_WEIGHTS}")')
 
     if not files:
-        raise UserError(f"bundle {bundle_path} ({bundle.method}) holds nothing diffusers can load: export supports tokens, Custom Diffusion and LoRA")
+        raise UserError(f"bundle {bundle_path} ({bundle.method}) holds nothing diffusers can load: "
+                        "export supports tokens, Custom Diffusion and LoRA")
     prompt = "photo of a " + " and ".join(f"{t} {c}" for t, c in zip(bundle.tokens, bundle.class_words))
     if deltas:
         lines += ["# diffusers 0.42's load_attn_procs installs Custom Diffusion processors only when given _pipeline"]
@@ -98,14 +99,16 @@ def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], ba
         # down_blocks.0....attn2.to_k.weight → ...attn2.processor.to_k_custom_diffusion.weight
         layer, proj, _ = ("." + name).rsplit(".", 2)
         layer = layer[1:]
-        require(proj in ("to_k", "to_v", "to_q") and name.endswith(".weight") and f"{layer}.processor" in base.unet.attn_processors,
+        require(proj in ("to_k", "to_v", "to_q") and name.endswith(".weight")
+                and f"{layer}.processor" in base.unet.attn_processors,
                 f"bundle tensor {name} has no Custom Diffusion equivalent: export supports attention to_q/to_k/to_v weights")
         sd[f"{layer}.processor.{proj}_custom_diffusion.weight"] = (params[name].detach().float().cpu() + d.float()).contiguous()
     for key in [k for k in sd if k.endswith("to_q_custom_diffusion.weight")]:
         # diffusers' processor then also expects to_out; the trained Q stays, the output projection is the base's
         layer = key.rsplit(".processor.", 1)[0]
         for part in ("weight", "bias"):
-            sd[f"{layer}.processor.to_out_custom_diffusion.0.{part}"] = params[f"{layer}.to_out.0.{part}"].detach().float().cpu().contiguous()
+            w = params[f"{layer}.to_out.0.{part}"].detach().float().cpu().contiguous()
+            sd[f"{layer}.processor.to_out_custom_diffusion.0.{part}"] = w
     # every other attention layer is listed with an empty tensor: diffusers then gives it a
     # pass-through Custom Diffusion processor (its loader wants one entry per layer)
     trained_layers = {k.split(".processor.")[0] + ".processor" for k in sd}

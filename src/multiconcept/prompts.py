@@ -181,6 +181,7 @@ def set_token_rows(tokenizer, text_encoder, rows: dict[str, torch.Tensor]) -> No
         for t, row in rows.items():
             require(
                 row.shape == weight.shape[1:],
-                f"embedding for {t} has size {tuple(row.shape)} but this base's text encoder uses {weight.shape[1]}: the bundle is for another base",
+                f"embedding for {t} has size {tuple(row.shape)} but this base's text encoder uses {weight.shape[1]}: "
+                "the bundle is for another base",
             )
             weight[tokenizer.convert_tokens_to_ids(t)] = row.to(weight)

@@ -32,7 +32,8 @@ def _s(default, help_: str):
 @dataclass(frozen=True)
 class FilterSettings:
     min_long_side: int | None = _s(600, "drop images whose longer side is shorter (px)")
-    max_white_share: float | None = _s(0.10, f"drop images with a larger share of near-white pixels (all channels >= {NEAR_WHITE})")
+    max_white_share: float | None = _s(0.10, "drop images with a larger share of near-white pixels "
+                                             f"(all channels >= {NEAR_WHITE})")
     min_nouns: int | None = _s(3, "drop images whose caption has fewer nouns")
     max_nouns: int | None = _s(8, "drop images whose caption has more nouns")
     min_detections: int | None = _s(2, "drop images with fewer boxes after NMS")
@@ -79,7 +80,8 @@ class FilterSettings:
                 changes[k] = None
             else:
                 try:
-                    changes[k] = int(low) if k.startswith(("min_nouns", "max_nouns", "min_det", "max_det", "max_sub", "min_long")) else float(low)
+                    is_int = k.startswith(("min_nouns", "max_nouns", "min_det", "max_det", "max_sub", "min_long"))
+                    changes[k] = int(low) if is_int else float(low)
                 except ValueError as e:
                     raise UserError(f"--filter {k}={v}: give a number or 'off'") from e
         return replace(self, **changes)

@@ -68,7 +68,8 @@ def ray_batches(units: list[Unit], spec: StageSpec, batch_size: int, *, address:
     started = not ray.is_initialized()
     if started:
         try:
-            kw = {"address": address} if address else {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * num_cpus + READ_CPUS))}
+            kw = ({"address": address} if address
+                  else {"num_cpus": max(os.cpu_count() or 1, math.ceil(workers * num_cpus + READ_CPUS))})
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
         except Exception as e:  # noqa: BLE001 - any failure to reach a cluster is the user's address
             raise UserError(f"could not start or reach Ray ({address or 'local'}): {str(e).splitlines()[0]}: "

@@ -199,7 +199,8 @@ def load_image_encoder(spec: str | None, base: Base) -> SubjectImageEncoder:
             raise UserError(f"image encoder {spec} is a {kind!r} model: pass a CLIP model or CLIP vision model")
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not load image encoder {spec!r} ({first}): pass a local CLIP folder, or a hub id with network access") from e
+        raise UserError(f"could not load image encoder {spec!r} ({first}): "
+                        "pass a local CLIP folder, or a hub id with network access") from e
     mean, std = CLIP_MEAN, CLIP_STD
     pre = Path(spec) / "preprocessor_config.json"
     if pre.is_file():  # e.g. the ToyWorld evaluator normalises to [-1, 1]
@@ -337,7 +338,8 @@ def subject_crop(image, mask=None, box=None, size: int = 224, rng: np.random.Gen
     H, W = img.shape[:2]
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
-        require(mask.shape == (H, W), f"a subject mask is {mask.shape[1]}x{mask.shape[0]} but its image is {W}x{H}: make them the same size")
+        require(mask.shape == (H, W), f"a subject mask is {mask.shape[1]}x{mask.shape[0]} but its image is {W}x{H}: "
+                                      "make them the same size")
         require(bool(mask.any()), "a subject mask is empty: paint the subject white on black")
     if box is None:
         if mask is None:
@@ -418,7 +420,8 @@ class FastComposer(nn.Module):
         self.encoder = encoder
         d = base.text_encoder.config.hidden_size
         require(base.unet.config.cross_attention_dim == d,
-                f"the UNet reads {base.unet.config.cross_attention_dim}-d text but the text encoder writes {d}-d: not a usable base")
+                f"the UNet reads {base.unet.config.cross_attention_dim}-d text but the text encoder writes {d}-d: "
+                "not a usable base")
         self.fusion = (fusion if fusion is not None else FusionMLP(d, encoder.embed_dim)).to(base.device)
 
     @property
@@ -506,7 +509,8 @@ class FastComposer(nn.Module):
         return out
 
     @classmethod
-    def load(cls, folder: str | Path, base: Base | str | None = None, device: str = "auto", dtype: str = "fp32") -> "FastComposer":
+    def load(cls, folder: str | Path, base: Base | str | None = None, device: str = "auto",
+             dtype: str = "fp32") -> "FastComposer":
         """A model folder on its base; the base's fingerprint must match the recorded one."""
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -565,7 +569,8 @@ def load_state_checked(module: nn.Module, state: dict, what: str, where: Path,
     bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     problems = [f"missing e.g. {missing[0]}" if missing else "", f"unexpected e.g. {extra[0]}" if extra else "",
                 f"shape {tuple(state[bad[0]].shape)} instead of {tuple(own[bad[0]].shape)} for {bad[0]}" if bad else ""]
-    require(not (missing or extra or bad), f"the {what} weights in {where} do not fit ({'; '.join(p for p in problems if p)}): {fix}")
+    require(not (missing or extra or bad),
+            f"the {what} weights in {where} do not fit ({'; '.join(p for p in problems if p)}): {fix}")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))

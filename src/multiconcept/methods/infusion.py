@@ -11,7 +11,8 @@ guidance only:
 so each layer's attention probabilities — where things go — are the base
 model's for that layer's input ("dual stream"; the queries of later layers
 do see the customised features of earlier ones, as in the reference code),
-and a prompt without the class word is computed exactly as by the base. `key_residual` adds Δk_l to the key too, as the released code's
+and a prompt without the class word is computed exactly as by the base.
+`key_residual` adds Δk_l to the key too, as the released code's
 fast path does; it breaks the "attention stays the base's" property and is
 off by default. Loss: ε-MSE weighted by a soft foreground mask of the
 concept (the user's mask, else one derived from the base's own
@@ -298,7 +299,8 @@ class Infusion(Method):
         super().__init__(base, data, cfg)
         words = [c.class_word for c in data.concepts]
         require(len(set(words)) == len(words),
-                f"Infusion names concepts by their class words, and {words} repeats one: learn them in separate runs on distinct class words")
+                f"Infusion names concepts by their class words, and {words} repeats one: "
+                "learn them in separate runs on distinct class words")
         require(all("/" not in w for w in words), f"class words {words} must not contain '/': use plain words")
         require(cfg.store_dtype in STORE_DTYPES, f"store_dtype {cfg.store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         # The loop builds captions from concept.phrase and samples data.examples
@@ -391,7 +393,8 @@ class Infusion(Method):
                     proj = getattr(layers[name], "to_v" if kind == "value" else "to_k") if name in layers else None
                     if proj is None or proj.out_features != d.numel():
                         raise UserError(f"Infusion bundle for {word!r} has a {kind} residual for layer {name} "
-                                        f"({d.numel()} values) that this base's UNet does not have: use the base it was learned on")
+                                        f"({d.numel()} values) that this base's UNet does not have: "
+                                        "use the base it was learned on")
             value = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{VALUE_PREFIX}{word}/").items()}
             key = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{KEY_PREFIX}{word}/").items()}
             require(bool(value), f"Infusion bundle {bundle.tokens} holds no value residual for {word!r}: re-learn it")

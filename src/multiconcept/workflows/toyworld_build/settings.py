@@ -141,8 +141,8 @@ class BuildConfig:
 # Values of fields that did not exist when an older work dir was started.
 
 
-_RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every", "checkpoint_minutes", "threads",
-                   "eval_seeds", "sample_steps", "guidance"}
+_RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every",
+                   "checkpoint_minutes", "threads", "eval_seeds", "sample_steps", "guidance"}
 
 # Prompt vocabulary beyond the world, so "a photo of <tok> star on the beach"
 # tokenizes into whole words (DreamBooth's DreamBench prompt templates).
@@ -201,7 +201,8 @@ def validate(cfg: BuildConfig) -> None:
     choose("prediction_type", ("v_prediction", "epsilon"))
     choose("noise_schedule", sorted(NOISE_SCHEDULES))
     need(cfg.prediction_type == "v_prediction" or not NOISE_SCHEDULES[cfg.noise_schedule].get("rescale_betas_zero_snr"),
-         "noise_schedule", "has zero terminal SNR, where only v_prediction is defined: use it with --prediction-type v_prediction")
+         "noise_schedule", "has zero terminal SNR, where only v_prediction is defined: "
+                           "use it with --prediction-type v_prediction")
     choose("timestep_sampling", TIMESTEP_SAMPLINGS)
     choose("base_layout", BASE_LAYOUTS)
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "snr_gamma", "must be positive")

@@ -31,7 +31,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/multiconcept demo
 
+# the linter and the import contracts (layers point one way: pyproject's [tool.importlinter]) first
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 # ToyWorld's FastComposer is built, not shipped: one CPU hour on 2 cores (resumable; re-run to continue).

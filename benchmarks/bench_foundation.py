@@ -39,9 +39,9 @@ def scene_dir() -> Path:
 def make_trainer(base_name: str, method: str, d: Path, batch: int):
     from multiconcept.data import build_concept_set
     from multiconcept.methods import get_method
+    from multiconcept.methods.finetune import Trainer
     from multiconcept.models import load_base
     from multiconcept.prompts import Concept
-    from multiconcept.train import Trainer
 
     base = load_base(base_name)
     data = build_concept_set([Concept("<s1>", "star"), Concept("<s2>", "heart")], [str(d / "image.png")],

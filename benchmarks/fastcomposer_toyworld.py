@@ -175,8 +175,8 @@ def child_identity(a: dict) -> dict:
     """Generate every pair x seed x α for one model and score identity alignment."""
     from PIL import Image
 
-    from multiconcept.metrics.clip import load_clip
     from multiconcept.methods.fastcomposer import FastComposer
+    from multiconcept.metrics.clip import load_clip
     from multiconcept.workflows.compose import ComposeSettings, compose
 
     model = FastComposer.load(a["model"])
@@ -294,7 +294,8 @@ def contact_sheet(refs: dict, pairs: list, images: Path, path: Path, scale: int 
     rows = []
     for ca, cb in pairs:
         cells = [Image.open(refs[c]["image"]).convert("RGB") for c in (ca, cb)]
-        gen = sorted((images / "a1.0" / f"{ca}+{cb}").glob("*.png"))[:4] + sorted((images / "a0.7" / f"{ca}+{cb}").glob("*.png"))[:2]
+        gen = (sorted((images / "a1.0" / f"{ca}+{cb}").glob("*.png"))[:4]
+               + sorted((images / "a0.7" / f"{ca}+{cb}").glob("*.png"))[:2])
         rows.append(cells + [Image.open(g).convert("RGB") for g in gen])
     width = max(len(r) for r in rows) * (size + pad) + 3 * pad
     sheet = Image.new("RGB", (width, len(rows) * (size + pad) + pad), (255, 255, 255))
@@ -339,7 +340,8 @@ def main() -> None:
     if a.base == "toyworld" and not toyworld_available():
         sys.exit("ToyWorld is not built yet: run `multiconcept toyworld build` first, or pass --base tiny for a smoke run")
     if a.quick:
-        a.minutes, a.max_steps, a.pairs, a.seeds, a.steps = min(a.minutes, 0.5), min(a.max_steps, 6), min(a.pairs, 2), min(a.seeds, 2), min(a.steps, 10)
+        a.minutes, a.max_steps, a.pairs, a.seeds, a.steps = (min(a.minutes, 0.5), min(a.max_steps, 6), min(a.pairs, 2),
+                                                             min(a.seeds, 2), min(a.steps, 10))
         a.cd_steps = a.cd_steps or 6
         a.batch_size = min(a.batch_size, 4)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +385,8 @@ def main() -> None:
     if a.base != "toyworld":  # a random CLIP in place of the evaluator: numbers are meaningless, the code path is not
         from multiconcept.metrics.tiny import save_tiny_clip
 
-        evaluator = str(save_tiny_clip(work / "tiny_clip", image_size=32, processor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+        evaluator = str(save_tiny_clip(work / "tiny_clip", image_size=32,
+                                       processor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
     for name, folder in models.items():
         print(f"generating and scoring ({name}) ...", flush=True)
         results[f"identity_{name}"] = child("identity", {"model": str(folder), "evaluator": evaluator, "alphas": [0.7, 1.0],
@@ -429,7 +432,8 @@ def table(r: dict) -> str:
             s = r[f"identity_{name}"][alpha]
             rows.append(f"| {label}, {what} | {s['own']:.3f} | {s['other']:.3f} | {s['margin']:+.3f} ± {s['margin_sem']:.3f} "
                         f"| {s['own_wins']:.0%} | {s['detected']:.0%} | {s['colour_right']:.0%} | {s['background_right']:.0%} |")
-    rows += ["", "| subject-token attention, middle blocks | L_loc (lower: more inside) | attention mass inside the mask | samples |",
+    rows += ["", "| subject-token attention, middle blocks | L_loc (lower: more inside) "
+                 "| attention mass inside the mask | samples |",
              "|---|---|---|---|"]
     for name, label in (("untrained", "before training"), ("loc", "with L_loc"), ("noloc", "without L_loc")):
         s = r[f"attention_{name}"]
@@ -442,8 +446,10 @@ def table(r: dict) -> str:
     fc, cd = f["fastcomposer"], f["custom_diffusion"]
     rows += ["", "| first image of a new subject | compute s | process s | peak RSS MB |", "|---|---|---|---|",
              f"| FastComposer compose | {fc['compute_seconds']:.2f} | {fc['process_seconds']:.1f} | {fc['peak_rss_mb']:.0f} |",
-             f"| Custom Diffusion learn + generate | {cd['compute_seconds']:.2f} | {cd['process_seconds']:.1f} | {cd['peak_rss_mb']:.0f} |",
-             f"| ratio (goal ≥ 300x faster) | {f['speedup_compute']:.0f}x | {f['speedup_end_to_end']:.1f}x | {f['memory_ratio']:.2f}x |"]
+             f"| Custom Diffusion learn + generate | {cd['compute_seconds']:.2f} | {cd['process_seconds']:.1f} "
+             f"| {cd['peak_rss_mb']:.0f} |",
+             f"| ratio (goal ≥ 300x faster) | {f['speedup_compute']:.0f}x | {f['speedup_end_to_end']:.1f}x "
+             f"| {f['memory_ratio']:.2f}x |"]
     rows.append("")
     for name in ("loc", "noloc"):
         t = r.get(f"train_{name}", {})

@@ -7,7 +7,7 @@
 For each personal concept: write its reference images (+ masks) with
 ToyWorld's renderer, learn it with each method (Infusion gets the masks, as
 its paper's loss does; TI and Custom Diffusion train unmasked as theirs do),
-then run the overfitting report (metrics/overfitting.py — reconstructions of
+then run the overfitting report (workflows/overfitting.py — reconstructions of
 Infusion's metrics), whose Wasserstein generations (the concept in 8
 diverse context prompts × seeds) are also scored for
 - image alignment: CLIP-I, mean cosine of evaluator embeddings, generations
@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--clip", default=None, help="evaluator CLIPModel folder (default: ToyWorld's)")
     args = ap.parse_args()
 
-    import multiconcept.metrics.overfitting as of
+    import multiconcept.workflows.overfitting as of
     from multiconcept.bundle import describe
     from multiconcept.metrics.clip import load_clip
     from multiconcept.toyworld import PERSONAL_CONCEPTS, write_concept_folder

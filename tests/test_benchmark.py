@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from multiconcept.errors import UserError
-from multiconcept.metrics.report import SECTIONS
 from multiconcept.metrics.tiny import save_tiny_clip
 from multiconcept.protocols import COMBINED, expand, load_protocol, parse_protocol
 from multiconcept.workflows.benchmark import BenchmarkSettings, benchmark, parse_seeds, seed_runs
+from multiconcept.workflows.benchmark_report import SECTIONS
 from multiconcept.workflows.evaluate import write_toyworld_source
 
 # A three-prompt protocol keeps the suite fast; the shipped files are checked below.
@@ -100,8 +100,9 @@ def test_ray_gives_the_same_numbers_as_the_local_executor(setup):
 def test_cli_benchmark_and_its_errors(setup, run_cli, tmp_path):
     root = setup["root"]
     # toyworld:A+B renders the same scene as write_toyworld_source, so the cells line up with the fixture's
-    common = ["--source", "toyworld:checkered_star+dotted_heart@0", "--protocol", root / "small.txt", "--base", "tiny", "--steps", "1",
-              "-p", "grad_accum=1", "--sample-steps", "2", "--clip", setup["settings"].clip, "--no-progress"]
+    common = ["--source", "toyworld:checkered_star+dotted_heart@0", "--protocol", root / "small.txt", "--base", "tiny",
+              "--steps", "1", "-p", "grad_accum=1", "--sample-steps", "2", "--clip", setup["settings"].clip,
+              "--no-progress"]
     code, stdout, stderr = run_cli("benchmark", "--methods", "textual-inversion", "--seeds", "3", "-o", tmp_path / "cli",
                                    *common)
     assert code == 0, stderr

@@ -2,10 +2,8 @@
 locally and on a local Ray (one Ray start for the module), same shards from both."""
 
 import json
-import os
 import tarfile
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -126,11 +124,11 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
 
 def test_blip2_captioner_and_owlv2_detector_swap_in(tiny, tmp_path):
     """The stages are chosen by the checkpoint: BLIP-2 for BLIP, OWLv2 for Grounding DINO, same pipeline."""
-    from multiconcept.datasets.loading import quiet_loading
     from multiconcept.datasets.on_ray import unit_batches
     from multiconcept.datasets.pipeline import Pipeline
     from multiconcept.datasets.sources import list_units
     from multiconcept.datasets.tiny import save_tiny_blip2, save_tiny_owlv2
+    from multiconcept.models import quiet_loading
 
     root, models = tiny
     with quiet_loading():

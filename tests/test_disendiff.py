@@ -5,10 +5,10 @@ import torch
 
 from multiconcept.data import build_concept_set
 from multiconcept.methods import get_method
+from multiconcept.methods.finetune import Trainer
 from multiconcept.models import load_base, toyworld_available
 from multiconcept.prompts import Concept
 from multiconcept.toyworld import left_to_right, write_two_concept_folder
-from multiconcept.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,9 @@ def test_union_sampling_and_mask_attention_loss(pair):
 def test_union_sampling_erases_the_unnamed_concept(pair):
     """unnamed=erase: 'a <s1> heart' is trained on the image with the other concept painted
     with the background; unnamed-out would instead leave its pixels out of the loss."""
-    from multiconcept.data import mask_tensor, to_tensor
     from PIL import Image
+
+    from multiconcept.data import mask_tensor, to_tensor
 
     m, tr, _ = make(pair, union_sampling=True, unnamed="erase", loss_region="all")
     size = tr.size

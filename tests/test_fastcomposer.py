@@ -11,10 +11,10 @@ from torch import nn
 
 from multiconcept.errors import UserError
 from multiconcept.methods.fastcomposer import (
-    augment_crop,
     FastComposer,
     FastComposerConfig,
     FusionMLP,
+    augment_crop,
     parse_subject_prompt,
     subject_crop,
     tiny_image_encoder,
@@ -175,8 +175,8 @@ def test_image_encoder_from_a_clip_model_folder_is_its_vision_tower(tmp_path):
     # the ToyWorld evaluator's path: a saved CLIPModel with [-1, 1] pixel statistics
     from transformers import CLIPModel
 
-    from multiconcept.metrics.tiny import save_tiny_clip
     from multiconcept.methods.fastcomposer import load_image_encoder
+    from multiconcept.metrics.tiny import save_tiny_clip
 
     folder = save_tiny_clip(tmp_path / "clip", image_size=32, seed=3,
                             processor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
@@ -318,7 +318,8 @@ def test_resume_continues_exactly(subject_folder, tmp_path):
     cfg = dict(steps=4, batch_size=2, lr=1e-3, checkpoint_every=0)
     full = train_encoder(str(subject_folder), tmp_path / "full", base="tiny", cfg=FastComposerConfig(**cfg), progress=False)
     part = tmp_path / "part"
-    assert train_encoder(str(subject_folder), part, base="tiny", cfg=FastComposerConfig(**cfg), progress=False, stop_after=2) is None
+    assert train_encoder(str(subject_folder), part, base="tiny", cfg=FastComposerConfig(**cfg), progress=False,
+                         stop_after=2) is None
     assert (part / "checkpoint.safetensors").is_file() and not (part / "fastcomposer.json").exists()
     train_encoder(str(subject_folder), part, base="tiny", cfg=FastComposerConfig(**cfg), progress=False, resume=True)
     assert not (part / "checkpoint.safetensors").exists()
@@ -440,7 +441,8 @@ def test_converter_round_trip(official_checkpoint, run_cli, tmp_path):
     from PIL import Image
 
     Image.fromarray(two_subject_record().image).save(img)
-    code, _, stderr = run_cli("compose", "a star <img>", "--subject", img, "--model", out, "--steps", "2", "--out", tmp_path / "o")
+    code, _, stderr = run_cli("compose", "a star <img>", "--subject", img, "--model", out, "--steps", "2",
+                              "--out", tmp_path / "o")
     assert code == 0, stderr
 
 
@@ -467,11 +469,15 @@ def test_bad_inputs_exit_2_with_one_line(run_cli, subject_folder, tmp_path):
     not_model = tmp_path / "empty"
     not_model.mkdir()
     cases = [
-        (["train-encoder", "--method", "subject-magic", "--data", "toyworld", "--out", tmp_path / "m", "--base", "tiny"], "unknown encoder method"),
+        (["train-encoder", "--method", "subject-magic", "--data", "toyworld", "--out", tmp_path / "m", "--base", "tiny"],
+         "unknown encoder method"),
         (["train-encoder", "--method", "fastcomposer", "--data", tmp_path / "nope", "--out", tmp_path / "m"], "neither"),
-        (["train-encoder", "--method", "fastcomposer", "--data", bad_manifest, "--out", tmp_path / "m", "--base", "tiny"], "does not exist"),
-        (["train-encoder", "--method", "fastcomposer", "--data", "toyworld", "--out", tmp_path / "m", "-p", "subject_keep=2"], "probability"),
-        (["compose", "a star <img> and a circle", "--subject", img, "--subject", img, "--model", not_model], "no fastcomposer.json"),
+        (["train-encoder", "--method", "fastcomposer", "--data", bad_manifest, "--out", tmp_path / "m", "--base", "tiny"],
+         "does not exist"),
+        (["train-encoder", "--method", "fastcomposer", "--data", "toyworld", "--out", tmp_path / "m", "-p", "subject_keep=2"],
+         "probability"),
+        (["compose", "a star <img> and a circle", "--subject", img, "--subject", img, "--model", not_model],
+         "no fastcomposer.json"),
         (["compose", "a star <img>", "--subject", tmp_path / "missing.png", "--model", not_model], "does not exist"),
         (["compose", "a star <img>", "--subject", img, "--model", not_model, "--alpha", "1.5"], "--alpha"),
         (["convert-fastcomposer", tmp_path / "none.bin", "--out", tmp_path / "o"], "does not exist"),

@@ -14,9 +14,9 @@ from multiconcept.bundle import describe, load_bundle
 from multiconcept.data import build_concept_set, to_tensor
 from multiconcept.errors import UserError
 from multiconcept.methods import get_method
+from multiconcept.methods.finetune import Trainer, train
 from multiconcept.models import load_base, toyworld_available
 from multiconcept.prompts import Concept
-from multiconcept.train import Trainer, train
 from multiconcept.workflows.generate import SampleSettings, generate, load_with_bundles
 
 Infusion, InfusionConfig = infusion.Infusion, infusion.InfusionConfig

@@ -2,7 +2,6 @@
 the models' own forward, scales, ToyWorld leakage, and an evaluator that
 really ranks captions (the shipped one, and a tiny one trained here)."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from multiconcept.metrics import (
     clip_text,
     load_clip,
     load_dino,
-    load_overfitting,
     mean_pairwise_cosine,
     scaled,
     toyworld_evaluator_available,
@@ -154,12 +152,6 @@ def test_loading_errors_name_the_problem(tmp_path, clip_dir, vit_dir, monkeypatc
     monkeypatch.setattr(clip_module, "TOYWORLD_EVALUATOR", tmp_path / "no-evaluator")  # an install without it
     with pytest.raises(UserError, match="--clip"):
         load_clip(None)
-
-
-def test_overfitting_slot_fails_in_one_clear_line_when_absent(monkeypatch):
-    monkeypatch.setitem(sys.modules, "multiconcept.metrics.overfitting", None)  # as if the module were not installed
-    with pytest.raises(UserError, match="^overfitting metrics are not available in this install$"):
-        load_overfitting()
 
 
 # ---------------------------------------------------------------- ToyWorld leakage

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-import multiconcept.metrics.overfitting as of
+import multiconcept.workflows.overfitting as of
 from multiconcept.data import build_concept_set
 from multiconcept.errors import UserError
 from multiconcept.methods import get_method
+from multiconcept.methods.finetune import train
 from multiconcept.methods.infusion import Infusion, InfusionConfig
 from multiconcept.models import tiny_tokenizer
 from multiconcept.prompts import Concept
-from multiconcept.train import train
 from multiconcept.workflows.generate import load_with_bundles
 
 
@@ -125,7 +125,8 @@ def test_overfitting_report_for_infusion_and_custom_diffusion(bundles, evaluator
     inf = next(v for v in w.values() if v["method"] == "infusion")
     cd = next(v for v in w.values() if v["method"] == "custom-diffusion")
     assert inf["custom_prompts"][0] == "a cat on a white background"  # Infusion names its concept by the class word
-    assert cd["custom_prompts"][0] == "a <t1> toy on a white background" and cd["base_prompts"][0] == "a toy on a white background"
+    assert (cd["custom_prompts"][0] == "a <t1> toy on a white background"
+            and cd["base_prompts"][0] == "a toy on a white background")
 
 
 def test_overfitting_report_needs_an_evaluator(bundles, tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_overfitting_report_needs_an_evaluator(bundles, tmp_path, monkeypatch):
 def test_fisher_divergence_compares_epsilon_whatever_the_base_predicts(kind):
     from diffusers import DDIMScheduler
 
-    from multiconcept.metrics.overfitting import as_epsilon
+    from multiconcept.workflows.overfitting import as_epsilon
 
     sched = DDIMScheduler(prediction_type=kind)
     g = torch.Generator().manual_seed(0)

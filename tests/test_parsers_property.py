@@ -151,7 +151,7 @@ def test_param_values(cfg_cls):
 @SETTINGS
 @given(st.lists(st.one_of(TEXT, st.builds(lambda k, v: f"{k}={v}", TEXT, TEXT)), max_size=4))
 def test_key_values(pairs):
-    from multiconcept.cli import key_values
+    from multiconcept.cli.options import key_values
 
     d = refused_or(key_values, pairs, "--param")
     if d is not None:

@@ -54,10 +54,10 @@ def test_shipped_base_draws_the_prompted_class_with_and_without_a_colour_word():
 def test_short_learning_run_moves_generations_toward_the_reference(tmp_path):
     from multiconcept.data import build_concept_set
     from multiconcept.methods import get_method
+    from multiconcept.methods.finetune import train
     from multiconcept.metrics.clip import load_clip, mean_pairwise_cosine
     from multiconcept.prompts import Concept
     from multiconcept.toyworld import write_concept_folder
-    from multiconcept.train import train
     from multiconcept.workflows.generate import SampleSettings, generate, load_with_bundles
 
     pairs = write_concept_folder("checkered_star", tmp_path / "ref", n=4, seed=0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from multiconcept.errors import UserError
+from multiconcept.workflows.generate import SCHEDULERS
 from multiconcept.workflows.toyworld_build.settings import BuildConfig, check_state
 from multiconcept.workflows.toyworld_build.unet import make_schedulers
-from multiconcept.workflows.generate import SCHEDULERS
 
 
 def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
@@ -85,9 +85,9 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     a caption longer than it would lose its last words in training."""
     import numpy as np
 
+    from multiconcept.toyworld.render import base_training_scene, describe
     from multiconcept.workflows.toyworld_build.common import Log
     from multiconcept.workflows.toyworld_build.tokenizer import train_tokenizer
-    from multiconcept.toyworld.render import base_training_scene, describe
 
     cfg = BuildConfig()
     tokenizer = train_tokenizer(cfg, tmp_path / "tok", Log(tmp_path / "log", echo=False))

@@ -193,7 +193,8 @@ def test_latent_normalisation_keeps_the_autoencoder_and_whitens_latents():
     torch = pytest.importorskip("torch")
     from diffusers import AutoencoderKL
 
-    from multiconcept.workflows.toyworld_build.vae import latent_stats as _latent_stats, normalise_latents
+    from multiconcept.workflows.toyworld_build.vae import latent_stats as _latent_stats
+    from multiconcept.workflows.toyworld_build.vae import normalise_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,

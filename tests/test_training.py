@@ -8,9 +8,9 @@ import torch
 from multiconcept.bundle import load_bundle, save_bundle
 from multiconcept.data import build_concept_set
 from multiconcept.methods import get_method
+from multiconcept.methods.finetune import Trainer, TrainingDiverged, train
 from multiconcept.models import load_base
 from multiconcept.prompts import Concept
-from multiconcept.train import Trainer, TrainingDiverged, train
 
 
 def concept_set(scene):
@@ -143,8 +143,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(scene, tmp_path, monkeypatch
 
 
 def test_augmentation_shrinks_and_masks(scene):
-    from multiconcept.data import scale_augment, to_tensor, mask_tensor
     from PIL import Image
+
+    from multiconcept.data import mask_tensor, scale_augment, to_tensor
 
     img = to_tensor(Image.open(scene["image"]), 32)
     m = mask_tensor(Image.open(scene["m1"]).convert("L"), 32)
@@ -167,7 +168,7 @@ def test_latent_mode_uses_the_posterior_mean_when_a_channel_collapsed(scene):
     from PIL import Image
 
     from multiconcept.data import to_tensor
-    from multiconcept.train import choose_latent_mode, latents_from_moments
+    from multiconcept.methods.finetune import choose_latent_mode, latents_from_moments
 
     vae = load_base("tiny").vae
     px = to_tensor(Image.open(scene["image"]), 32)[None]
@@ -188,7 +189,7 @@ def test_latent_mode_uses_the_posterior_mean_when_a_channel_collapsed(scene):
 
 
 def test_loss_region_modes():
-    from multiconcept.train import loss_region
+    from multiconcept.methods.finetune import loss_region
 
     named = torch.zeros(1, 4, 4)
     named[0, :2, :2] = 1

@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import is_dir, is_file, require
-from .images import SUFFIXES, limits, read_image, read_mask
+from .images import SUFFIXES, as_image, limits, read_image, read_mask
 from .prompts import Concept
 
 IMAGE_SUFFIXES = SUFFIXES
@@ -69,37 +70,62 @@ class ConceptSet:
         return [c.token for c in self.concepts]
 
 
+@dataclass(frozen=True)
+class Source:
+    """One training image (a path or a PIL image), the concepts it shows (default:
+    every concept learned) and, optionally, a mask per concept (white = the concept)."""
+
+    image: str | Path | Image.Image
+    masks: Mapping[str, str | Path | Image.Image] = field(default_factory=dict)
+    concepts: tuple[str, ...] | None = None
+
+
+def concept_set(concepts: Sequence[Concept], sources: Sequence[Source]) -> ConceptSet:
+    """Typed concepts and sources -> the training set, every image and mask read and checked."""
+    require(bool(concepts), "no concept given: add --concept '<cat1>=cat'")
+    require(bool(sources), "no image given: add --image PATH (an image or a folder)")
+    tokens = [c.token for c in concepts]
+    require(len(set(tokens)) == len(tokens), f"a concept token is given twice in {tokens}: use distinct tokens")
+    examples = []
+    for src in sources:
+        shows = list(src.concepts) if src.concepts is not None else tokens
+        for t in [*shows, *src.masks]:
+            require(t in tokens, f"{t} is not a concept being learned ({', '.join(tokens)}): add --concept '{t}=CLASS'")
+        image = as_image(src.image, role="source image", min_side=limits.min_side)
+        masks = {t: read_mask(m, image.size) for t, m in src.masks.items()}
+        name = "an in-memory image" if isinstance(src.image, Image.Image) else str(src.image)
+        examples.append(Example(image, shows, masks, source=name))
+    return ConceptSet(list(concepts), examples)
+
+
 def build_concept_set(concepts: list[Concept], images: list[str], masks: list[str] = ()) -> ConceptSet:
-    """From CLI-style specs.
+    """From the command line's specs.
 
     images: 'PATH' (an image or folder that holds every concept) or
             'TOKEN=PATH' (images of one concept);
     masks:  'TOKEN=PATH', in the same order as that token's images.
     """
-    require(bool(concepts), "no concept given: add --concept '<cat1>=cat'")
     require(bool(images), "no image given: add --image PATH (an image or a folder)")
     tokens = [c.token for c in concepts]
-    require(len(set(tokens)) == len(tokens), f"a concept token is given twice in {tokens}: use distinct tokens")
-    examples: list[Example] = []
+    files: list[tuple[Path, list[str]]] = []
     for spec in images:
         token, path = _split_token(spec, tokens)
-        for f in list_images(path):
-            image = load_image(f, role="source image", min_side=limits.min_side)
-            examples.append(Example(image, tokens if token is None else [token], source=str(f)))
+        files += [(f, tokens if token is None else [token]) for f in list_images(path)]
     mask_specs: dict[str, list[str]] = {}
     for spec in masks:
         token, path = _split_token(spec, tokens)
         require(token is not None, f"mask {spec!r} must say its concept: TOKEN=PATH, e.g. '<cat1>=cat_mask.png'")
         mask_specs.setdefault(token, []).append(path)
+    given: list[dict[str, str]] = [{} for _ in files]
     for token, paths in mask_specs.items():
-        holders = [e for e in examples if token in e.tokens]
+        holders = [i for i, (_, shows) in enumerate(files) if token in shows]
         require(
             len(paths) == len(holders),
             f"{token} has {len(paths)} mask(s) for {len(holders)} image(s): give one mask per image, in order",
         )
-        for e, p in zip(holders, paths):
-            e.masks[token] = load_mask(p, e.image.size)
-    return ConceptSet(list(concepts), examples)
+        for i, p in zip(holders, paths):
+            given[i][token] = p
+    return concept_set(concepts, [Source(f, m, tuple(shows)) for (f, shows), m in zip(files, given)])
 
 
 def _split_token(spec: str, tokens: list[str]) -> tuple[str | None, str]:
@@ -141,7 +167,8 @@ def center_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + s, top + s))
 
 
-def scale_augment(image: torch.Tensor, mask: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def scale_augment(image: torch.Tensor, mask: torch.Tensor,
+                  rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """Custom Diffusion's scale augmentation on a [-1,1] CHW image.
 
     With p≈0.66 the image is shrunk to a random size in [size/3, size] and

@@ -97,28 +97,47 @@ def read_image(path: str | Path, *, role: str = "image", min_side: int = 1, back
         f"{role} {path} is {img.size[0]}x{img.size[1]} pixels, too small to learn from: "
         f"give at least {min_side} pixels on the shorter side",
     )
-    if mode in ("RGBA", "LA", "P"):
+    return flatten(img, background)
+
+
+def flatten(img: Image.Image, background) -> Image.Image:
+    """RGB, transparent pixels composited on `background`."""
+    if img.mode in ("RGBA", "LA", "P"):
         rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        img = Image.alpha_composite(canvas, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")
 
 
-def read_mask(path: str | Path, size: tuple[int, int] | None = None, *, role: str = "mask") -> Image.Image:
-    """A binary mask (white = the concept), the size of its image when `size` is given."""
-    m = np.asarray(read_image(path, role=role, background=(0, 0, 0)).convert("L"))
+def as_image(value: str | Path | Image.Image, *, role: str = "image", min_side: int = 1,
+             background=(255, 255, 255)) -> Image.Image:
+    """A path or an in-memory PIL image, under the same rules as a file (the Python API's inputs)."""
+    if not isinstance(value, Image.Image):
+        return read_image(value, role=role, min_side=min_side, background=background)
+    w, h = value.size
+    require(max(w, h) <= limits.max_side, f"{role} is {w}x{h} pixels, over the limit of {limits.max_side} on a side: "
+                                         f"downscale it, or raise the limit (multiconcept.images.limits.max_side)")
+    require(min(w, h) >= min_side, f"{role} is {w}x{h} pixels, too small to learn from: give at least {min_side} pixels "
+                                   f"on the shorter side")
+    require(value.mode in READABLE_MODES, f"{role} has mode {value.mode}, which is not supported: convert it to RGB")
+    return flatten(value, background)
+
+
+def read_mask(path: str | Path | Image.Image, size: tuple[int, int] | None = None, *, role: str = "mask") -> Image.Image:
+    """A binary mask (white = the concept), the size of its image when `size` is given; a path or a PIL image."""
+    where = role if isinstance(path, Image.Image) else f"{role} {path}"
+    m = np.asarray(as_image(path, role=role, background=(0, 0, 0)).convert("L"))
     if size is not None:
         require(
             (m.shape[1], m.shape[0]) == tuple(size),
-            f"{role} {path} is {m.shape[1]}x{m.shape[0]} but its image is {size[0]}x{size[1]}: make them the same size",
+            f"{where} is {m.shape[1]}x{m.shape[0]} but its image is {size[0]}x{size[1]}: make them the same size",
         )
     grey = float(((m > GREY_LOW) & (m < GREY_HIGH)).mean())
     require(
         grey <= MAX_GREY_SHARE,
-        f"{role} {path} is not a mask: {grey:.0%} of its pixels are grey, neither black nor white: "
+        f"{where} is not a mask: {grey:.0%} of its pixels are grey, neither black nor white: "
         f"paint the concept white on black",
     )
     arr = m > 127
-    require(bool(arr.any()), f"{role} {path} is empty (no white pixels): paint the concept white on black")
+    require(bool(arr.any()), f"{where} is empty (no white pixels): paint the concept white on black")
     return Image.fromarray((arr * 255).astype(np.uint8), "L")
 

@@ -223,3 +223,23 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     if kind == "sample":
         return clipped
     return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.zeros_like(snr))
+
+
+def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
+                   loss_mask: torch.Tensor, store=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The diffusion loss every trainer here uses (DDPM, Ho et al. 2020): `z0` noised at a timestep
+    drawn uniformly, the UNet's prediction against its target (epsilon or v, as the scheduler
+    says), mean squared error over `loss_mask` (b 1 h w, pixels; pooled to the latent grid). With
+    `store`, the UNet's attention is captured into it on the way."""
+    from contextlib import nullcontext
+
+    from .attention import capture_attention
+
+    dev, dtype = z0.device, dtype or unet.dtype
+    noise = torch.randn(z0.shape, generator=gen).to(dev)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(dev)
+    zt = scheduler.add_noise(z0, noise, t)
+    with capture_attention(unet, store) if store is not None else nullcontext():
+        pred = unet(zt.to(dtype), t, cond.to(dtype)).sample.float()
+    mask = F.interpolate(loss_mask.to(dev), size=z0.shape[-2:], mode="area")
+    return masked_mse(pred, diffusion_target(scheduler, z0, noise, t), mask)

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def fingerprint(pipe) -> str:
     h = hashlib.sha256()
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):
         raw = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
-        cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+        cfg = {k: v for k, v in raw.items()
+               if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
         h.update(type(part).__name__.encode())
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(str(pipe.text_encoder.get_input_embeddings().weight.shape[0]).encode())
@@ -223,6 +225,21 @@ def fingerprint(pipe) -> str:
 
 def toyworld_available() -> bool:
     return (TOYWORLD_DIR / "base" / "model_index.json").is_file()
+
+
+@contextmanager
+def quiet_loading():
+    """No 'Loading weights' bars from transformers while a model loads: the caller
+    shows its own progress, and errors stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def follow_progress_bar_setting() -> None:
@@ -259,7 +276,8 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
         path = Path(name)
         if path.exists():
             if not (path / "model_index.json").is_file():
-                raise UserError(f"{name} has no model_index.json: pass a StableDiffusionPipeline folder (save_pretrained) or a hub id")
+                raise UserError(f"{name} has no model_index.json: "
+                                "pass a StableDiffusionPipeline folder (save_pretrained) or a hub id")
             source = str(path)
         else:
             source = name
@@ -269,7 +287,8 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load base {name!r} ({first}): pass a local pipeline folder, or a hub id with network access") from e
+            raise UserError(f"could not load base {name!r} ({first}): "
+                            "pass a local pipeline folder, or a hub id with network access") from e
     pipe.set_progress_bar_config(disable=True)
     fp = fingerprint(pipe)
     pipe = pipe.to(dev)

@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .loading import load, model_source, model_type
-from .records import Entity
-
 from .defaults import BOX_THRESHOLD, NMS_IOU, TEXT_THRESHOLD
 from .defaults import DETECTOR as DEFAULT_DETECTOR
+from .loading import load, model_source, model_type
+from .records import Entity
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
@@ -83,7 +82,8 @@ class GroundingDinoDetector(Detector):
         res = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
             target_sizes=[im.size[::-1] for im in images])
-        return [{"boxes": r["boxes"], "scores": r["scores"], "labels": r["text_labels"] if "text_labels" in r else r["labels"]} for r in res]
+        return [{"boxes": r["boxes"], "scores": r["scores"],
+                 "labels": r["text_labels"] if "text_labels" in r else r["labels"]} for r in res]
 
 
 class Owlv2Detector(Detector):

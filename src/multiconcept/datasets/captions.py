@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .defaults import CAPTIONER as DEFAULT_CAPTIONER
 from .loading import load, model_source, model_type
 
-from .defaults import CAPTIONER as DEFAULT_CAPTIONER
 MAX_NEW_TOKENS = 30
 
 

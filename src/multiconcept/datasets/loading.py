@@ -6,12 +6,12 @@ its checkpoint: `--captioner Salesforce/blip2-opt-2.7b` is BLIP-2, a folder hold
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, require
+from ..models import quiet_loading
 
 
 def model_source(name: str, flag: str) -> str:
@@ -40,20 +40,6 @@ def model_type(source: str, flag: str) -> str:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-@contextmanager
-def quiet_loading():
-    """No 'Loading weights' bars: the builder shows its own progress."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def load(model_cls, processor_cls, source: str, flag: str, device: torch.device, dtype: torch.dtype):

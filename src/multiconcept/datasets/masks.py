@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .defaults import SEGMENTER as DEFAULT_SEGMENTER
 from .loading import load, model_source, model_type
 from .records import Entity
-
-from .defaults import SEGMENTER as DEFAULT_SEGMENTER
 
 
 class SamSegmenter:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError, require
-
 from .defaults import NOUNS as DEFAULT_NOUNS
 
 

@@ -150,7 +150,7 @@ def save_tiny_sam(folder: str | Path, seed: int = 0, image_size: int = 64, width
 
 def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
     """{captioner, detector, segmenter, nouns}: StageSpec arguments for the whole tiny pipeline."""
-    from .loading import quiet_loading
+    from ..models import quiet_loading
 
     folder = Path(folder)
     with quiet_loading():

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..bundle import Bundle
 from ..data import ConceptSet
-from ..errors import UserError
+from ..errors import UserError, require
 from ..models import Base
 from ..prompts import Concept, add_concept_tokens, set_token_rows
 
@@ -84,6 +84,27 @@ def check_settings(cfg) -> None:
         if low is not None and (v < low or (v == low and not inclusive)):
             bound = f"at least {low}" if inclusive else f"greater than {low}"
             raise UserError(f"setting {f.name} must be {bound}, got {v}: fix --param {f.name} (or its option)")
+
+
+def apply_values(cfg, values: dict[str, object]):
+    """Typed settings (the Python API's) onto a config dataclass: each value must have
+    its setting's type (an int where a float is wanted is fine); then every number is checked."""
+    known = {f.name for f in fields(cfg)}
+    for key, val in values.items():
+        require(key in known, f"{type(cfg).__name__} has no setting {key!r}: see `multiconcept methods` for the list")
+        cur = getattr(cfg, key)
+        kind = type(cur)
+        ok = isinstance(val, kind) and not (isinstance(val, bool) and kind is not bool)
+        if kind is float and isinstance(val, int) and not isinstance(val, bool):
+            val, ok = float(val), True
+        if kind is tuple and isinstance(val, list):
+            val, ok = tuple(val), True
+        require(ok, f"setting {key}={val!r} must be of type {kind.__name__}: fix the value")
+        if key in CHOICES:
+            require(val in CHOICES[key], f"{key} must be one of {', '.join(CHOICES[key])}, got {val!r}")
+        setattr(cfg, key, val)
+    check_settings(cfg)
+    return cfg
 
 
 def apply_overrides(cfg, overrides: dict[str, str]):
@@ -252,6 +273,7 @@ class Method:
             params = dict(base.unet.named_parameters())
             for name, d in deltas.items():
                 if name not in params:
-                    raise UserError(f"bundle changes {name}, which this base's UNet does not have: the bundle is for another base")
+                    raise UserError(f"bundle changes {name}, which this base's UNet does not have: "
+                                    "the bundle is for another base")
                 with torch.no_grad():
                     params[name].add_(d.to(params[name]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..errors import UserError
 from .base import Method, TrainConfig, hp
 
@@ -100,7 +99,8 @@ class DreamBoothLora(Method):
                 base.text_encoder.add_adapter(lora_config(x["rank"], x["alpha"], x["text_targets"]), adapter_name=name)
                 set_peft_model_state_dict(base.text_encoder, te_sd, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
-            raise UserError(f"LoRA bundle {bundle.tokens} does not fit this base ({str(e).splitlines()[0]}): use the base it was learned on") from e
+            raise UserError(f"LoRA bundle {bundle.tokens} does not fit this base ({str(e).splitlines()[0]}): "
+                            "use the base it was learned on") from e
         active = getattr(base, "_active_loras", [])
         active.append(name)
         base._active_loras = active

@@ -12,7 +12,6 @@ per image before averaging, as those definitions do.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError, require
-from ..models import TOYWORLD_DIR
+from ..models import TOYWORLD_DIR, quiet_loading
 from ..prompts import strip_tokens
 from .preprocess import ImagePreprocess, from_config
 
@@ -100,21 +99,6 @@ def model_type(source: str, flag: str) -> str:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load {flag} {source!r} ({first}): pass a local model folder, "
                         f"or a hub id with network access") from e
-
-
-@contextmanager
-def quiet_loading():
-    """No 'Loading weights' bars from transformers while a metric model loads:
-    the caller shows its own progress, and errors stay one line."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def features(out) -> torch.Tensor:

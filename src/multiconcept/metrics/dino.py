@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError, require
-from .clip import model_source, model_type, quiet_loading
+from ..models import quiet_loading
+from .clip import model_source, model_type
 from .preprocess import ImagePreprocess, dino_recipe
 
 # model types whose last_hidden_state[:, 0] is a CLS token

@@ -195,7 +195,8 @@ def _one_step(job, optimizer, params, settings: LoopSettings, acc, step: int, ch
 
 
 def _progress_bar(name: str, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
     p = Bar(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
             TimeRemainingColumn())

@@ -165,16 +165,20 @@ class LearnJob:
         return self.cell.bundle.is_file()
 
     def run(self) -> dict:
-        from .learn import learn
+        from ..data import Source as TrainingImage
+        from ..data import concept_set
+        from ..methods import get_method
+        from ..methods.base import apply_overrides, apply_values
+        from ..prompts import Concept
+        from .learn import learn_concepts
 
         s, src = self.settings, self.cell.source
-        overrides = {k: v for k, v in s.params}
-        overrides["seed"] = str(s.train_seed)
-        if s.steps is not None:
-            overrides["steps"] = str(s.steps)
-        learn(self.cell.method, [c.spec for c in src.concepts], [str(src.image)],
-              [f"{c.token}={c.mask}" for c in src.concepts], self.cell.bundle, base=s.base, overrides=overrides,
-              resume=True, device=s.device, progress=False)
+        cfg = apply_overrides(get_method(self.cell.method).Config(), dict(s.params))  # --param strings, as typed
+        cfg = apply_values(cfg, {"seed": s.train_seed} | ({} if s.steps is None else {"steps": s.steps}))
+        data = concept_set([Concept(c.token, c.class_word) for c in src.concepts],
+                           [TrainingImage(src.image, {c.token: c.mask for c in src.concepts})])
+        learn_concepts(self.cell.method, data, self.cell.bundle, config=cfg, base=s.base, resume=True, device=s.device,
+                       progress=False)
         return {}
 
 
@@ -463,7 +467,7 @@ def benchmark(sources: Sequence[str | Path], settings: BenchmarkSettings, out: s
     run = {"executor": executor.name, "stages": timings}
     atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     if report:
-        from ..metrics.report import write_report
+        from .benchmark_report import write_report
 
         write_report(out, results, cells, run)
     return {**results, "run": run}

@@ -131,6 +131,33 @@ def subject_crops(subjects: list[tuple[Image.Image, np.ndarray | None]], size: i
     return torch.stack([subject_crop(img, mask, None, size, rng) for img, mask in subjects])
 
 
+def _compose(prompt: str, subjects: list[str], model, n: int, seed: int, settings: ComposeSettings, base, device, dtype):
+    """Yield (seed, image) for seeds seed .. seed+n-1, and first the loaded model.
+
+    All n images share the subjects' crops (their noise is seeded by `seed`)."""
+    settings.check()
+    require(n >= 1, f"-n must be at least 1, got {n}")
+    require(bool(subjects), "no subject given: add --subject IMG[:MASK], one per image marker in the prompt")
+    pictures = read_subjects(subjects)  # bad files: fail before loading models
+    if not isinstance(model, FastComposer):
+        model = FastComposer.load(model, base=base, device=device, dtype=dtype)
+    parsed = parse_subject_prompt(model.tokenizer, prompt, len(subjects))
+    crops = subject_crops(pictures, model.encoder.image_size, seed)
+    yield model
+    for start in range(0, n, settings.batch_size):
+        seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
+        yield from zip(seeds, sample(model, parsed, crops, seeds, settings))
+
+
+def compose_images(prompt: str, subjects: list[str], model: FastComposer | str | Path, n: int = 1, seed: int = 0,
+                   settings: ComposeSettings = ComposeSettings(), base=None, device: str = "auto",
+                   dtype: str = "fp32") -> list[Image.Image]:
+    """n images of `prompt` with the subjects, in memory."""
+    run = _compose(prompt, subjects, model, n, seed, settings, base, device, dtype)
+    next(run)
+    return [img for _, img in run]
+
+
 def compose(
     prompt: str,
     subjects: list[str],
@@ -143,18 +170,10 @@ def compose(
     device: str = "auto",
     dtype: str = "fp32",
 ) -> list[Path]:
-    """Write n PNGs (seeds seed … seed+n−1) with their settings in the metadata.
-
-    All n images share the subjects' crops (their noise is seeded by `seed`)."""
-    settings.check()
-    require(n >= 1, f"-n must be at least 1, got {n}")
-    require(bool(subjects), "no subject given: add --subject IMG[:MASK], one per image marker in the prompt")
-    pictures = read_subjects(subjects)  # bad files: fail before loading models
+    """Write n PNGs (seeds seed … seed+n−1) with their settings in the metadata."""
     model_name = Path(model).name if not isinstance(model, FastComposer) else "fastcomposer"
-    if not isinstance(model, FastComposer):
-        model = FastComposer.load(model, base=base, device=device, dtype=dtype)
-    parsed = parse_subject_prompt(model.tokenizer, prompt, len(subjects))
-    crops = subject_crops(pictures, model.encoder.image_size, seed)
+    run = _compose(prompt, subjects, model, n, seed, settings, base, device, dtype)
+    model = next(run)
     base = model.base
     out_dir = Path(out_dir)
     meta_common = {
@@ -165,11 +184,9 @@ def compose(
         "subjects": subjects, "bundles": [], "tokens": [], "class_words": [],
     }
     paths = []
-    for start in range(0, n, settings.batch_size):
-        seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
-        for s, img in zip(seeds, sample(model, parsed, crops, seeds, settings)):
-            path = out_dir / f"{s:06d}.png"
-            meta = {**meta_common, "seed": s}
-            atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
-            paths.append(path)
+    for s, img in run:
+        path = out_dir / f"{s:06d}.png"
+        meta = {**meta_common, "seed": s}
+        atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
+        paths.append(path)
     return paths

@@ -16,11 +16,13 @@ import numpy as np
 from PIL import Image
 
 from .. import report
+from ..data import Source, concept_set
 from ..images import read_image, read_mask
 from ..models import toyworld_available
+from ..prompts import Concept
 from ..toyworld import check, left_to_right, write_two_concept_folder
 from .generate import SampleSettings, generate, load_with_bundles
-from .learn import learn
+from .learn import learn_concepts
 
 PAIR = ("checkered_star", "dotted_heart")
 TOKENS = ("<s1>", "<s2>")
@@ -36,7 +38,7 @@ def demo_method() -> str:
 DEMO_STEPS = 250
 
 
-def demo_settings(method: str, background: str) -> dict[str, str]:
+def demo_settings(method: str, background: str) -> dict[str, object]:
     """The demo's training settings over the method's defaults (measured on the ToyWorld base,
     docs/demo.md, "The demo's settings"): with the paper's lr (1e-5 x batch 2), scale augmentation,
     flips and 'photo of a {}' captions, 60-300 steps learned neither concept.
@@ -48,30 +50,30 @@ def demo_settings(method: str, background: str) -> dict[str, str]:
     - Break-A-Scene's union sampling with the unnamed concept painted out (the source has a
       plain background), so 'a <s2> star' is trained on an image holding only the star.
     """
-    settings = {"grad_accum": "1", "lr": "1e-4", "augment": "false",
-                "templates": f"a {{}} on {'an' if background[0] in 'aeiou' else 'a'} {background} background"}
+    settings = {"grad_accum": 1, "lr": 1e-4, "augment": False,
+                "templates": (f"a {{}} on {'an' if background[0] in 'aeiou' else 'a'} {background} background",)}
     if method == "disendiff":
-        settings.update({"union_sampling": "true", "unnamed": "erase", "loss_region": "all"})
+        settings.update({"union_sampling": True, "unnamed": "erase", "loss_region": "all"})
     return settings
 
 
 def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = None, n_images: int = 4,
-             overrides: dict[str, str] | None = None) -> Path:
+             overrides: dict[str, object] | None = None) -> Path:
     out = Path(out_dir)
     if base is None:
         base = "toyworld" if toyworld_available() else "tiny"
     src = out / "source"
     scene = write_two_concept_folder(*PAIR, src, seed=0)
     a, b = left_to_right(scene.objects)  # <s1> is the left object
-    concepts = [f"{TOKENS[0]}={a.noun}", f"{TOKENS[1]}={b.noun}"]
-    masks = [f"{TOKENS[0]}={src / f'{a.concept}_mask.png'}", f"{TOKENS[1]}={src / f'{b.concept}_mask.png'}"]
+    data = concept_set([Concept(TOKENS[0], a.noun), Concept(TOKENS[1], b.noun)],
+                       [Source(src / "image.png", {TOKENS[0]: src / f"{a.concept}_mask.png",
+                                                   TOKENS[1]: src / f"{b.concept}_mask.png"})])
     method = demo_method()
     steps = steps or (DEMO_STEPS if base != "tiny" else 10)
-    settings_used = {**demo_settings(method, scene.background), "steps": str(steps), **(overrides or {})}
+    settings_used = {**demo_settings(method, scene.background), "steps": steps, **(overrides or {})}
     bundle_path = out / "concepts.safetensors"
     t0 = time.perf_counter()
-    learn(method, concepts, [str(src / "image.png")], masks, bundle_path, base=base, overrides=settings_used,
-          progress=True)
+    learn_concepts(method, data, bundle_path, settings=settings_used, base=base, progress=True)
     learn_s = time.perf_counter() - t0
 
     loaded = load_with_bundles(base, [str(bundle_path)])

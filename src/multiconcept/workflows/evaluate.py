@@ -1,8 +1,7 @@
 """evaluate: generated PNGs (+ their metadata) and references → metric JSON.
 
 Each PNG written by `generate` carries its prompt, seed, tokens and class
-words. An image is scored by what its prompt holds (evaluation.md,
-DisenDiff's protocol):
+words. An image is scored by what its prompt holds (DisenDiff's protocol):
 - every concept ("combined"): image alignment to the whole source image,
   and to each concept's reference separately (the multi-subject protocol);
 - one concept: image alignment to that concept's reference — a crop of the
@@ -223,12 +222,14 @@ def build_references(reference: Sequence[str], reference_masks: Sequence[str], t
         elif token is None:
             refs.whole.extend(load_image(f, role="reference image") for f in _image_files(p))
         else:
-            require(token in tokens, f"--reference {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
+            require(token in tokens,
+                    f"--reference {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
             refs.concept.setdefault(token, []).extend(load_image(f, role="reference image") for f in _image_files(p))
     masks: dict[str, list[str]] = {}
     for spec in reference_masks:
         token, path = _token_spec(spec, "--reference-mask")
-        require(token in tokens, f"--reference-mask {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
+        require(token in tokens,
+                f"--reference-mask {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
         masks.setdefault(token, []).append(path)
     for token, paths in masks.items():
         require(len(paths) == len(refs.whole),
@@ -422,10 +423,6 @@ def evaluate(gen_dir: str | Path, reference: Sequence[str], reference_masks: Seq
              out: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
              overfitting: bool = False, bundles: Sequence[str] = (), base: str | None = None, seed: int = 0) -> dict:
     check_scale(scale)
-    if overfitting:
-        from ..metrics import load_overfitting
-
-        load_overfitting()  # fail before scoring when this install lacks it
     gens = list_generations(gen_dir)
     tokens = sorted({t for g in gens for t in g.tokens}, key=lambda t: min(g.tokens.index(t) for g in gens if t in g.tokens))
     refs = build_references(reference, reference_masks, tokens)
@@ -436,7 +433,7 @@ def evaluate(gen_dir: str | Path, reference: Sequence[str], reference_masks: Seq
               "models": models_block(scorers, scale, text_prefix),
               **score_generations(gens, refs, scorers, scale, text_prefix, root=Path(gen_dir))}
     if overfitting:
-        from ..metrics import overfitting_report
+        from .overfitting import overfitting_report
 
         paths = resolve_bundles(gen_dir, gens, bundles)
         bases = {read_png_metadata(g.path).get("base") for g in gens}

@@ -134,7 +134,8 @@ def check_lora_file(path: Path) -> None:
 
     from ..errors import is_file
 
-    require(path.suffix == ".safetensors" and is_file(path), f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
+    require(path.suffix == ".safetensors" and is_file(path),
+            f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -205,34 +206,16 @@ class Inpaint:
     mask: "Image.Image"  # noqa: F821
 
 
-def generate(
-    prompt: str,
-    loaded: Loaded,
-    n: int,
-    seed: int,
-    out_dir: str | Path,
-    settings: SampleSettings = SampleSettings(),
-    attention_maps: bool = False,
-    name_prefix: str = "",
-    inpaint: Inpaint | None = None,
-) -> list[Path]:
+def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSettings = SampleSettings(),
+         inpaint: Inpaint | None = None, attention_maps: bool = False):
+    """Yield (seed, image, attention store or None, index in the store) for images seed .. seed+n-1,
+    sampled in batches of `settings.batch_size`, after checking the prompt against the loaded concepts."""
     base, pipe = loaded.base, loaded.base.pipe
     require(n >= 1, f"-n must be at least 1, got {n}")
     locate_concepts(base.tokenizer, prompt, loaded.concepts)  # length limit, class words present
     refuse_undefined_tokens(prompt, [c.token for c in loaded.concepts])
     set_scheduler(pipe, settings.scheduler)
-    out_dir = Path(out_dir)
-    h = settings.height or base.resolution
-    w = settings.width or base.resolution
-    meta_common = {
-        "prompt": prompt, "negative_prompt": settings.negative_prompt, "scheduler": settings.scheduler,
-        "steps": settings.steps, "guidance": settings.guidance, "height": h, "width": w,
-        "base": base.name, "base_fingerprint": base.fingerprint,
-        "bundles": [Path(p).name for p, _ in loaded.bundles],
-        "tokens": [c.token for c in loaded.concepts], "class_words": [c.class_word for c in loaded.concepts],
-        "loras": list(loaded.extra_loras), "inpaint": inpaint is not None,
-    }
-    paths: list[Path] = []
+    h, w = settings.height or base.resolution, settings.width or base.resolution
     for start in range(0, n, settings.batch_size):
         seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -246,12 +229,38 @@ def generate(
         else:
             images = _sample(pipe, prompt, seeds, gens, settings, h, w, inpaint)
         for i, (s, img) in enumerate(zip(seeds, images)):
-            path = out_dir / image_name(s, name_prefix)
-            meta = {**meta_common, "seed": s}
-            atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
-            paths.append(path)
-            if store is not None:
-                write_heatmaps(store, i, base, prompt, img, out_dir / "attention", f"{name_prefix}{s:06d}_")
+            yield s, img, store, i
+
+
+def generate(
+    prompt: str,
+    loaded: Loaded,
+    n: int,
+    seed: int,
+    out_dir: str | Path,
+    settings: SampleSettings = SampleSettings(),
+    attention_maps: bool = False,
+    name_prefix: str = "",
+    inpaint: Inpaint | None = None,
+) -> list[Path]:
+    """`draw`, each image written as a PNG with its settings in the metadata (and its attention maps)."""
+    base, out_dir = loaded.base, Path(out_dir)
+    meta_common = {
+        "prompt": prompt, "negative_prompt": settings.negative_prompt, "scheduler": settings.scheduler,
+        "steps": settings.steps, "guidance": settings.guidance, "height": settings.height or base.resolution,
+        "width": settings.width or base.resolution, "base": base.name, "base_fingerprint": base.fingerprint,
+        "bundles": [Path(p).name for p, _ in loaded.bundles],
+        "tokens": [c.token for c in loaded.concepts], "class_words": [c.class_word for c in loaded.concepts],
+        "loras": list(loaded.extra_loras), "inpaint": inpaint is not None,
+    }
+    paths: list[Path] = []
+    for s, img, store, i in draw(prompt, loaded, n, seed, settings, inpaint, attention_maps):
+        path = out_dir / image_name(s, name_prefix)
+        meta = {**meta_common, "seed": s}
+        atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
+        paths.append(path)
+        if store is not None:
+            write_heatmaps(store, i, base, prompt, img, out_dir / "attention", f"{name_prefix}{s:06d}_")
     return paths
 
 

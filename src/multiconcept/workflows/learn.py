@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-from ..data import build_concept_set, class_caption, generate_regularisation, load_regularisation
+from ..data import ConceptSet, build_concept_set, class_caption, generate_regularisation, load_regularisation
 from ..errors import require
 from ..methods import get_method
-from ..methods.base import apply_overrides
+from ..methods.base import apply_overrides, apply_values
+from ..methods.finetune import train
 from ..models import Base, load_base
 from ..prompts import parse_concept
-from ..train import train
+from ..training import Progress
 
 
 def check_output(out: str | Path, *, overwrite: bool) -> None:
@@ -25,21 +27,33 @@ def check_output(out: str | Path, *, overwrite: bool) -> None:
 
 
 def learn(method: str, concepts: list[str], images: list[str], masks: list[str], out: str | Path, *,
-          base: Base | str | None = None, overrides: dict[str, str] | None = None, reg_dir: str | Path | None = None,
-          reg_generate: int = 0, resume: bool = False, device: str = "auto", dtype: str = "fp32",
-          progress: bool = True, work_dir: str | Path | None = None, stop_after: int | None = None,
-          overwrite: bool = True) -> Path | None:
-    check_output(out, overwrite=overwrite)
-    cls = get_method(method)  # unknown method: fail before loading anything
-    cfg = apply_overrides(cls.Config(), overrides or {})
+          overrides: dict[str, str] | None = None, **kw) -> Path | None:
+    """`learn_concepts` from the command line's specs: 'TOKEN=CLASS', 'PATH' or 'TOKEN=PATH', --param strings."""
+    check_output(out, overwrite=kw.get("overwrite", True))
+    cfg = apply_overrides(get_method(method).Config(), overrides or {})  # unknown method: fail before anything loads
     data = build_concept_set([parse_concept(c) for c in concepts], images, masks)
+    return learn_concepts(method, data, out, config=cfg, **kw)
+
+
+def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=None, settings: dict | None = None,
+                   base: Base | str | None = None, reg_dir: str | Path | None = None, reg_generate: int = 0,
+                   resume: bool = False, device: str = "auto", dtype: str = "fp32", progress: bool = True,
+                   work_dir: str | Path | None = None, stop_after: int | None = None, overwrite: bool = True,
+                   on_step: Callable[[Progress], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> Path | None:
+    """Learn `data`'s concepts with `method`; write the bundle to `out`. `config` is the method's
+    Config, or `settings` typed values over its defaults. Returns `out`, or None when the run
+    stopped early (`stop_after`, `cancel`: the checkpoint beside `out` holds the state)."""
+    check_output(out, overwrite=overwrite)
+    cls = get_method(method)
+    cfg = config if config is not None else apply_values(cls.Config(), settings or {})
     if not isinstance(base, Base):
         base = load_base(base, device=device, dtype=dtype)
     reg = []
     if reg_dir is not None:
         reg = load_regularisation(reg_dir)
     if reg_generate:
-        prompt = class_caption(data.concepts)
-        reg += generate_regularisation(base.pipe, prompt, reg_generate, Path(out).with_name(Path(out).stem + ".reg"), seed=cfg.seed)
+        folder = Path(out).with_name(Path(out).stem + ".reg")
+        reg += generate_regularisation(base.pipe, class_caption(data.concepts), reg_generate, folder, seed=cfg.seed)
     return train(cls, base, data, cfg, out, reg=reg, resume=resume, progress=progress, work_dir=work_dir,
-                 stop_after=stop_after)
+                 stop_after=stop_after, on_step=on_step, cancel=cancel)

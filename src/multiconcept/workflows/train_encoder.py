@@ -46,16 +46,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..attention import AttentionStore, capture_attention, resize_mask
+from ..attention import AttentionStore, resize_mask
 from ..bundle import atomic_write
 from ..data import load_image, load_mask, mask_tensor, to_tensor
 from ..errors import UserError, require
 from ..latents import choose_latent_mode, latents_from_moments
-from ..losses import balanced_l1_loc_loss, diffusion_target, masked_mse
+from ..losses import balanced_l1_loc_loss, denoising_loss
 from ..methods.fastcomposer import (
     MARKER,
     FastComposer,
@@ -66,9 +65,9 @@ from ..methods.fastcomposer import (
     parse_subject_prompt,
     subject_crop,
 )
+from ..methods.finetune import config_digest
 from ..models import Base, load_base
 from ..prompts import find_word_spans
-from ..train import config_digest
 from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed
 
 MANIFEST = "subjects.jsonl"
@@ -303,22 +302,12 @@ class EncoderTrainer(nn.Module):
     def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg, dev = self.cfg, self.model.base.device
         z0 = self.latents(batch["pixels"], gen)
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(dev)
-        zt = self.scheduler.add_noise(z0, noise, t)
         _, cond = self.model.condition(batch["prompts"], batch["crops"])
-        unet = self.unet
         store = None
         if batch["max_subjects"]:
             store = AttentionStore(self.loc_resolutions, token_indices=batch["subject_tokens"].to(dev),
                                    with_grad=cfg.loc_weight > 0)
-            with capture_attention(unet, store):
-                pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
-        else:
-            pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
-        target = diffusion_target(self.scheduler, z0, noise, t)
-        mask = F.interpolate(batch["loss_mask"].to(dev), size=z0.shape[-2:], mode="area")
-        noise_loss = masked_mse(pred, target, mask)
+        noise_loss = denoising_loss(self.unet, self.scheduler, z0, cond, gen, batch["loss_mask"], store)
         logs = {"noise": noise_loss.item()}
         total = noise_loss
         if store is not None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-import torch.nn.functional as F
 
 from ...errors import UserError
 from ...losses import diffusion_target, min_snr_weights

@@ -1,4 +1,4 @@
-"""The benchmark's offline HTML report (evaluation.md, "Reporting").
+"""The benchmark's offline HTML report.
 
 Sections: settings (enough to repeat the run), each source with its masks
 and the reference crops, the metric table (Combined / Concept 1 / Concept 2
@@ -102,7 +102,7 @@ def charts(results: dict) -> str:
 
 def _source_section(cells) -> str:
     from ..data import load_image, load_mask
-    from ..workflows.evaluate import concept_crop
+    from .evaluate import concept_crop
 
     parts, seen = [], set()
     for cell, _ in cells:

@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .bundle import save_bundle
-from .data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
-from .errors import UserError
-from .latents import choose_latent_mode, latents_from_moments
-from .losses import diffusion_target, masked_mse
-from .methods.base import Method, TrainConfig
-from .models import Base
-from .prompts import locate_concepts
-from .training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
-from .training.checkpoint import remove_stale_temps
+from ..bundle import save_bundle
+from ..data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
+from ..errors import UserError
+from ..latents import choose_latent_mode, latents_from_moments
+from ..losses import denoising_loss
+from ..models import Base
+from ..prompts import locate_concepts
+from ..training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
+from ..training.checkpoint import remove_stale_temps
+from .base import Method, TrainConfig
 
 __all__ = ["FineTuneJob", "Trainer", "TrainingDiverged", "choose_latent_mode", "config_digest", "latents_from_moments",
            "loss_region", "step_seed", "train"]
@@ -176,23 +175,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- loss
     def loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        dev, unet = self.base.device, self.base.unet
         z0 = self.latents(batch, gen)
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(dev)
-        zt = self.scheduler.add_noise(z0, noise, t)
         cond = self.encode_prompts(batch["prompts"])
         store = self.method.attention_store(batch)
-        if store is not None:
-            from .attention import capture_attention
-
-            with capture_attention(unet, store):
-                pred = unet(zt.to(self.dtype), t, cond.to(self.dtype)).sample.float()
-        else:
-            pred = unet(zt.to(self.dtype), t, cond.to(self.dtype)).sample.float()
-        target = diffusion_target(self.scheduler, z0, noise, t)
-        mask = F.interpolate(batch["loss_mask"].to(dev), size=z0.shape[-2:], mode="area")
-        diffusion = masked_mse(pred, target, mask)
+        diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond, gen, batch["loss_mask"], store, self.dtype)
         logs = {"diffusion": diffusion.item()}
         extra, extra_logs = self.method.extra_loss(batch, store)
         logs.update(extra_logs)

@@ -7,14 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import DeviceOpt, DtypeOpt, app, key_values, out
 from ..datasets import defaults as D
+from .options import DeviceOpt, DtypeOpt, key_values, out
 
-dataset_app = typer.Typer(no_args_is_help=True, help="Subject datasets for tuning-free encoders: build them.")
-app.add_typer(dataset_app, name="dataset")
+app = typer.Typer(no_args_is_help=True, help="Subject datasets for tuning-free encoders: build them.")
 
 
-@dataset_app.command("build")
+@app.command("build")
 def build_cmd(
     source: str = typer.Argument(..., help="image folder, list file (one path per line), a WebDataset .tar, a folder "
                                            "of tars, or a quoted glob such as 'laion/0*.tar'"),

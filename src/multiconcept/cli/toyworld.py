@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from ..cli import out, toyworld_app, number
 from ..models import TOYWORLD_DIR
+from .options import number, out
 
+app = typer.Typer(no_args_is_help=True, help="The embedded synthetic world: build its models.")
 DEFAULT_WORK = Path.home() / ".cache" / "multiconcept" / "toyworld-build"
 
 
-@toyworld_app.command("build")
+@app.command("build")
 def build_cmd(
     output: Path = typer.Option(TOYWORLD_DIR, "--out", "-o", help="where base/, evaluator/, quality.json go "
                                 "(default: inside the package, where `--base toyworld` finds them)"),

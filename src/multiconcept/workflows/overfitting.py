@@ -2,7 +2,7 @@
 
 The paper names two metrics but its definitions could not be read; what is
 computed here is our reconstruction from the abstract and project page
-(spec/infusion.md), and is labelled as such in every report:
+(docs/evidence.md#infusion), and is labelled as such in every report:
 
 - Latent Fisher divergence (concept-AGNOSTIC overfitting: did customisation
   change prompts that do not mention the concept?). For prompts p that name
@@ -43,12 +43,12 @@ import torch
 
 from ..errors import require
 from ..images import read_image
-from .frechet import frechet_distance
 from ..methods import infusion as _registers_infusion  # noqa: F401  (Infusion bundles load here too)
+from ..metrics.frechet import frechet_distance
 
 RECONSTRUCTION_NOTE = (
     "Reconstructions of Infusion's (arXiv 2404.14007) Latent Fisher divergence and Wasserstein metric: the paper's "
-    "definitions could not be read; see multiconcept.metrics.overfitting for exactly what is computed."
+    "definitions could not be read; see multiconcept.workflows.overfitting for exactly what is computed."
 )
 
 # ToyWorld's vocabulary (toyworld/render.py), used for the tiny test base too.
@@ -194,7 +194,7 @@ def latent_fisher_divergence(base, custom, prompts: Sequence[str], seeds: Sequen
 # ---------------------------------------------------------------- Fréchet / 2-Wasserstein
 
 def _generate_set(loaded, prompts: list[str], seeds: list[int], folder: Path, steps: int, guidance: float) -> list[Path]:
-    from ..workflows.generate import SampleSettings, generate
+    from .generate import SampleSettings, generate
 
     settings = SampleSettings(steps=steps, guidance=guidance, batch_size=max(1, len(seeds)))
     paths = []
@@ -243,8 +243,8 @@ def overfitting_report(base: str | None, bundles: list[str], out_dir: Path, eval
     needed to repeat them (prompts, seeds, timesteps, protocol).
     """
     from ..bundle import read_header
-    from ..workflows.generate import load_with_bundles
-    from .clip import load_clip
+    from ..metrics.clip import load_clip
+    from .generate import load_with_bundles
 
     require(bool(bundles), "the overfitting metrics compare a customised model with its base: pass at least one --bundle")
     scorer = load_clip(evaluator)  # fail on a missing evaluator before any sampling
@@ -268,7 +268,8 @@ def overfitting_report(base: str | None, bundles: list[str], out_dir: Path, eval
             "bundle": path, "method": method, "token": token, "class_word": class_word, "phrase": phrase,
             **concept_wasserstein(custom, plain, phrase, class_word, scorer,
                                   Path(out_dir) / "wasserstein" / f"{Path(path).stem}_{token.strip('<>').replace(':', '_')}",
-                                  context_prompts(world)[: proto.wasserstein_contexts], w_seeds, proto.sample_steps, proto.guidance),
+                                  context_prompts(world)[: proto.wasserstein_contexts], w_seeds, proto.sample_steps,
+                                  proto.guidance),
         }
     return {
         "note": RECONSTRUCTION_NOTE,

@@ -1,70 +1,26 @@
-"""CLI verbs `evaluate` (score a folder of generations) and `benchmark`
-(methods × protocol × sources, with results.json and an HTML report)."""
+"""`multiconcept benchmark`: methods x protocol x sources, resumable; results.json + report.html."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from ..cli import BaseOpt, app, key_values, out, number
 from ..errors import UserError
-
-ClipOpt = typer.Option(None, "--clip", help="CLIPModel folder or hub id (default: the ToyWorld evaluator, when built)")
-DinoOpt = typer.Option(None, "--dino", help="ViT/DINO folder or hub id, e.g. facebook/dino-vits16 (default: no DINO)")
-ScaleOpt = typer.Option("raw", "--scale", help="text alignment scale: raw | clipscore (2.5*max(cos,0)) | 100 (100*max(cos,0))")
-PrefixOpt = typer.Option("", "--text-prefix", help="put before the prompt for CLIP-T; DisenDiff uses 'A photo depicts '")
-
-
-def _summary_table(summary: dict, title: str) -> Table:
-    columns = summary["columns"] + ["mean"]
-    t = Table("metric", *[c.title() if c in ("combined", "mean") else c for c in columns], title=title)
-    metrics = [k for k in ("clip_i", "clip_t", "clip_t_clipscore", "clip_t_100", "dino", "leakage_clip_i",
-                           "leakage_dino", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present")
-               if any(summary[c].get(k) is not None for c in columns)]
-    for k in metrics:
-        t.add_row(k, *["–" if summary[c].get(k) is None else f"{summary[c][k]:.4f}" for c in columns])
-    return t
+from .options import (
+    BaseOpt,
+    ClipOpt,
+    DinoOpt,
+    PrefixOpt,
+    ScaleOpt,
+    key_values,
+    number,
+    out,
+)
 
 
-@app.command()
-def evaluate(
-    gen_dir: Path = typer.Argument(..., help="folder of PNGs written by `multiconcept generate` (searched recursively)"),
-    reference: List[str] = typer.Option(..., "--reference", "-r", help="source image, folder, source folder "
-                                        "(concepts.json), or TOKEN=PATH for one concept's images; repeatable"),
-    reference_mask: List[str] = typer.Option([], "--reference-mask", help="TOKEN=MASK over the source image: that "
-                                             "concept's reference is its masked crop; repeatable"),
-    clip: Optional[str] = ClipOpt,
-    dino: Optional[str] = DinoOpt,
-    scale: str = ScaleOpt,
-    text_prefix: str = PrefixOpt,
-    output: Path = typer.Option(Path("results.json"), "--out", "-o", help="JSON file to write"),
-    batch_size: int = number(64, help="images per model call", minimum=1),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
-    overfitting: bool = typer.Option(False, "--overfitting", help="add Infusion's overfitting metrics (needs the bundles)"),
-    bundle: List[Path] = typer.Option([], "--bundle", "-b", help="bundle file for --overfitting (default: the ones the "
-                                      "metadata names, found beside GEN_DIR)"),
-    base: Optional[str] = BaseOpt,
-    seed: int = number(0, help="seed for --overfitting's samples", minimum=0),
-):
-    """Score generations: CLIP-T, CLIP-I, DINO, leakage; writes JSON."""
-    from ..workflows.evaluate import evaluate as run
-
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    result = run(gen_dir, reference, reference_mask, clip=clip, dino=dino, scale=scale, text_prefix=text_prefix,
-                 out=output, device=device, batch_size=batch_size, overfitting=overfitting,
-                 bundles=[str(b) for b in bundle], base=base, seed=seed)
-    out.print(_summary_table(result["summary"], f"{len(result['images'])} images, CLIP {result['models']['clip']['name']}"))
-    if "overfitting" in result:
-        out.print("overfitting: " + json.dumps(result["overfitting"])[:400])
-    out.print(f"wrote {output}")
-
-
-@app.command()
 def benchmark(
     methods: str = typer.Option(..., "--methods", help="comma-separated, e.g. textual-inversion,custom-diffusion"),
     source: List[str] = typer.Option(..., "--source", "-s", help="folder: image.png, one mask per concept and "
@@ -87,7 +43,8 @@ def benchmark(
     scale: str = ScaleOpt,
     text_prefix: str = PrefixOpt,
     threads: Optional[int] = number(None, help="torch threads per job (default: this process's); fixed so "
-                                          "results do not depend on the executor; with --ray, CPUs/threads jobs run at once", minimum=1),
+                                          "results do not depend on the executor; with --ray, CPUs/threads jobs run at once",
+                                    minimum=1),
     ray: bool = typer.Option(False, "--ray", help="run jobs as Ray tasks (RAY_ADDRESS, else a local Ray)"),
     ray_cpus: Optional[int] = number(None, help="CPUs of the local Ray started by --ray", minimum=1),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
@@ -103,7 +60,8 @@ def benchmark(
     """
     import torch
 
-    from ..workflows.benchmark import BenchmarkSettings, benchmark as run, parse_seeds
+    from ..workflows.benchmark import BenchmarkSettings, parse_seeds
+    from ..workflows.benchmark import benchmark as run
 
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     if images_per_prompt is not None and images_per_prompt < 1:

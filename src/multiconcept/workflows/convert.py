@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, require
-from .methods.fastcomposer import CLIP_MEAN, CLIP_STD, save_model_folder
+from ..errors import UserError, require
+from ..methods.fastcomposer import CLIP_MEAN, CLIP_STD, save_model_folder
 
-PAPER_BASE = "runwayml/stable-diffusion-v1-5"
+PAPER_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the runwayml id left the hub in 2024
 FUSION_RENAMES = (("layernorm.", "norm."), ("layer_norm.", "norm."))
 DROPPED_PREFIXES = ("text_encoder.", "vae.")
 DROPPED_KEYS = ("image_encoder.vision_model.embeddings.position_ids",)
@@ -124,7 +124,7 @@ def convert_fastcomposer(ckpt: str | Path, out: str | Path, base: str | None = N
     `compose --base` must point at a copy of it."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .methods.fastcomposer import FusionMLP, load_state_checked
+    from ..methods.fastcomposer import FusionMLP, load_state_checked
 
     unet, vision, fusion, dropped = split_official(load_official(ckpt))
     vcfg = vision_config_from_shapes(vision, vision_heads)
@@ -138,7 +138,7 @@ def convert_fastcomposer(ckpt: str | Path, out: str | Path, base: str | None = N
     require(vcfg["projection_dim"] == d, f"the image embedding is {vcfg['projection_dim']}-d but the fusion MLP reads {d}-d")
     base_name, fingerprint = PAPER_BASE, None
     if base is not None:
-        from .models import load_base
+        from ..models import load_base
 
         b = load_base(base, device=device)
         require(b.text_encoder.config.hidden_size == d,

@@ -1,0 +1,76 @@
+"""The Python API: typed values in, bundles and PIL images out.
+
+    from multiconcept import Concept, SampleSettings, Source, generate, learn
+
+    bundle = learn("disendiff", [Concept("<cat1>", "cat"), Concept("<dog1>", "dog")],
+                   [Source("pets.jpg", masks={"<cat1>": "cat_mask.png", "<dog1>": "dog_mask.png"})],
+                   "pets.safetensors", base="stable-diffusion-v1-5/stable-diffusion-v1-5", settings={"steps": 400})
+    images = generate("photo of a <cat1> cat and a <dog1> dog on the beach", ["pets.safetensors"],
+                      n=4, base="stable-diffusion-v1-5/stable-diffusion-v1-5", sampling=SampleSettings(steps=50))
+
+Images and masks are paths or PIL images, read under the command line's rules
+(multiconcept.images); bad input raises `UserError` with the problem and the
+fix. The command line calls the same workflows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from .bundle import Bundle, load_bundle
+from .data import Source, concept_set
+from .errors import UserError
+from .prompts import Concept
+from .training import Progress
+from .workflows.compose import ComposeSettings
+from .workflows.generate import SampleSettings
+
+__all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "UserError", "compose",
+           "evaluate", "generate", "learn", "load_bundle"]
+
+
+def learn(method: str, concepts: Sequence[Concept], sources: Sequence[Source], out: str | Path, *,
+          base: str | None = None, settings: dict | None = None, resume: bool = False, overwrite: bool = True,
+          progress: bool = False, on_step: Callable[[Progress], None] | None = None,
+          cancel: Callable[[], bool] | None = None, device: str = "auto", dtype: str = "fp32") -> Bundle | None:
+    """Learn `concepts` from `sources` with `method` (see `multiconcept methods`); `settings` are the
+    method's settings by name, typed (e.g. {"steps": 400, "lr": 1e-5}). Writes the bundle to `out`
+    and returns it, or None when `cancel()` stopped the run (resume=True continues it)."""
+    from .workflows.learn import learn_concepts
+
+    data = concept_set(list(concepts), list(sources))
+    path = learn_concepts(method, data, out, settings=settings, base=base, resume=resume, overwrite=overwrite,
+                          progress=progress, on_step=on_step, cancel=cancel, device=device, dtype=dtype)
+    return None if path is None else load_bundle(path)
+
+
+def generate(prompt: str, bundles: Sequence[str | Path] = (), *, n: int = 1, seed: int = 0,
+             sampling: SampleSettings = SampleSettings(), base: str | None = None, device: str = "auto",
+             dtype: str = "fp32") -> list[Image.Image]:
+    """n images of `prompt` (seeds seed .. seed+n-1) with the bundles' concepts."""
+    from .workflows.generate import check_prompt_tokens, draw, load_with_bundles
+
+    check_prompt_tokens(prompt, [str(b) for b in bundles])
+    loaded = load_with_bundles(base, [str(b) for b in bundles], device=device, dtype=dtype)
+    return [img for _, img, _, _ in draw(prompt, loaded, n, seed, sampling)]
+
+
+def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int = 1, seed: int = 0,
+            settings: ComposeSettings = ComposeSettings(), base: str | None = None, device: str = "auto",
+            dtype: str = "fp32") -> list[Image.Image]:
+    """Tuning-free: n images of `prompt`, whose `<img>` markers follow the subjects ('IMG' or 'IMG:MASK')."""
+    from .workflows.compose import compose_images
+
+    return compose_images(prompt, list(subjects), model, n=n, seed=seed, settings=settings, base=base, device=device,
+                          dtype=dtype)
+
+
+def evaluate(generations: str | Path, references: Sequence[str], *, reference_masks: Sequence[str] = (),
+             clip: str | None = None, dino: str | None = None, out: str | Path | None = None) -> dict:
+    """CLIP-T, CLIP-I, DINO and leakage of a folder `multiconcept generate` wrote, against references."""
+    from .workflows.evaluate import evaluate as run
+
+    return run(generations, list(references), list(reference_masks), clip=clip, dino=dino, out=out)

@@ -1,0 +1,58 @@
+"""`multiconcept train-encoder`: train a tuning-free subject encoder (FastComposer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import require
+from .options import BaseOpt, DeviceOpt, DtypeOpt, key_values, number, out
+
+ENCODER_METHODS = ("fastcomposer",)
+
+
+def train_encoder(
+    method: str = typer.Option(..., "--method", "-m", help="tuning-free model to train: fastcomposer"),
+    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly) or a folder with subjects.jsonl "
+                                                 "(one {image, caption, subjects: [{label, mask, box?}]} per line)"),
+    output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
+    base: Optional[str] = BaseOpt,
+    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="CLIP folder or hub id; default: ToyWorld's "
+                                                                               "evaluator, or a tiny tower on --base tiny"),
+    steps: Optional[int] = number(None, help="optimiser steps (default: the paper's 150k)", minimum=1),
+    lr: Optional[float] = number(None, help="learning rate (paper 1e-5; ToyWorld needs ~1e-4)", above=0),
+    batch_size: Optional[int] = number(None, help="images per micro-batch and process", minimum=1),
+    grad_accum: Optional[int] = number(None, help="micro-batches per optimiser step", minimum=1),
+    loc_weight: Optional[float] = number(None, help="λ of the localisation loss (paper 1e-3; 0 = off)", minimum=0),
+    seed: int = number(0, help="seed for data, crops, noise and timesteps", minimum=0),
+    mixed_precision: str = typer.Option("no", help="no | fp16 | bf16"),
+    param: List[str] = typer.Option([], "--param", "-p", help="setting KEY=VALUE, e.g. vision_layers=0 (see `multiconcept "
+                                                              "methods` for the fine-tuning ones; FastComposerConfig for these)"),
+    max_minutes: Optional[float] = number(None, help="stop after this many minutes and write the model so far", above=0),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --out"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Train a tuning-free subject encoder (FastComposer) on subject-annotated images."""
+    from ..methods.fastcomposer import FastComposerConfig, apply_settings
+    from ..workflows.train_encoder import train_encoder as run
+
+    require(method in ENCODER_METHODS, f"unknown encoder method {method!r}: choose one of {', '.join(ENCODER_METHODS)}")
+    require(data == "toyworld" or Path(data).is_dir(), f"--data {data} is neither 'toyworld' nor a folder: pass one of them")
+    overrides = key_values(param, "--param")
+    for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                 ("loc_weight", loc_weight)):
+        if v is not None:
+            overrides[k] = str(v)
+    overrides["seed"] = str(seed)
+    overrides["mixed_precision"] = mixed_precision
+    cfg = apply_settings(FastComposerConfig(), overrides)
+    require(max_minutes is None or max_minutes > 0, f"--max-minutes must be positive, got {max_minutes}")
+    path = run(data, output, base=base, cfg=cfg, image_encoder=image_encoder, resume=resume, progress=progress,
+               max_minutes=max_minutes, device=device, dtype=dtype)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks
+        out.print(f"wrote {path}")

@@ -181,3 +181,19 @@ def test_cli_ray_runs_locally_or_on_the_named_cluster(run_cli, monkeypatch, sour
         code, out, err = run_cli("dataset", "build", str(source), "--out", tmp_path / "o", *args, "--ray-workers", "3")
         assert code == 0, err
         assert seen[-1].ray == bool(args) and seen[-1].ray_address == address and seen[-1].ray_workers == 3
+
+
+def test_train_encoder_trains_on_a_folder_the_builder_wrote(source, tmp_path):
+    """Issue's consumer: FastComposer trains a few steps on the shards, their captions and true masks."""
+    from multiconcept.methods.fastcomposer import FastComposerConfig
+    from multiconcept.workflows.train_encoder import ShardSubjects, open_data, train_encoder
+
+    build(source, tmp_path / "ds", settings(PROFILES["toyworld"]))
+    data = open_data(str(tmp_path / "ds"))
+    assert isinstance(data, ShardSubjects) and len(data.samples) == N
+    record = data.draw(1, seed=0)[0]
+    assert record.subjects and all(s.mask.any() and s.label in record.caption for s in record.subjects)
+    model = train_encoder(str(tmp_path / "ds"), tmp_path / "fc", base="tiny", progress=False,
+                          cfg=FastComposerConfig(steps=3, batch_size=2, lr=1e-3, checkpoint_every=0))
+    info = json.loads((model / "fastcomposer.json").read_text())
+    assert info["steps_done"] == 3 and info["data"].startswith("shards ")

@@ -16,7 +16,8 @@ ENCODER_METHODS = ("fastcomposer",)
 
 def train_encoder(
     method: str = typer.Option(..., "--method", "-m", help="tuning-free model to train: fastcomposer"),
-    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly) or a folder with subjects.jsonl "
+    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly), a folder `multiconcept dataset build` "
+                                                 "wrote, or a folder with subjects.jsonl "
                                                  "(one {image, caption, subjects: [{label, mask, box?}]} per line)"),
     output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
     base: Optional[str] = BaseOpt,

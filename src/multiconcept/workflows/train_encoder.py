@@ -154,8 +154,34 @@ class FolderSubjects:
         return [self.load(rng.randrange(len(self.rows))) for _ in range(n)]
 
 
-def open_data(spec: str) -> ToyWorldSubjects | FolderSubjects:
-    return ToyWorldSubjects() if spec == "toyworld" else FolderSubjects(spec)
+class ShardSubjects:
+    """A folder `multiconcept dataset build` wrote: its finished shards' samples that hold
+    subjects with masks, read once and kept in memory (images decoded when drawn)."""
+
+    def __init__(self, folder: str | Path):
+        from ..datasets.shards import read_shards
+
+        self.folder = Path(folder)
+        self.name = f"shards {self.folder.resolve()}"
+        self.samples = [s for s in read_shards(self.folder) if any(e.mask is not None for e in s.entities)]
+        require(bool(self.samples), f"{self.folder} holds no finished shard with masked subjects: build it with "
+                                    "`multiconcept dataset build`, or re-run that command to finish it")
+
+    def load(self, i: int) -> Record:
+        s = self.samples[i]
+        subjects = [Annotation(e.label, e.mask, tuple(e.box)) for e in s.entities if e.mask is not None]
+        return Record(np.asarray(s.image().convert("RGB")), s.caption, subjects)
+
+    def draw(self, n: int, seed: int) -> list[Record]:
+        rng = random.Random(seed)
+        return [self.load(rng.randrange(len(self.samples))) for _ in range(n)]
+
+
+def open_data(spec: str) -> ToyWorldSubjects | FolderSubjects | ShardSubjects:
+    """'toyworld', a folder `multiconcept dataset build` wrote (shards/), or a subjects.jsonl folder."""
+    if spec == "toyworld":
+        return ToyWorldSubjects()
+    return ShardSubjects(spec) if (Path(spec) / "shards").is_dir() else FolderSubjects(spec)
 
 
 def write_subject_folder(records, folder: str | Path) -> Path:

@@ -152,7 +152,7 @@ def test_a_class_word_customised_twice_is_an_error(files, tmp_path):
     with pytest.raises(UserError, match="two Infusion concepts customise the class word 'cat'"):
         Infusion.apply(base, load_bundle(copy))
     Infusion.remove(base)
-    assert not hasattr(base.pipe, "_infusion") and "encode_prompt" not in base.pipe.__dict__
+    assert base.infusion is None and "encode_prompt" not in base.pipe.__dict__
     with pytest.raises(UserError, match="repeats one"):
         Infusion(base, build_concept_set([Concept("<a>", "cat"), Concept("<b>", "cat")], [files["red"]]), InfusionConfig())
 
@@ -209,7 +209,7 @@ def test_only_residuals_train_and_the_masked_loss_drops(scene):
     trained = method.named_trainables()
     assert len(trained) == len(infusion.cross_attention_layers(base.unet))
     assert all(k.startswith("value_residual/cat/") and p.abs().max() > 0 for k, p in trained.items())
-    assert not hasattr(base.pipe, "_infusion")  # teardown leaves the pipeline as loaded
+    assert base.infusion is None  # teardown leaves the pipeline as loaded
 
 
 def test_derived_mask_when_none_is_given(scene):

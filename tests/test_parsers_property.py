@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 from multiconcept.bundle import DIGEST_FIELD, HEADER_KEY, describe, load_bundle, read_header
 from multiconcept.errors import UserError
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same examples on every run, so CI never turns red on a draw (set
+# derandomize=False locally to explore further)
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # characters that mean something to the parsers, a lone surrogate, NUL, and the rest of Unicode
 SPECIAL = st.sampled_from(["=", "<", ">", "|", ":", "/", " ", "\t", "\n", "-", ",", "@", "+", ".", "\x00", "\udcff"])

@@ -209,7 +209,7 @@ def _load_checked(path: Path) -> tuple[dict, dict[str, torch.Tensor], str]:
     if stored is not None:
         actual = content_digest(json.dumps(header, sort_keys=True), tensors)
         if stored != actual:
-            raise _corrupt(path, f"content sha256 is {actual[:12]}..., its header says {stored[:12]}...")
+            raise _corrupt(path, f"content sha256 is {actual[:12]}..., its header says {str(stored)[:12]}...")
         integrity = "verified"
     for name in sorted(tensors):
         t = tensors[name]

@@ -128,10 +128,16 @@ def build_concept_set(concepts: list[Concept], images: list[str], masks: list[st
     return concept_set(concepts, [Source(f, m, tuple(shows)) for (f, shows), m in zip(files, given)])
 
 
-def _split_token(spec: str, tokens: list[str]) -> tuple[str | None, str]:
+def split_token_path(spec: str) -> tuple[str | None, str]:
+    """'TOKEN=PATH' -> (token, path); a plain 'PATH' -> (None, path)."""
     token, path = spec.split("=", 1) if spec.startswith("<") and ">=" in spec else (None, spec)
     # Path("") is ".": an empty path would quietly read the current folder
     require(path.strip() != "", f"{spec!r} gives no path: pass an image or a folder, e.g. '<cat1>=photos/cat/'")
+    return token, path
+
+
+def _split_token(spec: str, tokens: list[str]) -> tuple[str | None, str]:
+    token, path = split_token_path(spec)
     require(token is None or token in tokens, f"{spec!r} names {token}, which is not a --concept: add --concept '{token}=CLASS'")
     return token, path
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,10 @@ class Base:
     pipe: "StableDiffusionPipeline"  # noqa: F821
     name: str
     fingerprint: str
+    # what methods installed on the pipeline: peft LoRA adapters by name with their weights
+    # (LoRA bundles, --lora files), and Infusion's class-word residuals (methods/infusion.py)
+    lora_adapters: dict[str, float] = field(default_factory=dict)
+    infusion: object | None = None
 
     @property
     def unet(self):

@@ -124,16 +124,6 @@ def locate_concepts(tokenizer, prompt: str, concepts: list[Concept]) -> Encoded:
     return enc
 
 
-def locate_words(tokenizer, prompt: str, words: list[str]) -> Encoded:
-    """Positions of plain words (all occurrences); an absent word is an error."""
-    enc = tokenize_checked(tokenizer, prompt)
-    for w in words:
-        spans = find_word_spans(prompt, w)
-        require(bool(spans), f"word {w!r} is absent from the prompt {prompt!r}: add it or pick another word")
-        enc.positions[w] = [p for s in spans for p in token_positions(enc, s)]
-    return enc
-
-
 def strip_tokens(prompt: str, tokens: list[str]) -> str:
     """The prompt with learned tokens removed and spaces tidied (for CLIP-T)."""
     for t in tokens:

@@ -108,7 +108,7 @@ def class_word_positions(tokenizer, prompt: str, words) -> dict[str, list[int]]:
 class ClassWordResiduals:
     """Adds each concept's residuals to attn2 V (and K) at its class word, cond rows only.
 
-    One per pipeline (``pipe._infusion``). Per UNet call a pre-hook builds
+    One per base (``Base.infusion``). Per UNet call a pre-hook builds
     ``selection`` (concept batch token, 1 at the class word's positions of a
     row) from one of two sources:
     - training: `set_rows` with each batch row's positions (from its caption);
@@ -123,8 +123,8 @@ class ClassWordResiduals:
       prompt text) gets no residuals: there is no class word to find.
     """
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, owner=None):
+        self.pipe, self.owner = pipe, owner  # owner: the Base whose `infusion` field holds this
         self.concepts: dict[str, dict] = {}  # class word -> {"value": {layer: Δ}, "key": {layer: Δ}, "source": str}
         self.rows: list[dict[str, list[int]]] | None = None
         self.encoded: list[tuple[str, torch.Tensor]] = []  # (prompt, its conditional embedding)
@@ -140,12 +140,10 @@ class ClassWordResiduals:
 
     # -- install / remove
     @classmethod
-    def of(cls, pipe) -> "ClassWordResiduals":
-        ctl = getattr(pipe, "_infusion", None)
-        if ctl is None:
-            ctl = cls(pipe)
-            pipe._infusion = ctl
-        return ctl
+    def of(cls, base) -> "ClassWordResiduals":
+        if base.infusion is None:
+            base.infusion = cls(base.pipe, owner=base)
+        return base.infusion
 
     def add(self, class_word: str, value: dict, key: dict, source: str) -> None:
         if class_word in self.concepts:
@@ -165,8 +163,8 @@ class ClassWordResiduals:
             h.remove()
         self.handles = []
         self.pipe.__dict__.pop("encode_prompt", None)
-        if getattr(self.pipe, "_infusion", None) is self:
-            del self.pipe._infusion
+        if self.owner is not None and self.owner.infusion is self:
+            self.owner.infusion = None
 
     # -- positions
     def set_rows(self, rows: list[dict[str, list[int]]] | None) -> None:
@@ -336,7 +334,7 @@ class Infusion(Method):
             key = {l: nn.Parameter(torch.zeros(a.to_k.out_features, device=dev)) for l, a in layers.items()} \
                 if self.cfg.key_residual else {}
             self.residuals[c.class_word] = {"value": value, "key": key}
-        self.hooks = ClassWordResiduals.of(self.base.pipe)
+        self.hooks = ClassWordResiduals.of(self.base)
         for word, r in self.residuals.items():
             self.hooks.add(word, r["value"], r["key"], "this training run")
         return [{"params": list(self.named_trainables().values())}]
@@ -386,7 +384,7 @@ class Infusion(Method):
     def apply(cls, base, bundle: Bundle) -> None:
         layers = cross_attention_layers(base.unet)
         dtype = base.unet.dtype
-        ctl = ClassWordResiduals.of(base.pipe)
+        ctl = ClassWordResiduals.of(base)
         for word in bundle.class_words:
             for kind, prefix in (("value", VALUE_PREFIX), ("key", KEY_PREFIX)):
                 for name, d in bundle.with_prefix(f"{prefix}{word}/").items():
@@ -403,6 +401,5 @@ class Infusion(Method):
     @classmethod
     def remove(cls, base) -> None:
         """Take every Infusion concept off `base` (the pipeline is as loaded again)."""
-        ctl = getattr(base.pipe, "_infusion", None)
-        if ctl is not None:
-            ctl.uninstall()
+        if base.infusion is not None:
+            base.infusion.uninstall()

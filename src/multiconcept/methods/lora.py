@@ -101,10 +101,9 @@ class DreamBoothLora(Method):
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA bundle {bundle.tokens} does not fit this base ({str(e).splitlines()[0]}): "
                             "use the base it was learned on") from e
-        active = getattr(base, "_active_loras", [])
-        active.append(name)
-        base._active_loras = active
-        base.unet.set_adapters(active)
+        base.lora_adapters[name] = 1.0
+        active = list(base.lora_adapters)
+        base.unet.set_adapters(active, weights=list(base.lora_adapters.values()))
         if te_sd:
             base.text_encoder.set_adapter(active if len(active) > 1 else active[0])
 

@@ -28,7 +28,7 @@ from ..bundle import atomic_write
 from ..data import load_image, load_mask
 from ..errors import is_file, require
 from ..methods.fastcomposer import FastComposer, SubjectPrompt, parse_subject_prompt, subject_crop
-from .generate import SCHEDULERS, png_metadata
+from .generate import SCHEDULERS, make_scheduler, png_metadata
 
 
 @dataclass
@@ -51,14 +51,6 @@ class ComposeSettings:
 def text_only_calls(num_timesteps: int, alpha: float) -> int:
     """How many of the first denoising iterations use the text-only embedding."""
     return round((1.0 - alpha) * num_timesteps)
-
-
-def make_scheduler(pipe, name: str):
-    """A fresh scheduler of kind `name` from the base's config (schedulers keep state)."""
-    import diffusers
-
-    require(name in SCHEDULERS, f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 @torch.no_grad()

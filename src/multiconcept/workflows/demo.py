@@ -28,13 +28,6 @@ PAIR = ("checkered_star", "dotted_heart")
 TOKENS = ("<s1>", "<s2>")
 
 
-def demo_method() -> str:
-    """The best method available: DisenDiff once it is registered."""
-    from ..methods import METHODS
-
-    return "disendiff" if "disendiff" in METHODS else "custom-diffusion"
-
-
 DEMO_STEPS = 250
 
 
@@ -68,7 +61,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
     data = concept_set([Concept(TOKENS[0], a.noun), Concept(TOKENS[1], b.noun)],
                        [Source(src / "image.png", {TOKENS[0]: src / f"{a.concept}_mask.png",
                                                    TOKENS[1]: src / f"{b.concept}_mask.png"})])
-    method = demo_method()
+    method = "disendiff"
     steps = steps or (DEMO_STEPS if base != "tiny" else 10)
     settings_used = {**demo_settings(method, scene.background), "steps": steps, **(overrides or {})}
     bundle_path = out / "concepts.safetensors"

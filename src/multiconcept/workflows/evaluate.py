@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import atomic_write
-from ..data import IMAGE_SUFFIXES, is_mask_name, load_image, load_mask
+from ..data import IMAGE_SUFFIXES, is_mask_name, load_image, load_mask, split_token_path
 from ..errors import UserError, is_dir, is_file, require
 from ..metrics import (
     SCALES,
@@ -203,11 +203,10 @@ def _image_files(path: Path) -> list[Path]:
 
 
 def _token_spec(spec: str, flag: str) -> tuple[str | None, str]:
-    if spec.startswith("<") and ">=" in spec:
-        token, path = spec.split("=", 1)
-        return token, path
-    require(flag != "--reference-mask", f"{flag} {spec!r} must say its concept: TOKEN=PATH, e.g. '<c1>=cat_mask.png'")
-    return None, spec
+    token, path = split_token_path(spec)
+    require(token is not None or flag != "--reference-mask",
+            f"{flag} {spec!r} must say its concept: TOKEN=PATH, e.g. '<c1>=cat_mask.png'")
+    return token, path
 
 
 def build_references(reference: Sequence[str], reference_masks: Sequence[str], tokens: Sequence[str]) -> References:

@@ -100,13 +100,17 @@ def refuse_undefined_tokens(prompt: str, defined: list[str]) -> None:
                         f"load the bundle that defines it, or fix the prompt")
 
 
-def set_scheduler(pipe, name: str) -> None:
+def make_scheduler(pipe, name: str):
+    """A fresh scheduler of kind `name` from the base's config (schedulers keep state)."""
     import diffusers
 
     require(name in SCHEDULERS, f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    if type(pipe.scheduler) is not cls:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def set_scheduler(pipe, name: str) -> None:
+    if type(pipe.scheduler).__name__ != SCHEDULERS.get(name):
+        pipe.scheduler = make_scheduler(pipe, name)
 
 
 def png_metadata(meta: dict) -> PngInfo:
@@ -155,7 +159,7 @@ def add_lora(loaded: Loaded, path: str | Path, scale: float = 1.0) -> None:
     path = Path(path)
     check_lora_file(path)
     pipe = loaded.base.pipe
-    name = f"extra_{len(getattr(loaded.base, '_active_loras', []))}"
+    name = f"extra_{len(loaded.base.lora_adapters)}"
     verbosity = diffusers_logging.get_verbosity()
     # a failed load is logged by diffusers as several lines; the one-line error below says it instead
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
@@ -170,12 +174,8 @@ def add_lora(loaded: Loaded, path: str | Path, scale: float = 1.0) -> None:
     require(any(name in names for names in pipe.get_list_adapters().values()),
             f"LoRA {path} changes no layer of this base (its keys, e.g. {_first_key(path)!r}, match none): "
             f"use a diffusers/kohya LoRA made for this base")
-    active = getattr(loaded.base, "_active_loras", [])
-    weights = getattr(loaded.base, "_lora_weights", [1.0] * len(active))
-    active.append(name)
-    weights.append(scale)
-    loaded.base._active_loras, loaded.base._lora_weights = active, weights
-    pipe.set_adapters(active, adapter_weights=weights)
+    loaded.base.lora_adapters[name] = scale
+    pipe.set_adapters(list(loaded.base.lora_adapters), adapter_weights=list(loaded.base.lora_adapters.values()))
     loaded.extra_loras.append(path.name)
 
 

@@ -15,9 +15,9 @@ from multiconcept.attention import (
     gaussian_smooth,
     minmax_normalize,
     resize_mask,
-    save_heatmaps,
 )
 from multiconcept.errors import UserError
+from multiconcept.heatmaps import save_heatmaps
 
 TOKENS = 7
 CROSS_DIM = 32

@@ -19,14 +19,9 @@ Shapes are written as words: ``batch heads query token`` etc.
 from __future__ import annotations
 
 import math
-import os
-import re
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (
@@ -461,100 +456,13 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.reshape(*lead, h, w)
 
 
-# ---------------------------------------------------------------- heatmaps
-
-# Anchors of matplotlib's viridis; np.interp between them is close enough
-# for a heatmap and needs no matplotlib.
-_VIRIDIS = np.array(
-    [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
-     [31, 158, 137], [53, 183, 121], [110, 206, 88], [181, 222, 43], [253, 231, 37]],
-    dtype=np.float64,
-)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] ``h w`` → RGB uint8 ``h w 3`` (viridis)."""
-    v = np.clip(values, 0.0, 1.0)
-    grid = np.linspace(0.0, 1.0, len(_VIRIDIS))
-    rgb = np.stack([np.interp(v, grid, _VIRIDIS[:, c]) for c in range(3)], axis=-1)
-    return rgb.round().astype(np.uint8)
-
-
-def _safe_label(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_.") or "token"
-
-
-def _atomic_save_png(img, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_heatmaps(
-    maps: torch.Tensor,
-    labels: Sequence[str],
-    out_dir: str | os.PathLike,
-    image=None,
-    prefix: str = "",
-    size: int = 256,
-    alpha: float = 0.5,
-) -> list[Path]:
-    """Write one PNG per token map ``token h w``; return the paths.
-
-    Each map is min–max normalised, upsampled bilinearly to the image size
-    (or to `size` on the short side without an image), coloured with
-    viridis and, given `image` (PIL image or ``H W 3`` uint8 array), blended
-    over it with weight `alpha`. Files are ``{prefix}{i:02d}_{label}.png``,
-    written to a temp file in `out_dir` then renamed.
-    """
-    from PIL import Image
-
-    if maps.ndim != 3:
-        raise ValueError(f"save_heatmaps wants maps (token, h, w), got {tuple(maps.shape)}.")
-    if len(labels) != maps.shape[0]:
-        raise ValueError(f"{maps.shape[0]} maps but {len(labels)} labels.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    base = None
-    if exists(image):
-        base = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        if base.dtype != np.uint8:
-            base = (np.clip(base, 0, 1) * 255).round().astype(np.uint8)
-        if base.ndim == 2:
-            base = np.repeat(base[..., None], 3, axis=-1)
-        H, W = base.shape[:2]
-    else:
-        h, w = maps.shape[-2:]
-        H, W = (size, round(size * w / h)) if h <= w else (round(size * h / w), size)
-
-    m = minmax_normalize(maps.detach().float().cpu())
-    m = F.interpolate(m[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-    paths = []
-    for i, (label, heat) in enumerate(zip(labels, m.numpy())):
-        rgb = colormap(heat)
-        if exists(base):
-            rgb = ((1 - alpha) * base + alpha * rgb).round().astype(np.uint8)
-        path = out / f"{prefix}{i:02d}_{_safe_label(label)}.png"
-        _atomic_save_png(Image.fromarray(rgb), path)
-        paths.append(path)
-    return paths
-
-
 __all__ = [
     "AttentionStore",
     "CaptureAttnProcessor",
     "attention_probabilities",
     "capture_attention",
-    "colormap",
     "gaussian_kernel_1d",
     "gaussian_smooth",
     "minmax_normalize",
     "resize_mask",
-    "save_heatmaps",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .. import report
+from ..bundle import atomic_write
 from ..data import Source, concept_set
 from ..images import read_image, read_mask
 from ..models import toyworld_available
@@ -87,8 +88,9 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
     gen_s = time.perf_counter() - t0
     clip_cols, clip_note = _clip_scores(grid, rows, src, (a.concept, b.concept))
     header = ["prompt", "text", f"{a.colour} present", f"{b.colour} present"] + clip_cols
-    (out / "metrics.json").write_text(json.dumps({"learn_s": round(learn_s, 1), "settings": settings_used,
-                                                  "rows": [dict(zip(header, r)) for r in rows]}, indent=1))
+    metrics = json.dumps({"learn_s": round(learn_s, 1), "settings": settings_used,
+                          "rows": [dict(zip(header, r)) for r in rows]}, indent=1)
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(metrics))
 
     sections = [
         report.section("Source and masks", report.row([

@@ -323,7 +323,7 @@ def prompt_token_labels(tokenizer, prompt: str) -> list[tuple[int, str]]:
 
 
 def write_heatmaps(store, index: int, base: Base, prompt: str, image, folder: Path, prefix: str) -> list[Path]:
-    from ..attention import save_heatmaps
+    from ..heatmaps import save_heatmaps
 
     res = sorted(store.captured_resolutions)
     # the level one step coarser than the finest: SD 1.5's 32/16 maps carry the layout

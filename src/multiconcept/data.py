@@ -38,13 +38,14 @@ def is_mask_name(p: Path) -> bool:
     return p.stem.endswith("_mask") or p.stem.endswith(".mask")
 
 
-def list_images(path: str | Path) -> list[Path]:
+def list_images(path: str | Path, role: str = "image") -> list[Path]:
+    """An image, or a folder's images (masks beside them left out)."""
     path = Path(path)
     # checked here, where a spec first becomes a path, so a name the OS refuses (too long) is "missing" too
-    require(is_dir(path) or is_file(path), f"image {path} does not exist: check the path")
+    require(is_dir(path) or is_file(path), f"{role} {path} does not exist: check the path")
     if is_dir(path):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(p))
-        require(bool(files), f"folder {path} holds no images (png, jpg, webp, bmp): add some or pass files")
+        require(bool(files), f"{role} folder {path} holds no images (png, jpg, webp, bmp): add some or pass files")
         return files
     return [path]
 

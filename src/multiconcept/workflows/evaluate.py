@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import atomic_write
-from ..data import IMAGE_SUFFIXES, is_mask_name, load_image, load_mask, split_token_path
-from ..errors import UserError, is_dir, is_file, require
+from ..data import list_images, load_image, load_mask, split_token_path
+from ..errors import UserError, is_dir, require
 from ..metrics import (
     SCALES,
     Signature,
@@ -193,15 +193,6 @@ class References:
         return refs
 
 
-def _image_files(path: Path) -> list[Path]:
-    require(is_file(path) or is_dir(path), f"reference {path} does not exist: check the path")
-    if is_dir(path):
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(p))
-        require(bool(files), f"reference folder {path} holds no images: add some, or pass an image")
-        return files
-    return [path]
-
-
 def _token_spec(spec: str, flag: str) -> tuple[str | None, str]:
     token, path = split_token_path(spec)
     require(token is not None or flag != "--reference-mask",
@@ -219,11 +210,11 @@ def build_references(reference: Sequence[str], reference_masks: Sequence[str], t
         if token is None and is_source(p):
             refs.add_source(load_source(p, tokens))
         elif token is None:
-            refs.whole.extend(load_image(f, role="reference image") for f in _image_files(p))
+            refs.whole.extend(load_image(f, role="reference image") for f in list_images(p, "reference"))
         else:
             require(token in tokens,
                     f"--reference {spec!r} names {token}, which no generation uses: use one of {', '.join(tokens)}")
-            refs.concept.setdefault(token, []).extend(load_image(f, role="reference image") for f in _image_files(p))
+            refs.concept.setdefault(token, []).extend(load_image(f, role="reference image") for f in list_images(p, "reference"))
     masks: dict[str, list[str]] = {}
     for spec in reference_masks:
         token, path = _token_spec(spec, "--reference-mask")

@@ -32,7 +32,8 @@ def train_encoder(
     mixed_precision: str = typer.Option("no", help="no | fp16 | bf16"),
     param: List[str] = typer.Option([], "--param", "-p", help="setting KEY=VALUE, e.g. vision_layers=0 (see `multiconcept "
                                                               "methods` for the fine-tuning ones; FastComposerConfig for these)"),
-    max_minutes: Optional[float] = number(None, help="stop after this many minutes and write the model so far", above=0),
+    max_minutes: Optional[float] = number(None, help="stop after this many minutes of training (summed over resumed runs) "
+                                                      "and write the model so far", above=0),
     resume: bool = typer.Option(False, help="continue from the checkpoint in --out"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -52,7 +53,6 @@ def train_encoder(
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
     cfg = apply_settings(FastComposerConfig(), overrides)
-    require(max_minutes is None or max_minutes > 0, f"--max-minutes must be positive, got {max_minutes}")
     path = run(data, output, base=base, cfg=cfg, image_encoder=image_encoder, resume=resume, progress=progress,
                max_minutes=max_minutes, device=device, dtype=dtype)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks

@@ -59,15 +59,14 @@ def main() -> int:
         moved = sorted((n, locked.get(n, "-"), v) for n, v in now.items()
                        if n not in ("multiconcept", "torch") and locked.get(n) != v)
         report = work / "junit.xml"
-        tests = run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args.pytest_args],
+        tests = run([str(py), "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={report}", *args.pytest_args],
                     cwd=work, capture_output=True, env=test_env())
         broke = failures(report) if report.exists() else []
         print("\nUPGRADE CHECK")
         print(f"packages that moved from requirements.lock ({len(moved)}):")
         for name, old, new in moved:
             print(f"  {name:28s} {old:>14s} -> {new}")
-        summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else "(pytest printed nothing)"
-        print(f"test suite against them: {summary}")
+        print(f"test suite against them: {totals(report) if report.exists() else '(pytest wrote no report)'}")
         for test, line in broke:
             print(f"  BROKE {test}: {line}")
         if tests.returncode not in (0, 5) and not broke:
@@ -87,6 +86,17 @@ def test_env() -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = ""  # the installed package, not this tree's src/
     return env
+
+
+def totals(junit: Path) -> str:
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    return (f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped "
+            f"in {float(suite.get('time', 0)):.0f} s")
 
 
 def failures(junit: Path) -> list[tuple[str, str]]:

@@ -42,7 +42,7 @@ def build_cmd(
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
 ):
-    """Build ToyWorld from nothing (seeded, resumable, ~3 h on 2 cores)."""
+    """Build ToyWorld from nothing (seeded, resumable, about 2.5 h on 2 cores)."""
     from ..workflows.toyworld_build import BuildConfig, build
 
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,

@@ -45,20 +45,21 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
     from multiconcept.datasets.on_ray import unit_batches
     from multiconcept.datasets.pipeline import Pipeline, StageSpec
     from multiconcept.datasets.sources import list_units
-    from multiconcept.datasets.tiny import save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam, write_vocabulary
-    from multiconcept.datasets.toyworld import write_toyworld_source
+    from multiconcept.datasets.toyworld import CAPTION_WORDS, NOUNS, write_toyworld_source
     from multiconcept.models import quiet_loading
+    from multiconcept.models.tiny_annotators import save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam, write_vocabulary
 
     torch.set_num_threads(threads)
     sizes = {"captioner": "BLIP, ViT 4 x 256 at 224 px (patch 16) + text decoder 4 x 256, 30 new tokens",
              "detector": "Grounding DINO, Swin embed 32 at 256 px, d_model 128, 1+2 layers, 50 queries",
              "segmenter": "SAM, ViT 4 x 128 at 256 px (patch 8: 32x32 tokens), box-prompted decoder"}
+    words = (*CAPTION_WORDS, *NOUNS)
     with quiet_loading():
-        spec = StageSpec(captioner=str(save_tiny_blip(work / "blip", image_size=224, width=256, layers=4, patch_size=16)),
-                         detector=str(save_tiny_grounding_dino(work / "gdino", image_size=256, d_model=128, embed_dim=32,
+        spec = StageSpec(captioner=str(save_tiny_blip(work / "blip", words, image_size=224, width=256, layers=4, patch_size=16)),
+                         detector=str(save_tiny_grounding_dino(work / "gdino", words, image_size=256, d_model=128, embed_dim=32,
                                                                layers=1, queries=50)),
                          segmenter=str(save_tiny_sam(work / "sam", image_size=256, width=128, layers=4)),
-                         nouns=f"vocab:{write_vocabulary(work / 'nouns.txt')}", filters=PROFILES["off"], device="cpu")
+                         nouns=f"vocab:{write_vocabulary(work / 'nouns.txt', NOUNS)}", filters=PROFILES["off"], device="cpu")
     write_toyworld_source(work / "src", batch_size * (batches + 1), seed=11, per_shard=10_000)
     pipe = Pipeline(spec)
     cap, det, seg = pipe.captioner, pipe.detector, pipe.segmenter
@@ -121,11 +122,11 @@ def _shard_bytes(out: Path) -> dict:
 def ray_part(work: Path, n: int = 1000) -> dict:
     from multiconcept.datasets.filters import PROFILES
     from multiconcept.datasets.pipeline import StageSpec
-    from multiconcept.datasets.tiny import save_tiny_models
-    from multiconcept.datasets.toyworld import write_toyworld_source
+    from multiconcept.datasets.toyworld import CAPTION_WORDS, NOUNS, write_toyworld_source
+    from multiconcept.models.tiny_annotators import save_tiny_models
     from multiconcept.workflows.dataset import BuildSettings, build
 
-    models = save_tiny_models(work / "models")
+    models = save_tiny_models(work / "models", CAPTION_WORDS, NOUNS)
     write_toyworld_source(work / "src", n, seed=21, per_shard=100)
     spec = StageSpec(filters=PROFILES["off"], device="cpu", **models)
     res = {"images": n}

@@ -35,8 +35,8 @@ from PIL import Image  # noqa: E402
 
 from multiconcept.metrics import load_clip, load_dino
 from multiconcept.metrics.clip import features
-from multiconcept.metrics.tiny import save_tiny_clip
-from multiconcept.models import tiny_tokenizer
+from multiconcept.models.tiny import tiny_tokenizer
+from multiconcept.models.tiny_evaluators import save_tiny_clip
 
 SHAPES = {
     "toyworld": dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,

@@ -21,7 +21,8 @@ import torch
 
 from multiconcept.bundle import Bundle, describe, save_bundle
 from multiconcept.methods.infusion import STORE_DTYPES, bundle_token, cross_attention_layers
-from multiconcept.models import TOYWORLD_DIR, tiny_pipeline
+from multiconcept.models import TOYWORLD_DIR
+from multiconcept.models.tiny import tiny_pipeline
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

@@ -383,7 +383,7 @@ def main() -> None:
     singles = refs if not a.quick else dict(list(refs.items())[:2])
     evaluator = None
     if a.base != "toyworld":  # a random CLIP in place of the evaluator: numbers are meaningless, the code path is not
-        from multiconcept.metrics.tiny import save_tiny_clip
+        from multiconcept.models.tiny_evaluators import save_tiny_clip
 
         evaluator = str(save_tiny_clip(work / "tiny_clip", image_size=32,
                                        processor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from multiconcept.errors import UserError
-from multiconcept.metrics.tiny import save_tiny_clip
+from multiconcept.models.tiny_evaluators import save_tiny_clip
 from multiconcept.protocols import COMBINED, expand, load_protocol, parse_protocol
 from multiconcept.workflows.benchmark import BenchmarkSettings, benchmark, parse_seeds, seed_runs
 from multiconcept.workflows.benchmark_report import SECTIONS

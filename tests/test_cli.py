@@ -147,7 +147,7 @@ def test_bad_generate_prompt(run_cli, cd_bundle, tmp_path, case, prompt, message
 
 
 def test_bundle_on_other_base_is_refused(run_cli, cd_bundle, tmp_path):
-    from multiconcept.models import tiny_pipeline
+    from multiconcept.models.tiny import tiny_pipeline
 
     other = tiny_pipeline(seed=1)
     other.save_pretrained(tmp_path / "other")

@@ -10,9 +10,9 @@ import pytest
 from multiconcept.datasets.filters import PROFILES
 from multiconcept.datasets.pipeline import StageSpec
 from multiconcept.datasets.shards import read_shards
-from multiconcept.datasets.tiny import save_tiny_models
-from multiconcept.datasets.toyworld import write_toyworld_source
+from multiconcept.datasets.toyworld import CAPTION_WORDS, NOUNS, write_toyworld_source
 from multiconcept.errors import UserError
+from multiconcept.models.tiny_annotators import save_tiny_models
 from multiconcept.workflows.dataset import BuildSettings, build
 
 N = 12
@@ -21,7 +21,7 @@ N = 12
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset-models")
-    models = save_tiny_models(root / "models")
+    models = save_tiny_models(root / "models", CAPTION_WORDS, NOUNS)
     write_toyworld_source(root / "src", N, seed=5, per_shard=6)
     return root, models
 
@@ -127,8 +127,8 @@ def test_blip2_captioner_and_owlv2_detector_swap_in(tiny, tmp_path):
     from multiconcept.datasets.on_ray import unit_batches
     from multiconcept.datasets.pipeline import Pipeline
     from multiconcept.datasets.sources import list_units
-    from multiconcept.datasets.tiny import save_tiny_blip2, save_tiny_owlv2
     from multiconcept.models import quiet_loading
+    from multiconcept.models.tiny_annotators import save_tiny_blip2, save_tiny_owlv2
 
     root, models = tiny
     with quiet_loading():

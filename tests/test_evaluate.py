@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from multiconcept.data import load_image, load_mask
-from multiconcept.metrics.tiny import save_tiny_clip, save_tiny_vit
+from multiconcept.models.tiny_evaluators import save_tiny_clip, save_tiny_vit
 from multiconcept.toyworld.render import PERSONAL_CONCEPTS, ObjectSpec, render_scene
 from multiconcept.workflows.evaluate import concept_crop, evaluate, write_toyworld_source
 from multiconcept.workflows.generate import png_metadata

@@ -19,7 +19,8 @@ from multiconcept.methods.fastcomposer import (
     subject_crop,
     tiny_image_encoder,
 )
-from multiconcept.models import load_base, tiny_tokenizer
+from multiconcept.models import load_base
+from multiconcept.models.tiny import tiny_tokenizer
 from multiconcept.toyworld.render import Appearance, ObjectSpec, render_scene
 from multiconcept.workflows.compose import ComposeSettings, make_scheduler, sample, text_only_calls
 from multiconcept.workflows.generate import read_png_metadata
@@ -176,7 +177,7 @@ def test_image_encoder_from_a_clip_model_folder_is_its_vision_tower(tmp_path):
     from transformers import CLIPModel
 
     from multiconcept.methods.fastcomposer import load_image_encoder
-    from multiconcept.metrics.tiny import save_tiny_clip
+    from multiconcept.models.tiny_evaluators import save_tiny_clip
 
     folder = save_tiny_clip(tmp_path / "clip", image_size=32, seed=3,
                             processor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3})

@@ -21,7 +21,7 @@ from multiconcept.metrics import (
 from multiconcept.metrics.clip import TOYWORLD_EVALUATOR
 from multiconcept.metrics.leakage import Signature
 from multiconcept.metrics.preprocess import dino_recipe, from_config
-from multiconcept.metrics.tiny import save_tiny_clip, save_tiny_vit
+from multiconcept.models.tiny_evaluators import save_tiny_clip, save_tiny_vit
 from multiconcept.toyworld.render import PERSONAL_CONCEPTS, Appearance, ObjectSpec, render_scene
 
 
@@ -97,7 +97,7 @@ def test_the_image_recipe_is_read_from_a_saved_processor(tmp_path):
     normalisation must be used, whichever file transformers put it in."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from multiconcept.models import tiny_tokenizer
+    from multiconcept.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     folder = save_tiny_clip(tmp_path / "clip", image_size=64, tokenizer=tok)
@@ -208,8 +208,8 @@ def test_toyworld_evaluator_prefers_the_right_caption():
 def trained_tiny_evaluator(tmp_path_factory):
     """A tiny CLIP trained contrastively on ToyWorld renders for 110 steps (~15 s on one core),
     saved with its tokenizer and a [-1, 1] preprocessor config like the real evaluator."""
-    from multiconcept.metrics.tiny import tiny_clip_model
-    from multiconcept.models import tiny_tokenizer
+    from multiconcept.models.tiny import tiny_tokenizer
+    from multiconcept.models.tiny_evaluators import tiny_clip_model
     from multiconcept.toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
 
     tok = tiny_tokenizer(words=list(CLASS_NOUNS) + list(COLOURS) + list(BACKGROUNDS) + ["a", "on", "background"],

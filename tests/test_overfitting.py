@@ -13,7 +13,7 @@ from multiconcept.errors import UserError
 from multiconcept.methods import get_method
 from multiconcept.methods.finetune import train
 from multiconcept.methods.infusion import Infusion, InfusionConfig
-from multiconcept.models import tiny_tokenizer
+from multiconcept.models.tiny import tiny_tokenizer
 from multiconcept.prompts import Concept
 from multiconcept.workflows.generate import load_with_bundles
 

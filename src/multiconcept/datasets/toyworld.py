@@ -17,7 +17,12 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import atomic_write
+from ..toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
 from .records import Entity, Item
+
+# what a ToyWorld caption is made of: the vocabulary tiny captioners and the noun stage are tested with
+CAPTION_WORDS = (*COLOURS, *BACKGROUNDS)
+NOUNS = CLASS_NOUNS
 
 
 def runs(mask: np.ndarray) -> list[int]:

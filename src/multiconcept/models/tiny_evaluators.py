@@ -32,7 +32,7 @@ def save_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0, toke
     """model + tokenizer (+ a preprocessor_config.json when `processor` is given)."""
     import json
 
-    from ..models import tiny_tokenizer
+    from .tiny import tiny_tokenizer
 
     folder = Path(folder)
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()

@@ -10,35 +10,34 @@ from pathlib import Path
 
 import torch
 
-from ..toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
-
-# mostly ToyWorld's nouns, so a random caption names things and the vocabulary nouns stage finds some
-WORDS = ("a", "the", "and", "on", "left", "right", *COLOURS, *BACKGROUNDS, "background", *CLASS_NOUNS, ".")
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+GLUE = ("a", "the", "and", "on", "left", "right", "background", ".")
 
 
-def _bert_tokenizer(folder: Path, bos: bool = False):
+def _bert_tokenizer(folder: Path, words, bos: bool = False):
+    """A word-level BERT vocabulary: a random captioner over it writes captions made of these words, so a test
+    that passes the nouns of the images it captions gets captions that name things."""
     from transformers import BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + list(dict.fromkeys(WORDS))) + "\n")
+    vocab.write_text("\n".join(SPECIAL + list(dict.fromkeys((*GLUE, *words)))) + "\n")
     return BertTokenizer(str(vocab), **({"bos_token": "[DEC]"} if bos else {}))
 
 
-def write_vocabulary(path: str | Path) -> Path:
-    """The noun list the tiny pipeline is tested with (`--nouns vocab:PATH`)."""
-    Path(path).write_text("\n".join(CLASS_NOUNS) + "\n")
+def write_vocabulary(path: str | Path, nouns) -> Path:
+    """A noun list for `--nouns vocab:PATH`."""
+    Path(path).write_text("\n".join(nouns) + "\n")
     return Path(path)
 
 
-def save_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2,
+def save_tiny_blip(folder: str | Path, words, seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2,
                    patch_size: int = 4) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     folder = Path(folder)
-    tok = _bert_tokenizer(folder, bos=True)
+    tok = _bert_tokenizer(folder, words, bos=True)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(
         vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
@@ -57,7 +56,7 @@ def save_tiny_blip2(folder: str | Path, seed: int = 0, image_size: int = 32, wid
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from ..models import tiny_tokenizer
+    from .tiny import tiny_tokenizer
 
     folder = Path(folder)
     tok = tiny_tokenizer()
@@ -79,7 +78,7 @@ def save_tiny_blip2(folder: str | Path, seed: int = 0, image_size: int = 32, wid
     return folder
 
 
-def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int = 128, d_model: int = 32,
+def save_tiny_grounding_dino(folder: str | Path, words, seed: int = 0, image_size: int = 128, d_model: int = 32,
                              embed_dim: int = 8, layers: int = 1, queries: int = 8) -> Path:
     """Swin backbone from its config (no timm), BERT text tower from its config. 128 px: at 64 the last feature
     level is 1x1, where GroupNorm (32 groups of 32 channels) has one value per group and refuses."""
@@ -87,7 +86,7 @@ def save_tiny_grounding_dino(folder: str | Path, seed: int = 0, image_size: int 
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
     folder = Path(folder)
-    tok = _bert_tokenizer(folder)
+    tok = _bert_tokenizer(folder, words)
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(GroundingDinoConfig(
         # decoder_layers=2: its box heads are tied across decoder layers, which one layer cannot be
@@ -110,7 +109,7 @@ def save_tiny_owlv2(folder: str | Path, seed: int = 0, image_size: int = 64, wid
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
     from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
-    from ..models import tiny_tokenizer
+    from .tiny import tiny_tokenizer
 
     folder = Path(folder)
     tok = tiny_tokenizer(max_length=16)
@@ -148,13 +147,14 @@ def save_tiny_sam(folder: str | Path, seed: int = 0, image_size: int = 64, width
     return folder
 
 
-def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
-    """{captioner, detector, segmenter, nouns}: StageSpec arguments for the whole tiny pipeline."""
-    from ..models import quiet_loading
+def save_tiny_models(folder: str | Path, words, nouns, seed: int = 0) -> dict[str, str]:
+    """{captioner, detector, segmenter, nouns}: StageSpec arguments for the whole tiny pipeline; `words` and `nouns`
+    make the captioner's and detector's vocabulary, `nouns` the noun list."""
+    from . import quiet_loading
 
     folder = Path(folder)
     with quiet_loading():
-        return {"captioner": str(save_tiny_blip(folder / "blip", seed)),
-                "detector": str(save_tiny_grounding_dino(folder / "grounding-dino", seed)),
+        return {"captioner": str(save_tiny_blip(folder / "blip", (*words, *nouns), seed)),
+                "detector": str(save_tiny_grounding_dino(folder / "grounding-dino", (*words, *nouns), seed)),
                 "segmenter": str(save_tiny_sam(folder / "sam", seed)),
-                "nouns": f"vocab:{write_vocabulary(folder / 'nouns.txt')}"}
+                "nouns": f"vocab:{write_vocabulary(folder / 'nouns.txt', nouns)}"}

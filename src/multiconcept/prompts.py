@@ -43,6 +43,7 @@ class Concept:
 
     @property
     def phrase(self) -> str:
+        """How a prompt names the concept: '<cat1> cat', the token beside the word the base knows."""
         return f"{self.token} {self.class_word}"
 
 

@@ -176,7 +176,7 @@ class Method:
 
     name = "method"
     Config = TrainConfig
-    attention = None  # an AttentionStore factory when the losses need maps
+    concept_type: type[Concept] = Concept  # how prompts name this method's concepts (its `phrase`)
 
     def __init__(self, base: Base, data: ConceptSet, cfg: TrainConfig):
         self.base, self.data, self.cfg = base, data, cfg
@@ -260,7 +260,7 @@ class Method:
     @classmethod
     def prompt_phrase(cls, token: str, class_word: str) -> str:
         """How a prompt names one of this method's concepts: '<cat1> cat' (Infusion: 'cat')."""
-        return f"{token} {class_word}"
+        return cls.concept_type(token, class_word).phrase
 
     @classmethod
     def apply(cls, base: Base, bundle: Bundle) -> None:

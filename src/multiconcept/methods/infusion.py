@@ -292,6 +292,7 @@ def attention_foreground_mask(base, image: Image.Image, class_word: str, timeste
 class Infusion(Method):
     name = "infusion"
     Config = InfusionConfig
+    concept_type = ClassWordConcept
 
     def __init__(self, base, data, cfg: InfusionConfig):
         super().__init__(base, data, cfg)
@@ -318,11 +319,6 @@ class Infusion(Method):
             data.examples.extend([Example(ex.image.transpose(Image.FLIP_LEFT_RIGHT), list(ex.tokens),
                                           {t: m.transpose(Image.FLIP_LEFT_RIGHT) for t, m in ex.masks.items()},
                                           ex.source + MIRROR_SUFFIX) for ex in list(data.examples)])
-
-    @classmethod
-    def prompt_phrase(cls, token: str, class_word: str) -> str:
-        """How a prompt names this method's concept: the class word alone."""
-        return class_word
 
     # -- parameterisation
     def setup(self):

@@ -95,13 +95,12 @@ def load_protocol(name: str, world: str = "photo") -> Protocol:
     return Protocol(path.name.split(".")[0], path, both, each)
 
 
-def token_phrase(token: str, class_word: str) -> str:
-    return f"{token} {class_word}"
-
-
-def expand(protocol: Protocol, concepts: list[tuple[str, str]], phrase=token_phrase) -> list[ProtocolPrompt]:
+def expand(protocol: Protocol, concepts: list[tuple[str, str]], phrase=None) -> list[ProtocolPrompt]:
     """Concrete prompts for concepts [(token, class word), ...]: [both] once, [each] per concept.
     `phrase(token, class_word)` names a concept in a prompt (a method's `prompt_phrase`)."""
+    from ..prompts import Concept
+
+    phrase = phrase or (lambda tok, cls: Concept(tok, cls).phrase)
     phrases = {chr(ord("a") + i): phrase(tok, cls) for i, (tok, cls) in enumerate(concepts)}
     out: list[ProtocolPrompt] = []
     require(not protocol.both or len(concepts) >= 2,

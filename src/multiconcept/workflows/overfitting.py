@@ -29,7 +29,7 @@ computed here is our reconstruction from the abstract and project page
   compare methods only at equal image counts.
 
 Both work for any method's bundle: prompts name a concept the way its
-method does (`concept_phrase`: "<tok> class" for token methods, the class
+method does (its `prompt_phrase`: "<tok> class" for token methods, the class
 word alone for Infusion).
 """
 
@@ -43,7 +43,7 @@ import torch
 
 from ..errors import require
 from ..images import read_image
-from ..methods import infusion as _registers_infusion  # noqa: F401  (Infusion bundles load here too)
+from ..methods import get_method
 from ..metrics.frechet import frechet_distance
 
 RECONSTRUCTION_NOTE = (
@@ -93,13 +93,6 @@ PROTOCOL = OverfittingProtocol()
 def world_of(base_name: str | None) -> str:
     """'toyworld' prompts for the ToyWorld and tiny bases, 'generic' for real models."""
     return "toyworld" if base_name in (None, "toyworld", "tiny") else "generic"
-
-
-def concept_phrase(method: str, token: str, class_word: str) -> str:
-    """How a prompt names a concept of `method`: "<tok> class", or what the method says."""
-    from ..methods import get_method
-
-    return get_method(method).prompt_phrase(token, class_word)
 
 
 def neutral_prompts(avoid: Sequence[str], n: int, world: str = "toyworld") -> list[str]:
@@ -262,7 +255,7 @@ def overfitting_report(base: str | None, bundles: list[str], out_dir: Path, eval
     w_seeds = [seed + i for i in range(proto.wasserstein_seeds)]
     wasserstein = {}
     for path, method, token, class_word in concepts:
-        phrase = concept_phrase(method, token, class_word)
+        phrase = get_method(method).prompt_phrase(token, class_word)
         name = f"{Path(path).stem}:{token}"
         wasserstein[name] = {
             "bundle": path, "method": method, "token": token, "class_word": class_word, "phrase": phrase,

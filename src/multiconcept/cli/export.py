@@ -7,23 +7,25 @@ from typing import Optional
 
 import typer
 
-from ..errors import UserError
 from .options import BaseOpt, out
 
 
 def export(bundle: Path = typer.Argument(..., help="a bundle file"),
-           format: str = typer.Option("diffusers", "--format", help="diffusers"),
+           format: str = typer.Option("diffusers", "--format",
+                                      help="diffusers | a1111 | comfyui | kohya (the last three write the same files)"),
            output: Path = typer.Option(..., "--out", "-o", help="folder to write"),
+           rank: Optional[str] = typer.Option(None, "--rank", help="rank of the LoRA a Custom Diffusion / DisenDiff "
+                                              "bundle becomes for a1111/comfyui/kohya (default 16; 'full': exact)"),
            base: Optional[str] = BaseOpt):
-    """Write a bundle as files plain diffusers loads (textual inversion, attn procs, LoRA)."""
-    from ..bundle import load_bundle
-    from ..export import FORMATS, check_out_dir, export_diffusers
-    from ..models import load_base
+    """Write a bundle as files diffusers, AUTOMATIC1111, ComfyUI or kohya's sd-scripts load (+ a README)."""
+    from ..export import DEFAULT_RANK
+    from ..workflows.export import export_bundle
 
-    if format not in FORMATS:
-        raise UserError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
-    check_out_dir(output)
-    header = load_bundle(bundle).header()  # a corrupt bundle is refused before the base loads
-    b = load_base(base if base is not None else header["base_name"])
-    for p in export_diffusers(bundle, b, output):
+    result = export_bundle(bundle, output, format, rank=DEFAULT_RANK if rank is None else rank, base=base)
+    for p in result.paths:
         out.print(str(p))
+    if result.svd is not None:
+        worst = result.svd.worst
+        out.print(f"LoRA by truncated SVD at rank {'full' if result.rank is None else result.rank}: relative Frobenius "
+                  f"error {result.svd.relative_error:.4g} over all layers, worst {worst.relative_error:.4g} "
+                  f"({worst.name}); per layer in README.md", highlight=False)

@@ -23,7 +23,10 @@ def generate(
     scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
     negative: str = typer.Option("", help="negative prompt"),
     attention_maps: bool = typer.Option(False, "--attention-maps", help="also write per-token heatmaps to OUT/attention"),
-    lora: List[Path] = typer.Option([], "--lora", help="a diffusers-format LoRA .safetensors (e.g. a style) added on top"),
+    lora: List[Path] = typer.Option([], "--lora", help="a LoRA .safetensors in diffusers', kohya's, A1111's or ComfyUI's "
+                                    "layout (e.g. a style, or an export), added on top"),
+    embedding: List[str] = typer.Option([], "--embedding", help="a textual-inversion .safetensors (kohya/A1111/ComfyUI/"
+                                        "diffusers): FILE is the token <FILE's name>; '<tok>=FILE' picks the token"),
     lora_scale: float = number(1.0, "--lora-scale", help="weight of every --lora"),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="inpaint into this image (needs --inpaint-mask)"),
     inpaint_mask: Optional[Path] = typer.Option(None, "--inpaint-mask", help="white = the region to fill"),
@@ -36,6 +39,7 @@ def generate(
     from ..workflows.generate import (
         Inpaint,
         SampleSettings,
+        add_embedding,
         add_lora,
         check_prompt_tokens,
         load_with_bundles,
@@ -55,10 +59,12 @@ def generate(
     if init_image:
         source = read_image(init_image, role="init image")
         inpaint = Inpaint(source, read_mask(inpaint_mask, source.size, role="inpainting mask"))
-    check_prompt_tokens(prompt, [str(b) for b in bundle])
+    check_prompt_tokens(prompt, [str(b) for b in bundle], embedding)
     loaded = load_with_bundles(base, [str(b) for b in bundle], device=device, dtype=dtype)
     for f in lora:
         add_lora(loaded, f, lora_scale)
+    for e in embedding:
+        add_embedding(loaded, e)
     paths = run(prompt, loaded, n, seed, output, settings, attention_maps=attention_maps, inpaint=inpaint)
     for p in paths:
         out.print(str(p))

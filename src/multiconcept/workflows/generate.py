@@ -15,6 +15,7 @@ from ..bundle import Bundle, atomic_write, check_base, load_bundle, read_header
 from ..errors import UserError, require
 from ..models import Base, load_base
 from ..prompts import Concept, concept_tokens_in, locate_concepts
+from .external import add_embedding, add_lora, check_lora_file  # noqa: F401  (the generate verb's API)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -51,6 +52,8 @@ class Loaded:
     base: Base
     bundles: list[tuple[str, Bundle]] = field(default_factory=list)
     extra_loras: list[str] = field(default_factory=list)
+    extra_tokens: list[str] = field(default_factory=list)  # tokens of --embedding files
+    extra_embeddings: list[str] = field(default_factory=list)
 
     @property
     def concepts(self) -> list[Concept]:
@@ -85,19 +88,22 @@ def planned_paths(out_dir: str | Path, n: int, seed: int, prefix: str = "") -> l
     return [Path(out_dir) / image_name(seed + i, prefix) for i in range(n)]
 
 
-def check_prompt_tokens(prompt: str, bundle_paths: list[str]) -> None:
-    """Refuse a concept token no bundle defines: the text encoder would read it as
+def check_prompt_tokens(prompt: str, bundle_paths: list[str], embeddings: list[str] = ()) -> None:
+    """Refuse a concept token no bundle or embedding file defines: the text encoder would read it as
     a few ordinary word pieces and draw something, silently. Reads headers only,
     so this runs before any model loads."""
-    refuse_undefined_tokens(prompt, [t for p in bundle_paths for t in read_header(p)["tokens"]])
+    from .external import embedding_token
+
+    refuse_undefined_tokens(prompt, [t for p in bundle_paths for t in read_header(p)["tokens"]]
+                            + [embedding_token(e)[0] for e in embeddings])
 
 
 def refuse_undefined_tokens(prompt: str, defined: list[str]) -> None:
     missing = [t for t in concept_tokens_in(prompt) if t not in defined]
     if missing:
-        have = f"the bundles define {', '.join(defined)}" if defined else "no bundle is loaded (-b FILE)"
+        have = f"the bundles and embeddings define {', '.join(defined)}" if defined else "no bundle is loaded (-b FILE)"
         raise UserError(f"the prompt names {', '.join(missing)}, which no loaded bundle defines; {have}: "
-                        f"load the bundle that defines it, or fix the prompt")
+                        f"load the bundle (-b) or embedding (--embedding) that defines it, or fix the prompt")
 
 
 def make_scheduler(pipe, name: str):
@@ -131,73 +137,6 @@ def read_png_metadata(path: str | Path) -> dict:
     return json.loads(raw)
 
 
-def check_lora_file(path: Path) -> None:
-    """A --lora file must be a readable safetensors file of finite tensors, before diffusers sees it
-    (its loaders raise OSError, ValueError, KeyError, ... and log several lines of their own)."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..errors import is_file
-
-    require(path.suffix == ".safetensors" and is_file(path),
-            f"LoRA {path} must be an existing .safetensors file in diffusers/kohya format")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            bad = next((k for k in keys if not _finite(f.get_tensor(k))), None)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        why = _gist(e)
-        raise UserError(f"LoRA {path} is corrupt or not a safetensors file ({why}): "
-                        f"download it again, or pass a diffusers/kohya LoRA .safetensors") from e
-    require(bool(keys), f"LoRA {path} holds no tensors: pass a diffusers/kohya LoRA .safetensors")
-    require(bad is None, f"LoRA {path} holds NaN or infinite values in {bad}: it is corrupt; download it again")
-
-
-def add_lora(loaded: Loaded, path: str | Path, scale: float = 1.0) -> None:
-    """Add a diffusers-format LoRA file (e.g. a style LoRA) on top of the loaded bundles."""
-    from diffusers.utils import logging as diffusers_logging
-
-    path = Path(path)
-    check_lora_file(path)
-    pipe = loaded.base.pipe
-    name = f"extra_{len(loaded.base.lora_adapters)}"
-    verbosity = diffusers_logging.get_verbosity()
-    # a failed load is logged by diffusers as several lines; the one-line error below says it instead
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
-    try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-    except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers/peft raise means "does not fit"
-        why = _gist(e)
-        raise UserError(f"LoRA {path} does not fit this base ({why}): use a LoRA made for it") from e
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    # keys diffusers does not recognise load as nothing, silently
-    require(any(name in names for names in pipe.get_list_adapters().values()),
-            f"LoRA {path} changes no layer of this base (its keys, e.g. {_first_key(path)!r}, match none): "
-            f"use a diffusers/kohya LoRA made for this base")
-    loaded.base.lora_adapters[name] = scale
-    pipe.set_adapters(list(loaded.base.lora_adapters), adapter_weights=list(loaded.base.lora_adapters.values()))
-    loaded.extra_loras.append(path.name)
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
-
-
-def _gist(e: BaseException, limit: int = 160) -> str:
-    """An exception's message on one line: its first line, and the next when the first only introduces it
-    (torch's "Error(s) in loading state_dict for X:" says which tensor on the line after)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return text[:limit]
-
-
-def _first_key(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return next(iter(f.keys()))
-
-
 @dataclass
 class Inpaint:
     """Where to draw: a source image and a mask (white = repaint)."""
@@ -213,7 +152,7 @@ def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSetting
     base, pipe = loaded.base, loaded.base.pipe
     require(n >= 1, f"-n must be at least 1, got {n}")
     locate_concepts(base.tokenizer, prompt, loaded.concepts)  # length limit, class words present
-    refuse_undefined_tokens(prompt, [c.token for c in loaded.concepts])
+    refuse_undefined_tokens(prompt, [c.token for c in loaded.concepts] + loaded.extra_tokens)
     set_scheduler(pipe, settings.scheduler)
     h, w = settings.height or base.resolution, settings.width or base.resolution
     for start in range(0, n, settings.batch_size):
@@ -251,7 +190,7 @@ def generate(
         "width": settings.width or base.resolution, "base": base.name, "base_fingerprint": base.fingerprint,
         "bundles": [Path(p).name for p, _ in loaded.bundles],
         "tokens": [c.token for c in loaded.concepts], "class_words": [c.class_word for c in loaded.concepts],
-        "loras": list(loaded.extra_loras), "inpaint": inpaint is not None,
+        "loras": list(loaded.extra_loras), "embeddings": list(loaded.extra_embeddings), "inpaint": inpaint is not None,
     }
     paths: list[Path] = []
     for s, img, store, i in draw(prompt, loaded, n, seed, settings, inpaint, attention_maps):

@@ -9,35 +9,19 @@ A ``README.md`` beside them shows the exact loading code.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .bundle import Bundle, check_base, load_bundle
-from .errors import UserError, require
-from .models import Base
+from ..bundle import Bundle, check_base, load_bundle
+from ..errors import UserError, require
+from ..models import Base
+from .files import check_out_dir, token_file, write_all
+from .kohya import refuse_infusion
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-FORMATS = ("diffusers",)
-
-
-def token_file(token: str) -> str:
-    # a token comes from the bundle's tensor names: no path separator or NUL may reach the file name
-    name = token.strip("<>")
-    for c in "/\\\0":
-        name = name.replace(c, "_")
-    return name + ".safetensors"
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an output that is an existing file (cheap: call it before loading any model)."""
-    require(not out.exists() or out.is_dir(),
-            f"--out {out} is an existing file: export writes a folder; pass a new or existing folder")
 
 
 def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -> list[Path]:
@@ -47,6 +31,7 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
     check_out_dir(out)
     bundle = load_bundle(bundle_path)
     check_base(bundle, base, str(bundle_path))
+    refuse_infusion(bundle, bundle_path)
     files: dict[str, callable] = {}  # file name -> write(path)
     lines = ["import torch", "from diffusers import StableDiffusionPipeline", "",
              f'pipe = StableDiffusionPipeline.from_pretrained("{base.name}")']
@@ -83,26 +68,36 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
               '             generator=torch.Generator().manual_seed(0)).images[0]']
     text = f"# {Path(bundle_path).name} exported for diffusers\n\n```python\n" + "\n".join(lines) + "\n```\n"
     files["README.md"] = lambda f: Path(f).write_text(text)
-    return _write_all(out, files)
+    return write_all(out, files)
 
 
-def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> dict[str, torch.Tensor]:
-    """Full Custom Diffusion processor weights (base + delta), in diffusers' names."""
+def check_deltas(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> dict[str, tuple[str, str]]:
+    """{param name: (attention layer, projection)} for a bundle's UNet deltas, each checked against the base."""
     params = dict(base.unet.named_parameters())
-    sd = {}
+    out = {}
     for name, d in deltas.items():
         require(name in params, f"bundle {bundle_path} changes {name}, which this base's UNet does not have: "
                                 f"export it with the base it was learned on")
         require(d.shape == params[name].shape,
                 f"bundle {bundle_path}'s delta for {name} has shape {tuple(d.shape)} but the base's weight is "
                 f"{tuple(params[name].shape)}: export it with the base it was learned on")
-        # down_blocks.0....attn2.to_k.weight → ...attn2.processor.to_k_custom_diffusion.weight
         layer, proj, _ = ("." + name).rsplit(".", 2)
         layer = layer[1:]
         require(proj in ("to_k", "to_v", "to_q") and name.endswith(".weight")
                 and f"{layer}.processor" in base.unet.attn_processors,
                 f"bundle tensor {name} has no Custom Diffusion equivalent: export supports attention to_q/to_k/to_v weights")
-        sd[f"{layer}.processor.{proj}_custom_diffusion.weight"] = (params[name].detach().float().cpu() + d.float()).contiguous()
+        out[name] = (layer, proj)
+    return out
+
+
+def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> dict[str, torch.Tensor]:
+    """Full Custom Diffusion processor weights (base + delta), in diffusers' names."""
+    params = dict(base.unet.named_parameters())
+    sd = {}
+    for name, (layer, proj) in check_deltas(bundle_path, deltas, base).items():
+        # down_blocks.0....attn2.to_k.weight → ...attn2.processor.to_k_custom_diffusion.weight
+        sd[f"{layer}.processor.{proj}_custom_diffusion.weight"] = (params[name].detach().float().cpu()
+                                                                   + deltas[name].float()).contiguous()
     for key in [k for k in sd if k.endswith("to_q_custom_diffusion.weight")]:
         # diffusers' processor then also expects to_out; the trained Q stays, the output projection is the base's
         layer = key.rsplit(".processor.", 1)[0]
@@ -118,12 +113,9 @@ def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], ba
     return sd
 
 
-def lora_writer(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base):
-    """Check a LoRA bundle's factors against the base's layers; return write(path) for diffusers' file."""
-    from diffusers import StableDiffusionPipeline
-
-    x = bundle.extra
-    require(all(k in x for k in ("rank", "alpha", "unet_targets")),
+def lora_parts(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base) -> tuple[dict, dict]:
+    """A LoRA bundle's factors checked against the base's layers: (unet's, text encoder's) peft state dicts."""
+    require(all(k in bundle.extra for k in ("rank", "alpha", "unet_targets")),
             f"LoRA bundle {bundle_path} lacks its LoRA settings (rank, alpha, unet_targets) in the header: re-learn it")
     parts = {"unet": (base.unet, {}), "text_encoder": (base.text_encoder, {})}
     for key, t in lora.items():
@@ -140,7 +132,15 @@ def lora_writer(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base
                 f"bundle {bundle_path}'s LoRA tensor {key} {tuple(t.shape)} does not fit this base's {model_name} "
                 f"(no such linear layer, or another size): export it with the base it was learned on")
         sd[rest] = t
-    unet_sd, te_sd = parts["unet"][1], parts["text_encoder"][1]
+    return parts["unet"][1], parts["text_encoder"][1]
+
+
+def lora_writer(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base):
+    """Check a LoRA bundle's factors against the base's layers; return write(path) for diffusers' file."""
+    from diffusers import StableDiffusionPipeline
+
+    x = bundle.extra
+    unet_sd, te_sd = lora_parts(bundle_path, bundle, lora, base)
     meta = {"r": x["rank"], "lora_alpha": x["alpha"], "target_modules": x["unet_targets"]}
     te_meta = {"r": x["rank"], "lora_alpha": x["alpha"], "target_modules": x.get("text_targets", [])} if te_sd else None
 
@@ -152,33 +152,6 @@ def lora_writer(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base
         )
 
     return write
-
-
-def _write_all(out: Path, files: dict) -> list[Path]:
-    """Write every file into a staging folder beside (or inside) `out`, then move them in."""
-    created = out if not out.exists() else None  # the top folder this call creates, removed on error
-    while created is not None and not created.parent.exists():
-        created = created.parent
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out if out.is_dir() else out.parent))
-        try:
-            for name, write in files.items():
-                write(staging / name)
-            if out.is_dir():
-                for name in files:
-                    os.replace(staging / name, out / name)
-                staging.rmdir()
-            else:
-                os.replace(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    except BaseException:
-        if created is not None and created.exists():
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return [out / name for name in files]
 
 
 def load_exported_into(pipe, out_dir: str | Path, tokens: list[str]) -> None:

@@ -1,0 +1,112 @@
+"""Export for AUTOMATIC1111, ComfyUI and kohya's sd-scripts: the same files serve all three.
+
+- every new token → ``embeddings/<name>.safetensors`` ({"emb_params": [1, dim]}); the file name is the
+  word the prompt types;
+- a LoRA bundle → ``loras/<bundle>.safetensors`` in kohya's layout, with the bundle's alpha;
+- Custom Diffusion / DisenDiff K/V (and Q) deltas → the same LoRA file, each delta factorised by
+  truncated SVD to a rank (the error per layer and in total is reported);
+- ``README.md``: per tool, where each file goes and the prompt to type.
+Infusion is refused: its residuals depend on the prompt's tokens, so no weight delta carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..bundle import check_base, load_bundle
+from ..errors import UserError, require
+from ..models import Base
+from .diffusers import check_deltas, lora_parts
+from .files import check_out_dir, token_name, write_all
+from .kohya import embedding_file_tensors, kohya_lora, refuse_infusion
+from .readme import tools_readme
+from .svd import Factorisation, factorise
+
+TOOLS = ("a1111", "comfyui", "kohya")
+# measured on ToyWorld's trained Custom Diffusion and DisenDiff bundles (README, "Export to A1111/ComfyUI")
+DEFAULT_RANK = 16
+
+
+@dataclass
+class ToolExport:
+    paths: list[Path]
+    embeddings: dict[str, str]  # token -> the word the prompt types in A1111 / kohya (ComfyUI: embedding:WORD)
+    lora: str | None  # the LoRA's name (its file's stem), if any
+    svd: Factorisation | None = None  # Custom Diffusion / DisenDiff: how well the LoRA carries the deltas
+    rank: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def text_encoder_count(base: Base) -> int:
+    n = 2 if getattr(base.pipe, "text_encoder_2", None) is not None else 1
+    require(n == 1, f"base {base.name} has two text encoders (SDXL): exporting its bundles is not supported yet")
+    return n
+
+
+def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base, rank: int | None) -> tuple[dict, Factorisation]:
+    """UNet weight deltas as peft-named LoRA factors of rank `rank` (None: full, exact)."""
+    check_deltas(bundle_path, deltas, base)
+    svd = factorise({name[: -len(".weight")]: d for name, d in deltas.items()}, rank)
+    peft = {}
+    for module, (up, down) in svd.factors.items():
+        peft[f"unet.{module}.lora_A.weight"] = down
+        peft[f"unet.{module}.lora_B.weight"] = up
+    return peft, svd
+
+
+def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, tool: str = "a1111",
+                     rank: int | None = DEFAULT_RANK) -> ToolExport:
+    """Every file is computed and checked before the first is written (see files.write_all)."""
+    require(tool in TOOLS, f"unknown tool {tool!r}: choose one of {', '.join(TOOLS)}")
+    require(rank is None or rank >= 1, f"--rank must be at least 1 or 'full', got {rank}")
+    out = Path(out_dir)
+    check_out_dir(out)
+    bundle = load_bundle(bundle_path)
+    check_base(bundle, base, str(bundle_path))
+    refuse_infusion(bundle, bundle_path)
+    n_te = text_encoder_count(base)
+    files: dict[str, callable] = {}
+    width = base.text_encoder.get_input_embeddings().weight.shape[1]
+    words: dict[str, str] = {}
+    for token, row in bundle.with_prefix("token_embedding/").items():
+        require(tuple(row.shape) == (width,),
+                f"bundle {bundle_path}'s embedding for {token} has shape {tuple(row.shape)} but this base's text "
+                f"encoder uses ({width},): export it with the base it was learned on")
+        word = token_name(token)
+        require(word and word not in words.values(),
+                f"bundle {bundle_path} has tokens that export to the same file name {word!r}: re-learn one under another name")
+        words[token] = word
+        files[f"embeddings/{word}.safetensors"] = lambda f, row=row: save_file(embedding_file_tensors(row), f)
+
+    lora, deltas = bundle.with_prefix("lora/"), bundle.with_prefix("unet_delta/")
+    require(not (lora and deltas), f"bundle {bundle_path} holds both LoRA factors and weight deltas: re-learn it")
+    result = ToolExport([], words, None, rank=rank)
+    sd, meta = None, {"ss_network_module": "networks.lora", "multiconcept_bundle": Path(bundle_path).name,
+                      "multiconcept_method": bundle.method}
+    if lora:
+        unet_sd, te_sd = lora_parts(bundle_path, bundle, lora, base)
+        peft = {**{f"unet.{k}": v for k, v in unet_sd.items()}, **{f"text_encoder.{k}": v for k, v in te_sd.items()}}
+        alpha = float(bundle.extra["alpha"])
+        sd = kohya_lora(peft, alpha, n_te)
+        meta.update(ss_network_dim=str(bundle.extra["rank"]), ss_network_alpha=f"{alpha:g}")
+    elif deltas:
+        peft, result.svd = delta_lora(bundle_path, deltas, base, rank)
+        require(bool(peft), f"bundle {bundle_path}'s weight deltas are all zero: there is nothing to export as a LoRA")
+        sd = kohya_lora(peft, None, n_te)
+        kept = max(e.rank for e in result.svd.layers)
+        meta.update(ss_network_dim=str(kept), ss_network_alpha=str(kept),
+                    multiconcept_svd_relative_error=f"{result.svd.relative_error:.6g}")
+    if sd is not None:
+        result.lora = token_name(Path(bundle_path).stem)
+        files[f"loras/{result.lora}.safetensors"] = lambda f: save_file(sd, f, metadata=meta)
+    if not files:
+        raise UserError(f"bundle {bundle_path} ({bundle.method}) holds nothing these tools load: "
+                        "export supports tokens, Custom Diffusion, DisenDiff and LoRA")
+    text = tools_readme(Path(bundle_path).name, bundle, base.name, tool, result)
+    files["README.md"] = lambda f: Path(f).write_text(text)
+    result.paths = write_all(out, files)
+    return result

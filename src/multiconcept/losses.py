@@ -226,11 +226,14 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
-                   loss_mask: torch.Tensor, store=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   loss_mask: torch.Tensor, store=None, dtype: torch.dtype | None = None,
+                   extra_channels: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
     """The diffusion loss every trainer here uses (DDPM, Ho et al. 2020): `z0` noised at a timestep
     drawn uniformly, the UNet's prediction against its target (epsilon or v, as the scheduler
     says), mean squared error over `loss_mask` (b 1 h w, pixels; pooled to the latent grid). With
-    `store`, the UNet's attention is captured into it on the way."""
+    `store`, the UNet's attention is captured into it on the way. `extra_channels` (b c h w at the
+    latent size) join the noisy latent as more UNet inputs (a location map); `cross_attention_kwargs`
+    go to the UNet as they are (GLIGEN's object tokens)."""
     from contextlib import nullcontext
 
     from .attention import capture_attention
@@ -240,6 +243,7 @@ def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: t
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(dev)
     zt = scheduler.add_noise(z0, noise, t)
     with capture_attention(unet, store) if store is not None else nullcontext():
-        pred = unet(zt.to(dtype), t, cond.to(dtype)).sample.float()
+        x = zt if extra_channels is None else torch.cat([zt, extra_channels.to(zt.dtype)], dim=1)
+        pred = unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs).sample.float()
     mask = F.interpolate(loss_mask.to(dev), size=z0.shape[-2:], mode="area")
     return masked_mse(pred, diffusion_target(scheduler, z0, noise, t), mask)

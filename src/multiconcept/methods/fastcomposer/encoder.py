@@ -39,9 +39,17 @@ class SubjectImageEncoder(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """crops ``n 3 S S`` in [0, 1] → ``n embed_dim``."""
+        return self.features(crops)[0]
+
+    def features(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled embedding ``n embed_dim``, patch tokens ``n patches width``): the
+        patch tokens through the tower's final layernorm, as open_clip returns them
+        (Subject-Diffusion's dense image features)."""
         x = (crops.float() - self.mean) / self.std
         dtype = next(self.vision.parameters()).dtype
-        return self.vision(pixel_values=x.to(dtype)).image_embeds.float()
+        out = self.vision(pixel_values=x.to(dtype))
+        patches = self.vision.vision_model.post_layernorm(out.last_hidden_state[:, 1:])
+        return out.image_embeds.float(), patches.float()
 
 
 def vision_from_clip_model(clip) -> "CLIPVisionModelWithProjection":  # noqa: F821

@@ -98,13 +98,16 @@ class ToyWorldSubjects:
     lets the model ignore the subject crops (the first encoders, trained on
     full captions, carried almost no colour)."""
 
-    name = "toyworld (captions without colour or pattern)"  # in the checkpoint digest: older runs drew full captions
+    def __init__(self, layout: str = "fixed"):
+        self.layout = layout  # "free": the world's five places and two sizes (location control must see them)
+        # in the checkpoint digest: older runs drew full captions
+        self.name = "toyworld (captions without colour or pattern)" + ("" if layout == "fixed" else f", {layout} layout")
 
     def draw(self, n: int, seed: int) -> list[Record]:
         from ..toyworld import subject_dataset
 
         return [Record(r.image, r.caption, [Annotation(s.label, s.mask, tuple(s.box)) for s in r.subjects])
-                for r in subject_dataset(n, seed, layout="fixed", appearance=False)]
+                for r in subject_dataset(n, seed, layout=self.layout, appearance=False)]
 
 
 class FolderSubjects:
@@ -177,10 +180,10 @@ class ShardSubjects:
         return [self.load(rng.randrange(len(self.samples))) for _ in range(n)]
 
 
-def open_data(spec: str) -> ToyWorldSubjects | FolderSubjects | ShardSubjects:
+def open_data(spec: str, toyworld_layout: str = "fixed") -> ToyWorldSubjects | FolderSubjects | ShardSubjects:
     """'toyworld', a folder `multiconcept dataset build` wrote (shards/), or a subjects.jsonl folder."""
     if spec == "toyworld":
-        return ToyWorldSubjects()
+        return ToyWorldSubjects(toyworld_layout)
     return ShardSubjects(spec) if (Path(spec) / "shards").is_dir() else FolderSubjects(spec)
 
 

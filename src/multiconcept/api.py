@@ -15,8 +15,9 @@ fix. The command line calls the same workflows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -24,6 +25,7 @@ from .bundle import Bundle, load_bundle
 from .data import Source, concept_set
 from .errors import UserError
 from .export import DEFAULT_RANK, ToolExport
+from .images import read_image, read_mask
 from .prompts import Concept
 from .training import Progress
 from .workflows.compose import ComposeSettings
@@ -31,6 +33,60 @@ from .workflows.generate import SampleSettings
 
 __all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "UserError", "compose",
            "evaluate", "export", "generate", "learn", "load_bundle"]
+
+
+__all__ += ["Generation", "Setting", "attention_images", "generate_files", "method_settings", "methods",
+            "parse_settings", "read_image", "read_mask"]
+
+
+@dataclass
+class Setting:
+    """One setting of a method: its name (the --param KEY), default and help."""
+
+    name: str
+    default: object
+    help: str
+
+
+@dataclass
+class Generation:
+    """One image `generate_files` wrote: its file, seed, the settings in its metadata and, when asked
+    for, one attention heatmap per prompt token (label, PNG), in prompt order."""
+
+    path: Path
+    seed: int
+    metadata: dict
+    attention: list[tuple[str, Path]]
+
+
+def methods() -> dict[str, str]:
+    """Each learning method's name and the first line of its description (`multiconcept methods`)."""
+    import sys
+
+    from .methods import METHODS
+
+    return {m: (sys.modules[METHODS[m].__module__].__doc__ or "").strip().splitlines()[0] for m in sorted(METHODS)}
+
+
+def method_settings(method: str) -> list[Setting]:
+    """A method's settings with their defaults and help (`multiconcept methods NAME`)."""
+    from .methods import get_method
+    from .methods.base import config_help
+
+    return [Setting(*row) for row in config_help(get_method(method).Config)]
+
+
+def parse_settings(method: str, values: Mapping[str, str]) -> dict[str, object]:
+    """Settings written as text (`--param KEY=VALUE`: 'true', '1e-4', 'a|b' for a tuple) -> typed values
+    for `learn`, checked by the command line's rules."""
+    from dataclasses import fields
+
+    from .methods import get_method
+    from .methods.base import apply_overrides
+
+    cfg = apply_overrides(get_method(method).Config(), dict(values))
+    names = {k.replace("-", "_") for k in values}
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names}
 
 
 def learn(method: str, concepts: Sequence[Concept], sources: Sequence[Source], out: str | Path, *,
@@ -73,6 +129,43 @@ def export(bundle: str | Path, out: str | Path, format: str = "diffusers", *, ra
     from .workflows.export import export_bundle
 
     return export_bundle(bundle, out, format, rank=rank, base=base)
+
+
+def generate_files(prompt: str, bundles: Sequence[str | Path], out: str | Path, *, n: int = 1, seed: int = 0,
+                   sampling: SampleSettings = SampleSettings(), attention_maps: bool = False, overwrite: bool = False,
+                   base: str | None = None, device: str = "auto", dtype: str = "fp32") -> list[Generation]:
+    """`generate`, written the way `multiconcept generate --out OUT` writes it: PNGs with their settings
+    in the metadata and, with `attention_maps`, each prompt token's heatmap in OUT/attention."""
+    from .workflows.generate import check_prompt_tokens, generate, load_with_bundles, planned_paths, read_png_metadata
+
+    out = Path(out)
+    if not overwrite:
+        clash = [p for p in planned_paths(out, n, seed) if p.exists()]
+        if clash:
+            raise UserError(f"{clash[0]} already exists: pass overwrite=True to replace it, or pick another folder or seed")
+    check_prompt_tokens(prompt, [str(b) for b in bundles])
+    loaded = load_with_bundles(base, [str(b) for b in bundles], device=device, dtype=dtype)
+    paths = generate(prompt, loaded, n, seed, out, sampling, attention_maps=attention_maps)
+    results = []
+    for p in paths:
+        meta = read_png_metadata(p)
+        maps = sorted((out / "attention").glob(f"{p.stem}_*.png")) if attention_maps else []
+        # heatmaps are named SEED_II_LABEL.png (II: the token's place in the prompt)
+        results.append(Generation(p, meta["seed"], meta, [(m.stem.split("_", 2)[-1], m) for m in maps]))
+    return results
+
+
+def attention_images(progress: Progress, image: Image.Image | None = None) -> list[tuple[str, Image.Image]]:
+    """The cross-attention of a training step (`Progress.attention`) as labelled heatmaps, laid over
+    `image` when given (e.g. the training image); [] when the method computes none."""
+    import torch
+
+    from .heatmaps import heatmap_images
+
+    maps = progress.attention() if progress.attention is not None else {}
+    if not maps:
+        return []
+    return list(zip(maps, heatmap_images(torch.stack(list(maps.values())), image)))
 
 
 def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int = 1, seed: int = 0,

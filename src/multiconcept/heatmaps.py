@@ -36,31 +36,13 @@ def _safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_.") or "token"
 
 
-def save_heatmaps(
-    maps: torch.Tensor,
-    labels: Sequence[str],
-    out_dir: str | Path,
-    image=None,
-    prefix: str = "",
-    size: int = 256,
-    alpha: float = 0.5,
-) -> list[Path]:
-    """Write one PNG per token map ``token h w``; return the paths.
-
-    Each map is min–max normalised, upsampled bilinearly to the image size
-    (or to `size` on the short side without an image), coloured with
-    viridis and, given `image` (PIL image or ``H W 3`` uint8 array), blended
-    over it with weight `alpha`. Files are ``{prefix}{i:02d}_{label}.png``,
-    written to a temp file in `out_dir` then renamed.
-    """
-
+def heatmap_images(maps: torch.Tensor, image=None, size: int = 256, alpha: float = 0.5) -> list[Image.Image]:
+    """One RGB image per token map ``token h w``: min–max normalised, upsampled
+    bilinearly to the image size (or to `size` on the short side without an
+    image), coloured with viridis and, given `image` (PIL image or ``H W 3``
+    uint8 array), blended over it with weight `alpha`."""
     if maps.ndim != 3:
-        raise ValueError(f"save_heatmaps wants maps (token, h, w), got {tuple(maps.shape)}.")
-    if len(labels) != maps.shape[0]:
-        raise ValueError(f"{maps.shape[0]} maps but {len(labels)} labels.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+        raise ValueError(f"heatmaps want maps (token, h, w), got {tuple(maps.shape)}.")
     base = None
     if image is not None:
         base = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
@@ -75,12 +57,36 @@ def save_heatmaps(
 
     m = minmax_normalize(maps.detach().float().cpu())
     m = F.interpolate(m[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-    paths = []
-    for i, (label, heat) in enumerate(zip(labels, m.numpy())):
+    images = []
+    for heat in m.numpy():
         rgb = colormap(heat)
         if base is not None:
             rgb = ((1 - alpha) * base + alpha * rgb).round().astype(np.uint8)
+        images.append(Image.fromarray(rgb))
+    return images
+
+
+def save_heatmaps(
+    maps: torch.Tensor,
+    labels: Sequence[str],
+    out_dir: str | Path,
+    image=None,
+    prefix: str = "",
+    size: int = 256,
+    alpha: float = 0.5,
+) -> list[Path]:
+    """Write `heatmap_images` as one PNG per token map ``token h w``; return the paths.
+
+    Files are ``{prefix}{i:02d}_{label}.png``, written to a temp file in
+    `out_dir` then renamed.
+    """
+    if len(labels) != maps.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps but {len(labels)} labels.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (label, img) in enumerate(zip(labels, heatmap_images(maps, image, size, alpha))):
         path = out / f"{prefix}{i:02d}_{_safe_label(label)}.png"
-        atomic_write(path, lambda tmp, rgb=rgb: Image.fromarray(rgb).save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
         paths.append(path)
     return paths

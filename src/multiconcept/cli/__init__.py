@@ -25,13 +25,14 @@ from . import (
     methods,
     toyworld,
     train_encoder,
+    ui,
 )
 from .app import app
 from .options import err
 
 for verb in (learn.learn, generate.generate, inspect.inspect, export.export, methods.methods, demo.demo,
              evaluate.evaluate, benchmark.benchmark, train_encoder.train_encoder, compose.compose,
-             convert.convert_fastcomposer):
+             convert.convert_fastcomposer, ui.ui):
     app.command()(verb)
 app.add_typer(toyworld.app, name="toyworld")
 app.add_typer(dataset.app, name="dataset")

@@ -78,6 +78,7 @@ class Trainer:
         self.scheduler = _training_scheduler(base)
         self.dtype = base.unet.dtype  # diffusers' .dtype walks every module: read it once
         self.latent_mode = self._latent_mode()
+        self.last_attention = None  # (batch, store) of the last loss, read by a progress display
 
     def _latent_mode(self) -> str:
         first = self.data.examples[0].image if self.data.examples else None
@@ -178,6 +179,7 @@ class Trainer:
         z0 = self.latents(batch, gen)
         cond = self.encode_prompts(batch["prompts"])
         store = self.method.attention_store(batch)
+        self.last_attention = (batch, store) if store is not None else None
         diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond, gen, batch["loss_mask"], store, self.dtype)
         logs = {"diffusion": diffusion.item()}
         extra, extra_logs = self.method.extra_loss(batch, store)
@@ -185,6 +187,25 @@ class Trainer:
         total = diffusion if extra is None else diffusion + extra
         logs["loss"] = total.item()
         return total, logs
+
+    @torch.no_grad()
+    def attention_maps(self) -> dict[str, torch.Tensor]:
+        """The last step's cross-attention (the finest captured level, mean over layers and heads) of
+        each concept's token and class word, from the first sample whose caption names it."""
+        if self.last_attention is None:
+            return {}
+        batch, store = self.last_attention
+        if not store.captured_resolutions:
+            return {}
+        maps = store.maps(max(store.captured_resolutions)).detach()  # batch token h w
+        out: dict[str, torch.Tensor] = {}
+        for c in self.data.concepts:
+            for key, label in ((c.token, c.token), (c.token + "/class", f"{c.class_word} ({c.token})")):
+                i = next((i for i, (enc, target) in enumerate(zip(batch["encoded"], batch["target"]))
+                          if target and enc.positions.get(key)), None)
+                if i is not None:
+                    out[label] = maps[i, batch["encoded"][i].positions[key]].mean(0).float().cpu()
+        return out
 
 
 def _training_scheduler(base: Base):
@@ -218,6 +239,9 @@ class FineTuneJob:
 
     def after_step(self, step: int, extra: dict) -> None:
         self.method.after_step()
+
+    def attention_maps(self) -> dict[str, torch.Tensor]:
+        return self.trainer.attention_maps()
 
 
 def train(

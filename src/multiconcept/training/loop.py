@@ -17,7 +17,9 @@ A job is any object with
 - ``state() -> {name: tensor}`` and ``load_state({name: tensor})``: what a
   checkpoint keeps besides the optimiser (trained tensors, an EMA copy, ...);
 - optionally ``after_step(step, extra)``: work between steps (EMA updates,
-  monitors); ``extra`` is a JSON-able dict the checkpoint keeps.
+  monitors); ``extra`` is a JSON-able dict the checkpoint keeps;
+- optionally ``attention_maps() -> {label: h w tensor}``: the cross-attention
+  its last step computed, handed to the progress callback (see `Progress`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Progress:
     total: int
     logs: dict[str, float]
     seconds: float  # training time so far, over every resumed run
+    # the job's cross-attention maps of this step ({label: h w}, values >= 0), computed only when
+    # called; None when the job computes none (only methods with attention losses do)
+    attention: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -159,7 +164,7 @@ def run(job, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], setti
             if bar:
                 bar[0].update(bar[1], advance=1, loss=logs.get("loss", math.nan))
             if on_step is not None:
-                on_step(Progress(step, settings.steps, logs, spent()))
+                on_step(Progress(step, settings.steps, logs, spent(), getattr(job, "attention_maps", None)))
             by_steps = settings.checkpoint_every and step % settings.checkpoint_every == 0
             by_time = settings.checkpoint_minutes and time.time() - last_save >= 60 * settings.checkpoint_minutes
             if (by_steps or by_time) and step < settings.steps:

@@ -1,0 +1,39 @@
+"""`multiconcept ui`: the web page (gradio, the `ui` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from .options import BaseOpt, DeviceOpt, number
+
+
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; beyond loopback needs --auth"),
+    port: int = number(7860, "--port", help="port to listen on", minimum=1),
+    auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASS the page asks for (gradio's login)"),
+    share: bool = typer.Option(False, "--share", help="also make a public gradio.live link (needs --auth)"),
+    base: Optional[str] = BaseOpt,
+    work: Optional[Path] = typer.Option(None, "--work", help="folder for the jobs' inputs, bundles and images "
+                                                             "(default: a new temporary folder)"),
+    max_upload_mb: int = number(100, "--max-upload-mb", help="largest upload accepted, in MB", minimum=1),
+    compose_model: str = typer.Option("models/fastcomposer-toyworld", "--compose-model",
+                                      help="the Compose tab's model folder (`make fastcomposer` builds ToyWorld's)"),
+    device: str = DeviceOpt,
+):
+    """Learn, generate and compose concepts in the browser. Images obey the same limits as the other
+    verbs (--max-image-side before the verb); one training job runs at a time, the rest queue."""
+    from ..ui.launch import check_exposure
+
+    check_exposure(host, auth, share)  # before the slow import
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise UserError("the web page needs gradio: pip install 'multiconcept[ui]'") from e
+    from ..ui.launch import serve
+
+    serve(host=host, port=port, auth=auth, share=share, base=base, work=work, max_upload_mb=max_upload_mb,
+          compose_model=compose_model, device=device)

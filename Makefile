@@ -16,7 +16,7 @@ UV := uv==0.13.9
 LOCK_FLAGS := pyproject.toml --extra test --extra report --generate-hashes --no-emit-package torch \
 	--python-version 3.11 --find-links /opt/wheels --quiet
 
-.PHONY: demo test bench fastcomposer venv lock upgrade-check clean
+.PHONY: demo test test-ui bench fastcomposer venv lock upgrade-check clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
+
+# the web page in a real browser: headless Chromium (Debian's package, installed here when missing:
+# Playwright's own browser download is not reachable) driven by Playwright against a running
+# `multiconcept ui`; screenshots of each tab in build/ui-screenshots/
+test-ui: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	MULTICONCEPT_UI_TEST=1 $(BIN)/python -m pytest tests/test_ui_browser.py -s --durations=0
 
 # ToyWorld's FastComposer is built, not shipped: one CPU hour on 2 cores (resumable; re-run to continue).
 # Same settings as benchmarks/fastcomposer_toyworld.py's L_loc model (no grayscale crops: on ToyWorld

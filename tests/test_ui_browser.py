@@ -117,8 +117,24 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         page.fill("#templates textarea, #templates input", f"a {{}} on a {background} background")
         page.fill("#more-settings textarea", MORE)
         page.click("#learn-button")
+
+        # a second visitor: a bad upload gets the command line's one-line error; a second job waits in
+        # the queue with its place shown, and Cancel while it waits means it never runs
+        other = browser.new_page(viewport={"width": 1400, "height": 1200})
+        other.goto(url)
+        bad = folder.parent / "broken.png"
+        bad.write_bytes(b"not a png")
+        other.set_input_files("#learn-image input[type=file]", str(bad))
+        expect(other.locator("#learn-status")).to_contain_text(
+            re.compile(r"error: image \S*broken\.png is corrupt or not an image \(\w+\): re-export it as PNG or JPEG"),
+            timeout=30_000)
+        other.click("#learn-button")
+        expect(other.locator("#learn-status")).to_contain_text("queue", timeout=30_000)
+        other.click("#cancel-button")
+
         expect(page.locator("#learn-status")).to_contain_text("step", timeout=60_000)
         expect(page.locator("#learn-status")).to_contain_text("Learned", timeout=120_000)
+        expect(other.locator("#learn-status")).to_contain_text("Cancelled before it started", timeout=30_000)
         expect(page.locator("#learn-bundle a").first).to_have_attribute("href", re.compile(r"/concepts\.safetensors$"))
         print(f"learned: {time.monotonic() - t0:.1f} s")
         page.screenshot(path=str(SHOTS / "learn.png"), full_page=True)
@@ -138,6 +154,7 @@ def test_learn_generate_compose_in_the_browser(server, pair):
 
         page.get_by_role("tab", name="Generate").click()
         expect(page.locator("#gen-tokens")).to_contain_text("<s1>", timeout=30_000)
+        expect(page.locator("#gen-prompt textarea")).to_have_value(re.compile("<s1>"))  # the tokens, offered
         page.fill("#gen-prompt textarea", f"a <s1> {left.noun} and a <s2> {right.noun} on a {background} background")
         page.fill("#gen-n input[type=number]", "2")
         page.fill("#gen-steps input[type=number]", "10")

@@ -28,7 +28,7 @@ def model_note(folder: str) -> str:
     where = Path((folder or "").strip() or ".").expanduser()
     if where.is_dir():
         return status_html(f"Model folder {where}.")
-    return error_html(f"no FastComposer model at {where}: {BUILD_HINT}")
+    return status_html(f"No model at {where} yet. {BUILD_HINT}")
 
 
 def subject_specs(files: list[tuple[str | None, str | None]]) -> list[str]:

@@ -31,6 +31,16 @@ def module_key(component: str, module: str, text_encoders: int = 1) -> str:
     return f"{PREFIXES[text_encoders][component]}_{module.replace('.', '_')}"
 
 
+def kohya_path(key: str) -> str:
+    """transformers 5's CLIPTextModel has no `text_model` level; kohya's names (and A1111's and ComfyUI's
+    mappings) are transformers 4's: text_encoder.encoder.layers.0... -> text_encoder.text_model.encoder.layers.0...
+    (diffusers' loader drops the level again when the model lacks it)."""
+    component, _, path = key.partition(".")
+    if component.startswith("text_encoder") and not path.startswith("text_model."):
+        return f"{component}.text_model.{path}"
+    return key
+
+
 def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders: int = 1) -> dict[str, torch.Tensor]:
     """peft factors {'<component>.<module>.lora_A.weight' / '.lora_B.weight'} -> kohya's layout.
 
@@ -42,7 +52,7 @@ def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     require(bool(peft), "no LoRA factors to export")
-    converted = convert_state_dict_to_kohya(dict(peft))
+    converted = convert_state_dict_to_kohya({kohya_path(k): v for k, v in peft.items()})
     out: dict[str, torch.Tensor] = {}
     for key, t in converted.items():
         stem, _, part = key.partition(".")

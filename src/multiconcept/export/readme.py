@@ -31,7 +31,7 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
     if lora:
         what = (f"LoRA, rank {bundle.extra.get('rank')}, alpha {bundle.extra.get('alpha')}" if result.svd is None
                 else f"the {bundle.method} K/V deltas as a LoRA (truncated SVD, rank "
-                     f"{'full' if result.rank is None else result.rank}, alpha = rank)")
+                     f"{'full' if result.rank is None else result.rank}, scale 1)")
         lines.append(f"| `{lora_file}` | {what} | A1111: `<lora:{lora}:1>`; ComfyUI: a LoraLoader node |")
     sections = {
         "a1111": ["## AUTOMATIC1111", "",

@@ -1,7 +1,7 @@
 """A weight delta as a LoRA: truncated SVD (Eckart–Young: the best rank-r approximation in Frobenius norm).
 
 ΔW [out, in] = U S Vᵀ; keeping the r largest singular values, lora_up = U_r S_r^½ and
-lora_down = S_r^½ V_rᵀ (the scale split evenly, so neither factor is tiny), alpha = r (scale 1).
+lora_down = S_r^½ V_rᵀ (the scale split evenly, so neither factor is tiny), at scale 1.
 The relative error ‖ΔW − up·down‖_F / ‖ΔW‖_F is √(Σ_{i>r} s_i²) / √(Σ s_i²), read off the singular
 values; at r = rank(ΔW) the factorisation is exact up to float error.
 """

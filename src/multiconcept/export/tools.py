@@ -47,15 +47,22 @@ def text_encoder_count(base: Base) -> int:
     return n
 
 
-def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base, rank: int | None) -> tuple[dict, Factorisation]:
-    """UNet weight deltas as peft-named LoRA factors of rank `rank` (None: full, exact)."""
+def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base,
+               rank: int | None) -> tuple[dict, float, Factorisation]:
+    """UNet weight deltas as peft-named LoRA factors of rank `rank` (None: full, exact), and their alpha.
+
+    One alpha for every module, the largest rank kept: a layer narrower than that (kept rank r_l < alpha)
+    has its up factor multiplied by r_l / alpha, so alpha / r_l · up · down is still its delta. diffusers'
+    kohya loader drops per-module alphas that differ from the most common one (0.42: its alpha_pattern
+    keys name no module), which would scale those layers wrongly."""
     check_deltas(bundle_path, deltas, base)
     svd = factorise({name[: -len(".weight")]: d for name, d in deltas.items()}, rank)
+    alpha = max((e.rank for e in svd.layers), default=1)
     peft = {}
     for module, (up, down) in svd.factors.items():
         peft[f"unet.{module}.lora_A.weight"] = down
-        peft[f"unet.{module}.lora_B.weight"] = up
-    return peft, svd
+        peft[f"unet.{module}.lora_B.weight"] = up * (down.shape[0] / alpha) if down.shape[0] != alpha else up
+    return peft, float(alpha), svd
 
 
 def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, tool: str = "a1111",
@@ -94,11 +101,10 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
         sd = kohya_lora(peft, alpha, n_te)
         meta.update(ss_network_dim=str(bundle.extra["rank"]), ss_network_alpha=f"{alpha:g}")
     elif deltas:
-        peft, result.svd = delta_lora(bundle_path, deltas, base, rank)
+        peft, alpha, result.svd = delta_lora(bundle_path, deltas, base, rank)
         require(bool(peft), f"bundle {bundle_path}'s weight deltas are all zero: there is nothing to export as a LoRA")
-        sd = kohya_lora(peft, None, n_te)
-        kept = max(e.rank for e in result.svd.layers)
-        meta.update(ss_network_dim=str(kept), ss_network_alpha=str(kept),
+        sd = kohya_lora(peft, alpha, n_te)
+        meta.update(ss_network_dim=f"{alpha:g}", ss_network_alpha=f"{alpha:g}",
                     multiconcept_svd_relative_error=f"{result.svd.relative_error:.6g}")
     if sd is not None:
         result.lora = token_name(Path(bundle_path).stem)

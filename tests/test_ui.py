@@ -141,9 +141,9 @@ def test_learning_reports_attention_heatmaps_and_generation_writes_them(scene, t
     api.learn("disendiff", [api.Concept("<a1>", "cat"), api.Concept("<b1>", "dog")], [source],
               tmp_path / "c.safetensors", base="tiny", settings={"steps": 1, "union_sampling": False}, on_step=on_step)
     assert shown[-1] == [("<a1>", (32, 32)), ("cat (<a1>)", (32, 32)), ("<b1>", (32, 32)), ("dog (<b1>)", (32, 32))]
-    made = api.generate_files("a <a1> cat and a <b1> dog", [tmp_path / "c.safetensors"], tmp_path / "out", n=2, seed=3,
-                              attention_maps=True, base="tiny", sampling=api.SampleSettings(steps=2))
-    assert [g.seed for g in made] == [3, 4] and all(g.path.is_file() for g in made)
+    made = api.generate_files("a <a1> cat and a <b1> dog", [tmp_path / "c.safetensors"], tmp_path / "out", n=1, seed=3,
+                              attention_maps=True, base="tiny", sampling=api.SampleSettings(steps=1))
+    assert [g.seed for g in made] == [3] and made[0].path.is_file()
     assert made[0].metadata["prompt"] == "a <a1> cat and a <b1> dog"
     assert [label for label, _ in made[0].attention] == ["a", "a1", "cat", "and", "a", "b1", "dog"][: len(made[0].attention)]
     assert all(p.is_file() for _, p in made[0].attention) and len(made[0].attention) >= 5

@@ -2,7 +2,8 @@
 Playwright) against a running `multiconcept ui`. Uploads ToyWorld's pair, paints one mask and
 uploads the other, learns a few steps, generates, and checks that images appear and that the
 painted mask reached the workflow as the painted region. Screenshots of each tab go to
-build/ui-screenshots/ (MULTICONCEPT_UI_SHOTS overrides; MULTICONCEPT_UI_STEPS sets the steps).
+build/ui-screenshots/ (MULTICONCEPT_UI_SHOTS overrides; MULTICONCEPT_UI_STEPS and MULTICONCEPT_UI_GEN_STEPS set
+the learning and sampling steps).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.skipif(not os.environ.get("MULTICONCEPT_UI_TEST"), reas
 
 CHROMIUM = os.environ.get("MULTICONCEPT_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("MULTICONCEPT_UI_SHOTS", Path(__file__).resolve().parents[1] / "build" / "ui-screenshots"))
-STEPS = int(os.environ.get("MULTICONCEPT_UI_STEPS", "12"))
+STEPS = int(os.environ.get("MULTICONCEPT_UI_STEPS", "12"))  # learning steps; `make demo` learns the pair in 250
+GEN_STEPS = int(os.environ.get("MULTICONCEPT_UI_GEN_STEPS", "10"))
 # the settings of `make demo` (docs/demo.md): ToyWorld's captions, no augmentation, lr 1e-4
 MORE = "augment=false\ngrad_accum=1\nunion_sampling=true\nunnamed=erase\nloss_region=all"
 # the painted stroke over the left object (the heart), as fractions of the image: rows at these heights,
@@ -133,7 +135,7 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         other.click("#cancel-button")
 
         expect(page.locator("#learn-status")).to_contain_text("step", timeout=60_000)
-        expect(page.locator("#learn-status")).to_contain_text("Learned", timeout=120_000)
+        expect(page.locator("#learn-status")).to_contain_text("Learned", timeout=max(120, 3 * STEPS) * 1000)
         expect(other.locator("#learn-status")).to_contain_text("Cancelled before it started", timeout=30_000)
         expect(page.locator("#learn-bundle a").first).to_have_attribute("href", re.compile(r"/concepts\.safetensors$"))
         print(f"learned: {time.monotonic() - t0:.1f} s")
@@ -157,9 +159,9 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         expect(page.locator("#gen-prompt textarea")).to_have_value(re.compile("<s1>"))  # the tokens, offered
         page.fill("#gen-prompt textarea", f"a <s1> {left.noun} and a <s2> {right.noun} on a {background} background")
         page.fill("#gen-n input[type=number]", "2")
-        page.fill("#gen-steps input[type=number]", "10")
+        page.fill("#gen-steps input[type=number]", str(GEN_STEPS))
         page.click("#generate-button")
-        expect(page.locator("#gen-status")).to_contain_text("2 images", timeout=120_000)
+        expect(page.locator("#gen-status")).to_contain_text("2 images", timeout=max(120, 12 * GEN_STEPS) * 1000)
         expect(page.locator("#gen-grid img")).to_have_count(2)
         expect(page.locator("#gen-attention img").first).to_be_visible()
         expect(page.locator("#gen-metadata")).to_contain_text("seed")

@@ -149,3 +149,26 @@ def test_learning_reports_attention_heatmaps_and_generation_writes_them(scene, t
     assert all(p.is_file() for _, p in made[0].attention) and len(made[0].attention) >= 5
     with pytest.raises(UserError, match="already exists"):
         api.generate_files("a <a1> cat", [tmp_path / "c.safetensors"], tmp_path / "out", n=1, seed=3, base="tiny")
+
+
+def test_a_cancelled_learning_job_leaves_nothing_behind(scene, tmp_path):
+    # the Learn tab's own job function, without a browser: Cancel after the first step
+    from multiconcept.ui.common import Page
+    from multiconcept.ui.learn_tab import MAX_CONCEPTS, learn
+
+    page = Page(work=tmp_path / "work", base="tiny")
+    concepts = [("<a1>", "cat", None, scene["m1"], None), ("<b1>", "dog", None, scene["m2"], None)]
+    concepts += [("", "", None, None, None)] * (MAX_CONCEPTS - 2)
+    args = [scene["image"], 2, "textual-inversion", 50, 1e-3, 0, "photo of a {}", ""]
+    args += [v for c in concepts for v in c]
+    statuses = []
+    page.cancels.open("local")
+    for update in learn(page, *args):
+        statuses.append(update[0])
+        if "step 1/50" in update[0]:
+            page.cancels.cancel("local")
+    assert "Cancelled: nothing was written." in statuses[-1]
+    assert list((tmp_path / "work" / "learn").iterdir()) == []  # no bundle, checkpoint or inputs left
+    bad = list(args)
+    bad[8 + 1] = ""  # concept 1's class word
+    assert "error:</b> concept 1 needs a token and a class word" in next(learn(page, *bad))[0]

@@ -123,10 +123,11 @@ def largest(detections):
 def child_train(a: dict) -> dict:
     import torch
 
-    from multiconcept.methods.fastcomposer import FastComposerConfig, apply_settings
+    from multiconcept.methods.fastcomposer import FastComposerConfig
+    from multiconcept.methods.settings import apply_values
     from multiconcept.workflows.train_encoder import train_encoder
 
-    cfg = apply_settings(FastComposerConfig(), {k: str(v) for k, v in a["settings"].items()})
+    cfg = apply_values(FastComposerConfig(), a["settings"])
     t = time.time()
     train_encoder("toyworld", a["out"], base=a["base"], cfg=cfg, progress=False, max_minutes=a["minutes"], resume=True)
     cfg_json = json.loads((Path(a["out"]) / "fastcomposer.json").read_text())

@@ -10,8 +10,8 @@ from multiconcept.errors import UserError
 from multiconcept.models.tiny_evaluators import save_tiny_clip
 from multiconcept.protocols import COMBINED, expand, load_protocol, parse_protocol
 from multiconcept.workflows.benchmark import BenchmarkSettings, benchmark, parse_seeds, seed_runs
-from multiconcept.workflows.benchmark_report import SECTIONS
-from multiconcept.workflows.evaluate import write_toyworld_source
+from multiconcept.workflows.benchmark.report import SECTIONS
+from multiconcept.workflows.sources import write_toyworld_source
 
 # A three-prompt protocol keeps the suite fast; the shipped files are checked below.
 SMALL_PROTOCOL = "# test\n[both]\na {a} and a {b}\n[each]\na {x} on a gray background\n"

@@ -11,8 +11,9 @@ from PIL import Image
 from multiconcept.data import load_image, load_mask
 from multiconcept.models.tiny_evaluators import save_tiny_clip, save_tiny_vit
 from multiconcept.toyworld.render import PERSONAL_CONCEPTS, ObjectSpec, render_scene
-from multiconcept.workflows.evaluate import concept_crop, evaluate, write_toyworld_source
+from multiconcept.workflows.evaluate import evaluate
 from multiconcept.workflows.generate import png_metadata
+from multiconcept.workflows.sources import concept_crop, write_toyworld_source
 
 TOKENS = ["<c1>", "<c2>"]
 
@@ -60,7 +61,7 @@ def by_file(result):
 
 def test_toyworld_sources_name_concepts_left_to_right(tmp_path):
     """The base draws the first-named object on the left, so <c1> must be the left one."""
-    from multiconcept.workflows.evaluate import load_source
+    from multiconcept.workflows.sources import load_source
 
     src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "a", seed=0)  # heart left, star right
     assert [c.class_word for c in src.concepts] == ["heart", "star"]

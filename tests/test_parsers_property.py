@@ -131,7 +131,7 @@ def _value_like(cfg_cls):
 
 @pytest.mark.parametrize("cfg_cls", _configs(), ids=lambda c: c.__name__)
 def test_param_values(cfg_cls):
-    from multiconcept.methods.base import apply_overrides
+    from multiconcept.methods.settings import apply_overrides
 
     names = [f.name for f in fields(cfg_cls)]
     keys = st.one_of(st.sampled_from(names), st.sampled_from(names).map(lambda n: n.replace("_", "-")), TEXT)
@@ -264,7 +264,7 @@ def test_bundle_path(name):
 @SETTINGS
 @given(st.lists(PATH_SPEC, min_size=1, max_size=2), st.lists(PATH_SPEC, max_size=2), st.lists(TOKEN, max_size=2))
 def test_reference_specs(references, masks, tokens):
-    from multiconcept.workflows.evaluate import build_references
+    from multiconcept.workflows.sources import build_references
 
     assume(not any(Path(s.split("=", 1)[-1]).exists() for s in references if "\x00" not in s and len(s) < 200))
     assert refused_or(build_references, references, masks, tokens) is None

@@ -14,7 +14,7 @@ from .options import out
 def methods(name: Optional[str] = typer.Argument(None, help="a method name for its settings")):
     """List methods, or one method's settings with defaults and help."""
     from ..methods import METHODS, get_method
-    from ..methods.base import config_help
+    from ..methods.settings import config_help
 
     if name is None:
         for m in sorted(METHODS):

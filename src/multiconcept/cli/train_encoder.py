@@ -40,7 +40,8 @@ def train_encoder(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train a tuning-free subject encoder (FastComposer) on subject-annotated images."""
-    from ..methods.fastcomposer import FastComposerConfig, apply_settings
+    from ..methods.fastcomposer import FastComposerConfig
+    from ..methods.settings import apply_overrides
     from ..workflows.train_encoder import train_encoder as run
 
     require(method in ENCODER_METHODS, f"unknown encoder method {method!r}: choose one of {', '.join(ENCODER_METHODS)}")
@@ -52,7 +53,7 @@ def train_encoder(
             overrides[k] = str(v)
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
-    cfg = apply_settings(FastComposerConfig(), overrides)
+    cfg = apply_overrides(FastComposerConfig(), overrides)
     path = run(data, output, base=base, cfg=cfg, image_encoder=image_encoder, resume=resume, progress=progress,
                max_minutes=max_minutes, device=device, dtype=dtype)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks

@@ -1,139 +1,54 @@
 """What every fine-tuning method shares: a config, a parameterisation, losses.
 
 A method = (a) which tensors are new or trainable and (b) which losses are
-added to the diffusion loss. The training loop (train.py) owns everything
-else: data, noise, optimiser, accumulation, checkpoints.
+added to the diffusion loss. The fine-tuning job (finetune.py) on the one
+training loop owns everything else: data, noise, optimiser, accumulation,
+checkpoints.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..bundle import Bundle
 from ..data import ConceptSet
-from ..errors import UserError, require
+from ..errors import UserError
 from ..models import Base
 from ..prompts import Concept, add_concept_tokens, set_token_rows
-
-
-def hp(default, help: str):
-    """A config field whose help text the CLI shows (`multiconcept methods`)."""
-    return field(default=default, metadata={"help": help})
+from .settings import PROBABILITY, Settings, hp
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Training-loop settings shared by every method; methods override defaults."""
 
-    steps: int = hp(500, "optimiser steps")
-    lr: float = hp(1e-4, "learning rate (before --scale-lr)")
+    steps: int = hp(500, "optimiser steps", at_least=1)
+    lr: float = hp(1e-4, "learning rate (before --scale-lr)", above=0)
     scale_lr: bool = hp(False, "multiply lr by batch size x accumulation x processes (diffusers' --scale_lr)")
-    batch_size: int = hp(1, "images per micro-batch")
-    grad_accum: int = hp(1, "micro-batches per optimiser step")
-    weight_decay: float = hp(1e-2, "AdamW weight decay")
-    max_grad_norm: float = hp(1.0, "gradient clipping")
-    resolution: int = hp(0, "training image size; 0 = the base's native size")
+    batch_size: int = hp(1, "images per micro-batch", at_least=1)
+    grad_accum: int = hp(1, "micro-batches per optimiser step", at_least=1)
+    weight_decay: float = hp(1e-2, "AdamW weight decay", at_least=0)
+    max_grad_norm: float = hp(1.0, "gradient clipping", at_least=0)
+    resolution: int = hp(0, "training image size; 0 = the base's native size", at_least=0)
     augment: bool = hp(True, "Custom Diffusion's scale augmentation + horizontal flip")
-    flip_p: float = hp(0.5, "horizontal flip probability when augmenting")
+    flip_p: float = hp(0.5, "horizontal flip probability when augmenting", **PROBABILITY)
     latents: str = hp("auto", "VAE posterior: sample (diffusers' scripts) | mean | auto (mean when a channel's "
-                      "posterior std > 0.5, as on ToyWorld's VAE; else sample)")
+                      "posterior std > 0.5, as on ToyWorld's VAE; else sample)", choices=("auto", "sample", "mean"))
     loss_region: str = hp("masks", "with masks, where the diffusion loss counts: masks (union of the caption's "
-                          "concepts, Break-A-Scene) | unnamed-out (all but the other concepts' pixels) | all")
+                          "concepts, Break-A-Scene) | unnamed-out (all but the other concepts' pixels) | all",
+                          choices=("masks", "unnamed-out", "all"))
     unnamed: str = hp("keep", "a caption naming some of an image's masked concepts: keep the others' pixels, or "
-                      "erase them (painted with the background's median colour; suits plain backgrounds)")
-    reg_fraction: float = hp(0.5, "share of samples drawn from regularisation images, when given")
-    mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)")
+                      "erase them (painted with the background's median colour; suits plain backgrounds)",
+                      choices=("keep", "erase"))
+    reg_fraction: float = hp(0.5, "share of samples drawn from regularisation images, when given", **PROBABILITY)
+    mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
     seed: int = hp(0, "seed for data order, noise and timesteps")
-    checkpoint_every: int = hp(100, "steps between resumable checkpoints")
+    checkpoint_every: int = hp(100, "steps between resumable checkpoints", at_least=0)
     log_file: str = hp("", "append each step's loss terms to this JSON-lines file ('' = none)")
     templates: tuple = hp(("photo of a {}",), "caption templates; {} becomes '<tok> class [and <tok2> class2]'")
-
-
-def config_help(cfg_cls) -> list[tuple[str, object, str]]:
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cfg_cls)]
-
-
-# settings that take one of a few words (checked where --param values arrive)
-CHOICES = {"latents": ("auto", "sample", "mean"), "loss_region": ("masks", "unnamed-out", "all"),
-           "unnamed": ("keep", "erase")}
-
-
-# (lowest value, whether the lowest itself is allowed); every float must also be finite
-BOUNDS = {"steps": (1, True), "lr": (0, False), "batch_size": (1, True), "grad_accum": (1, True),
-          "weight_decay": (0, True), "max_grad_norm": (0, True), "resolution": (0, True), "checkpoint_every": (0, True)}
-PROBABILITIES = ("flip_p", "reg_fraction")
-
-
-def check_settings(cfg) -> None:
-    """Every number a setting can take, checked once, before any model loads."""
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"setting {f.name} must be a finite number, got {v}: fix --param {f.name} (or its option)")
-        low, inclusive = BOUNDS.get(f.name, (None, True))
-        if f.name in PROBABILITIES:
-            low, inclusive = 0, True
-            if v > 1:
-                raise UserError(f"setting {f.name} is a probability, got {v}: give a value from 0 to 1")
-        if low is not None and (v < low or (v == low and not inclusive)):
-            bound = f"at least {low}" if inclusive else f"greater than {low}"
-            raise UserError(f"setting {f.name} must be {bound}, got {v}: fix --param {f.name} (or its option)")
-
-
-def apply_values(cfg, values: dict[str, object]):
-    """Typed settings (the Python API's) onto a config dataclass: each value must have
-    its setting's type (an int where a float is wanted is fine); then every number is checked."""
-    known = {f.name for f in fields(cfg)}
-    for key, val in values.items():
-        require(key in known, f"{type(cfg).__name__} has no setting {key!r}: see `multiconcept methods` for the list")
-        cur = getattr(cfg, key)
-        kind = type(cur)
-        ok = isinstance(val, kind) and not (isinstance(val, bool) and kind is not bool)
-        if kind is float and isinstance(val, int) and not isinstance(val, bool):
-            val, ok = float(val), True
-        if kind is tuple and isinstance(val, list):
-            val, ok = tuple(val), True
-        require(ok, f"setting {key}={val!r} must be of type {kind.__name__}: fix the value")
-        if key in CHOICES:
-            require(val in CHOICES[key], f"{key} must be one of {', '.join(CHOICES[key])}, got {val!r}")
-        setattr(cfg, key, val)
-    check_settings(cfg)
-    return cfg
-
-
-def apply_overrides(cfg, overrides: dict[str, str]):
-    """--param key=value strings onto a config dataclass, typed by its defaults."""
-    known = {f.name: f for f in fields(cfg)}
-    for k, v in overrides.items():
-        key = k.replace("-", "_")
-        if key not in known:
-            raise UserError(f"{type(cfg).__name__} has no setting {k!r}: see `multiconcept methods` for the list")
-        cur = getattr(cfg, key)
-        try:
-            if isinstance(cur, bool):
-                val = v.lower() in ("1", "true", "yes", "on")
-                if v.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError(v)
-            elif isinstance(cur, tuple):
-                val = tuple(x.strip() for x in v.split("|"))
-                if cur and isinstance(cur[0], int):
-                    val = tuple(int(x) for x in val)
-            else:
-                val = type(cur)(v)
-        except ValueError as e:
-            raise UserError(f"setting {k}={v!r} is not a valid {type(cur).__name__}: fix the value") from e
-        if key in CHOICES and val not in CHOICES[key]:
-            raise UserError(f"{key} must be {', '.join(CHOICES[key][:-1])} or {CHOICES[key][-1]}, got {val!r}: "
-                            f"fix --param {key}")
-        setattr(cfg, key, val)
-    check_settings(cfg)
-    return cfg
 
 
 class TrainableTokens(nn.Module):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, TrainConfig, hp
+from .base import Method, TrainConfig
+from .settings import hp
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ..attention import AttentionStore
 from ..errors import UserError
 from ..losses import bind_loss, mask_attention_loss, separation_loss
-from .base import hp
 from .custom_diffusion import CustomDiffusion, CustomDiffusionConfig
+from .settings import hp
 
 
 @dataclass

@@ -45,7 +45,8 @@ from ..data import Example, center_square, to_tensor
 from ..errors import UserError, require
 from ..prompts import Concept, find_word_spans, token_positions, tokenize_checked
 from . import register
-from .base import Method, TrainConfig, hp
+from .base import Method, TrainConfig
+from .settings import hp
 
 # The released code's caption templates (infusion/dataset.py), the concept
 # filled in as its plain class word.
@@ -73,7 +74,7 @@ class InfusionConfig(TrainConfig):
     templates: tuple = hp(INFUSION_TEMPLATES, "caption templates; {} becomes the plain class word (paper's 11)")
     key_residual: bool = hp(False, "also add a residual to the KEY (released code); attention then differs from the base's")
     derive_mask: bool = hp(True, "without a user mask, weight the loss by the base's attention map of the class word")
-    store_dtype: str = hp("fp16", "dtype of the residuals in the bundle: fp16 | bf16 | fp32")
+    store_dtype: str = hp("fp16", "dtype of the residuals in the bundle: fp16 | bf16 | fp32", choices=tuple(STORE_DTYPES))
 
 
 class ClassWordConcept(Concept):
@@ -301,7 +302,6 @@ class Infusion(Method):
                 f"Infusion names concepts by their class words, and {words} repeats one: "
                 "learn them in separate runs on distinct class words")
         require(all("/" not in w for w in words), f"class words {words} must not contain '/': use plain words")
-        require(cfg.store_dtype in STORE_DTYPES, f"store_dtype {cfg.store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         # The loop builds captions from concept.phrase and samples data.examples
         # of this same ConceptSet, so it is prepared in place: class-word
         # captions, derived masks, then mirrored copies (h-flip with p 0.5).

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .base import Method, TrainConfig, hp
+from .base import Method, TrainConfig
+from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Method, TrainConfig, hp
+from .base import Method, TrainConfig
+from .settings import hp
 
 # diffusers' textual_inversion example README: lr 5e-4 scaled, batch 1 x 4, 3000 steps
 TI_TEMPLATES = (

@@ -2,7 +2,7 @@
 
 Two measures (ours, beyond the papers; docs/evidence.md); lower is better:
 - embedding leakage: the image alignment (CLIP-I, DINO) of the generation to
-  the other concept's reference crop. evaluate.py computes it with the same
+  the other concept's reference crop. workflows/scoring.py computes it with the same
   code as image alignment; it is only meaningful next to the own-concept
   alignment, since similar-looking concepts score high on both.
 - ToyWorld leakage, exact: ToyWorld concepts are colour/pattern signatures

@@ -124,7 +124,7 @@ def _clip_scores(grid: dict, rows: list, src: Path, names: tuple[str, str]) -> t
     """CLIP-I of each prompt's images against each concept's masked crop, with
     ToyWorld's evaluator; appended to `rows`. Nothing when it is not installed."""
     from ..metrics.clip import load_clip, mean_pairwise_cosine, toyworld_evaluator_available
-    from .evaluate import concept_crop
+    from .sources import concept_crop
 
     if not toyworld_evaluator_available():
         return [], ""

@@ -8,8 +8,8 @@ from typing import Callable
 from ..data import ConceptSet, build_concept_set, class_caption, generate_regularisation, load_regularisation
 from ..errors import require
 from ..methods import get_method
-from ..methods.base import apply_overrides, apply_values
 from ..methods.finetune import train
+from ..methods.settings import apply_overrides, apply_values
 from ..models import Base, load_base
 from ..prompts import parse_concept
 from ..training import Progress

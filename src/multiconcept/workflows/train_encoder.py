@@ -60,12 +60,12 @@ from ..methods.fastcomposer import (
     FastComposer,
     FastComposerConfig,
     augment_crop,
-    config_dict,
     load_image_encoder,
     parse_subject_prompt,
     subject_crop,
 )
 from ..methods.finetune import config_digest
+from ..methods.settings import config_dict
 from ..models import Base, load_base
 from ..prompts import find_word_spans
 from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed

@@ -35,8 +35,6 @@ from .config import (
                      MODEL_FORMAT,
                      MODEL_VERSION,
                      FastComposerConfig,
-                     apply_settings,
-                     config_dict,
 )
 from .crops import augment_crop, subject_crop
 from .encoder import (
@@ -52,7 +50,7 @@ from .markers import SubjectPrompt, parse_subject_prompt
 from .model import FastComposer, load_state_checked, read_tensors, save_model_folder
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIG_FILE", "MARKER", "MARKER_PATTERN", "MLP", "MODEL_FORMAT", "MODEL_VERSION",
-           "FastComposer", "FastComposerConfig", "FusionMLP", "SubjectImageEncoder", "SubjectPrompt", "apply_settings",
-           "augment_crop", "config_dict", "fuse_subjects", "load_image_encoder", "load_state_checked",
+           "FastComposer", "FastComposerConfig", "FusionMLP", "SubjectImageEncoder", "SubjectPrompt",
+           "augment_crop", "fuse_subjects", "load_image_encoder", "load_state_checked",
            "parse_subject_prompt", "read_tensors", "save_model_folder", "subject_crop", "tiny_image_encoder",
            "vision_from_clip_model"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import report
+from ... import report
 
 SECTIONS = ("Settings", "Sources: reference and masks", "Results", "Alignment vs leakage",
             "Image grids per prompt", "Attention heatmaps")
@@ -101,8 +101,8 @@ def charts(results: dict) -> str:
 
 
 def _source_section(cells) -> str:
-    from ..data import load_image, load_mask
-    from .evaluate import concept_crop
+    from ...data import load_image, load_mask
+    from ..sources import concept_crop
 
     parts, seen = [], set()
     for cell, _ in cells:

@@ -45,7 +45,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("ui-work")
     port = free_port()
     log = open(work / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "multiconcept", "ui", "--port", str(port), "--work", str(work)],
+    proc = subprocess.Popen([sys.executable, "-m", "multiconcept", "ui", "--port", str(port), "--work", str(work),
+                             "--max-upload-mb", "1"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -130,6 +131,10 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         expect(other.locator("#learn-status")).to_contain_text(
             re.compile(r"error: image \S*broken\.png is corrupt or not an image \(\w+\): re-export it as PNG or JPEG"),
             timeout=30_000)
+        big = folder.parent / "big.png"
+        big.write_bytes(os.urandom(1_200_000))
+        other.set_input_files("#mask-0 input[type=file]", str(big))
+        expect(other.get_by_text(re.compile("exceed the maximum allowed size of 1"))).to_be_visible(timeout=10_000)
         other.click("#learn-button")
         expect(other.locator("#learn-status")).to_contain_text("queue", timeout=30_000)
         other.click("#cancel-button")

@@ -185,10 +185,10 @@ def learn(page: Page, *args, request: gr.Request | None = None):
 
         def work(report):
             def on_step(p: api.Progress):
+                rows.append({"step": p.step, "loss": p.logs.get("loss", float("nan"))})
+                # the page redraws about once a second: a browser redrawing every step takes CPU from training
                 if redraw() or p.step == p.total:
                     report((p, [(img, label) for label, img in api.attention_images(p, picture)]))
-                else:
-                    report((p, None))
 
             return api.learn(method, concepts, sources, out, base=page.base, settings=settings, on_step=on_step,
                              cancel=cancel.is_set, device=page.device)
@@ -200,11 +200,10 @@ def learn(page: Page, *args, request: gr.Request | None = None):
                 yield error_html(value), keep, keep, keep, None, keep
                 return
             if kind == "report":
-                p, new_maps = value
-                rows.append({"step": p.step, "loss": p.logs.get("loss", float("nan"))})
-                maps = new_maps if new_maps is not None else maps
+                p, maps = value
                 yield (status_html(f"step {p.step}/{p.total}, loss {p.logs.get('loss', float('nan')):.4f}, "
-                                   f"{p.seconds:.0f} s", p.step, p.total), pd.DataFrame(rows), maps, keep, keep, keep)
+                                   f"{p.seconds:.0f} s", p.step, p.total), pd.DataFrame(list(rows)), maps, keep, keep,
+                       keep)
             elif value is None:  # cancelled: the checkpoint and inputs go; nothing is left half-written
                 shutil.rmtree(job, ignore_errors=True)
                 yield status_html("Cancelled: nothing was written."), keep, keep, keep, None, keep

@@ -26,9 +26,10 @@ def ui(
 ):
     """Learn, generate and compose concepts in the browser. Images obey the same limits as the other
     verbs (--max-image-side before the verb); one training job runs at a time, the rest queue."""
-    from ..ui.launch import check_exposure
+    from ..ui.launch import check_exposure, no_calls_home
 
     check_exposure(host, auth, share)  # before the slow import
+    no_calls_home()
     try:
         import gradio  # noqa: F401
     except ImportError as e:

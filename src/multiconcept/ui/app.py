@@ -16,7 +16,7 @@ INTRO = ("**multiconcept**: learn your own concepts from a photo (Learn), put th
 def build(*, work: Path, base: str | None = None, compose_model: str = "models/fastcomposer-toyworld",
           device: str = "auto") -> gr.Blocks:
     page = Page(work=work, base=base, device=device, compose_model=compose_model)
-    with gr.Blocks(title="multiconcept") as demo:
+    with gr.Blocks(title="multiconcept", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(base=base or "the embedded ToyWorld model (64 px)"))
         with gr.Tab("Learn", id="learn"):
             learned, event = learn_tab.build(page)

@@ -41,6 +41,11 @@ def check_exposure(host: str, auth: str | None, share: bool) -> tuple[str, str] 
     return credentials
 
 
+def no_calls_home() -> None:
+    """gradio's usage analytics and version check off, before gradio is imported: a local tool."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, share: bool = False,
           base: str | None = None, work: str | Path | None = None, max_upload_mb: int = 100,
           compose_model: str = "models/fastcomposer-toyworld", device: str = "auto", block: bool = True):
@@ -51,7 +56,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     require(max_upload_mb >= 1, f"--max-upload-mb must be at least 1, got {max_upload_mb}")
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="multiconcept-ui-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    no_calls_home()
     from .app import build
 
     demo = build(work=work.resolve(), base=base, compose_model=compose_model, device=device)

@@ -71,7 +71,7 @@ def methods() -> dict[str, str]:
 def method_settings(method: str) -> list[Setting]:
     """A method's settings with their defaults and help (`multiconcept methods NAME`)."""
     from .methods import get_method
-    from .methods.base import config_help
+    from .methods.settings import config_help
 
     return [Setting(*row) for row in config_help(get_method(method).Config)]
 
@@ -82,7 +82,7 @@ def parse_settings(method: str, values: Mapping[str, str]) -> dict[str, object]:
     from dataclasses import fields
 
     from .methods import get_method
-    from .methods.base import apply_overrides
+    from .methods.settings import apply_overrides
 
     cfg = apply_overrides(get_method(method).Config(), dict(values))
     names = {k.replace("-", "_") for k in values}

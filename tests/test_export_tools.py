@@ -100,7 +100,7 @@ def test_lora_bundle_exports_in_kohya_layout_with_its_alpha_and_loads_back(scene
                 "--embedding", files / "embeddings" / "a1.safetensors",
                 "--embedding", f"<b1>={files / 'embeddings' / 'b1.safetensors'}")
     assert np.abs(want - back).max() <= 2
-    # a token both a bundle and an embedding define: the usual one-line error
+    # a token both a bundle and an embedding define: the usual one-line error, before the base loads
     code, _, err = run_cli("generate", PROMPT, "-b", bundle, "--embedding", files / "embeddings" / "a1.safetensors",
                            "-n", "1", "--steps", "1", "-o", tmp_path / "clash", "--base", "tiny")
     assert code == 2 and "<a1> is defined by both" in err and len(err.strip().splitlines()) == 1, err

@@ -83,6 +83,19 @@ def embedding_token(spec: str) -> tuple[str, Path]:
     return token, path
 
 
+def check_embedding_tokens(bundle_paths: list[str], embeddings: list[str]) -> None:
+    """Refuse an embedding whose token a bundle or another embedding already defines, from the bundles'
+    headers, before any model loads."""
+    from ..bundle import read_header
+
+    owners = {t: str(p) for p in bundle_paths for t in read_header(p)["tokens"]}
+    for spec in embeddings:
+        token, path = embedding_token(spec)
+        require(token not in owners, f"{token} is defined by both {owners.get(token)} and {path}: load one of them, "
+                                     f"or give this one another token ('<name>={path}')")
+        owners[token] = str(path)
+
+
 def embedding_vectors(path: Path, width: int) -> torch.Tensor:
     """The [n, width] vectors of an embedding file: one tensor (kohya's `emb_params`, A1111's and
     ComfyUI's safetensors, diffusers' {token: row}); SDXL's clip_l/clip_g pair is refused."""

@@ -89,11 +89,12 @@ def planned_paths(out_dir: str | Path, n: int, seed: int, prefix: str = "") -> l
 
 
 def check_prompt_tokens(prompt: str, bundle_paths: list[str], embeddings: list[str] = ()) -> None:
-    """Refuse a concept token no bundle or embedding file defines: the text encoder would read it as
-    a few ordinary word pieces and draw something, silently. Reads headers only,
-    so this runs before any model loads."""
-    from .external import embedding_token
+    """Refuse a concept token no bundle or embedding file defines (the text encoder would read it as
+    a few ordinary word pieces and draw something, silently), and a token two of them define. Reads
+    headers only, so this runs before any model loads."""
+    from .external import check_embedding_tokens, embedding_token
 
+    check_embedding_tokens(bundle_paths, list(embeddings))
     refuse_undefined_tokens(prompt, [t for p in bundle_paths for t in read_header(p)["tokens"]]
                             + [embedding_token(e)[0] for e in embeddings])
 

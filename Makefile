@@ -16,7 +16,7 @@ UV := uv==0.13.9
 LOCK_FLAGS := pyproject.toml --extra test --extra report --generate-hashes --no-emit-package torch \
 	--python-version 3.11 --find-links /opt/wheels --quiet
 
-.PHONY: demo test test-ui bench fastcomposer venv lock upgrade-check clean
+.PHONY: demo test test-ui bench fastcomposer subject-diffusion venv lock upgrade-check clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,18 @@ fastcomposer: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/multiconcept train-encoder --method fastcomposer --data toyworld \
 		--out models/fastcomposer-toyworld --lr 1e-4 --batch-size 16 --steps 100000 --max-minutes 60 \
 		--param checkpoint_every=200 --param aug_grayscale_p=0 --resume
+
+# ToyWorld's Subject-Diffusion, built the same way: one CPU hour (1 thread, so others can work), resumable.
+# The paper's parts and dropout; lr 1e-4 with 100 warm-up steps (its 3e-5 and 1000 are for 450k steps).
+# SD_PARAMS adds an ablation, e.g. SD_PARAMS='--param adapter=false' SD_OUT=models/subject-diffusion/no-adapter
+# SD_MINUTES=20 (benchmarks/subject_diffusion_toyworld.py trains every ablation this way and scores them)
+SD_OUT ?= models/subject-diffusion/full
+SD_MINUTES ?= 60
+SD_PARAMS ?=
+subject-diffusion: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/multiconcept train-encoder --method subject-diffusion --data toyworld \
+		--out $(SD_OUT) --lr 1e-4 --batch-size 16 --steps 100000 --max-minutes $(SD_MINUTES) \
+		--param warmup_steps=100 --param checkpoint_every=100 $(SD_PARAMS) --resume
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py

@@ -29,9 +29,11 @@ from .images import read_image, read_mask
 from .prompts import Concept
 from .training import Progress
 from .workflows.compose import ComposeSettings
+from .workflows.compose_subject_diffusion import SubjectComposeSettings
 from .workflows.generate import SampleSettings
 
-__all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "UserError", "compose",
+__all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "SubjectComposeSettings",
+           "UserError", "compose",
            "evaluate", "export", "generate", "learn", "load_bundle"]
 
 
@@ -169,11 +171,25 @@ def attention_images(progress: Progress, image: Image.Image | None = None) -> li
 
 
 def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int = 1, seed: int = 0,
-            settings: ComposeSettings = ComposeSettings(), base: str | None = None, device: str = "auto",
-            dtype: str = "fp32") -> list[Image.Image]:
-    """Tuning-free: n images of `prompt`, whose `<img>` markers follow the subjects ('IMG' or 'IMG:MASK')."""
-    from .workflows.compose import compose_images
+            settings: ComposeSettings | SubjectComposeSettings | None = None, locations: Sequence[str | None] = (),
+            base: str | None = None, device: str = "auto", dtype: str = "fp32") -> list[Image.Image]:
+    """Tuning-free: n images of `prompt`, whose `<img>` markers follow the subjects ('IMG' or 'IMG:MASK').
+    The model folder says the method: FastComposer (ComposeSettings) or Subject-Diffusion
+    (SubjectComposeSettings; `locations`: where each subject goes, 'x0,y0,x1,y1' fractions or None)."""
+    from .workflows import compose_subject_diffusion as sd
+    from .workflows.compose import compose_images, model_method
 
+    if model_method(model) == "subject-diffusion":
+        settings = settings or SubjectComposeSettings()
+        if not isinstance(settings, SubjectComposeSettings):
+            raise UserError(f"{model} is a Subject-Diffusion model: pass SubjectComposeSettings, not {type(settings).__name__}")
+        return sd.compose_images(prompt, list(subjects), model, n=n, seed=seed, settings=settings,
+                                 locations=list(locations), base=base, device=device, dtype=dtype)
+    if locations:
+        raise UserError("locations are Subject-Diffusion's: a FastComposer model places subjects from the prompt")
+    settings = settings or ComposeSettings()
+    if not isinstance(settings, ComposeSettings):
+        raise UserError(f"{model} is a FastComposer model: pass ComposeSettings, not {type(settings).__name__}")
     return compose_images(prompt, list(subjects), model, n=n, seed=seed, settings=settings, base=base, device=device,
                           dtype=dtype)
 

@@ -1,4 +1,4 @@
-"""`multiconcept compose`: images of given subjects with no per-subject training (FastComposer)."""
+"""`multiconcept compose`: images of given subjects with no per-subject training (FastComposer, Subject-Diffusion)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,21 @@ def compose(
     prompt: str = typer.Argument(..., help="subjects marked after their nouns, "
                                            "e.g. 'a star <img> and a circle <img> on a gray background'"),
     subject: List[str] = typer.Option([], "--subject", "-s", help="IMG or IMG:MASK (white = subject), one per marker, "
-                                                                  "in marker order"),
-    model: Path = typer.Option(..., "--model", help="FastComposer model folder (train-encoder or convert-fastcomposer)"),
-    alpha: float = number(0.7, help="share of steps conditioned on the subjects; the first 1-alpha are text-only", minimum=0),
-    guidance: float = number(5.0, help="classifier-free guidance scale", minimum=0),
+                                                                  "in marker order; Subject-Diffusion also IMG:x0,y0,x1,y1 "
+                                                                  "(a box in pixels)"),
+    model: Path = typer.Option(..., "--model", help="model folder (train-encoder or convert-fastcomposer)"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="fastcomposer | subject-diffusion; default: what "
+                                                                      "the model folder holds"),
+    location: List[str] = typer.Option([], "--location", help="Subject-Diffusion: where subject i goes, x0,y0,x1,y1 as "
+                                                              "fractions of the canvas, or 'ref' (its place in its own "
+                                                              "image, the default); one per subject, in order"),
+    alpha: float = number(0.7, help="FastComposer: share of steps conditioned on the subjects; the first 1-alpha are "
+                                    "text-only", minimum=0),
+    guidance: Optional[float] = number(None, help="classifier-free guidance scale (FastComposer 5); Subject-Diffusion: "
+                                                  "the text scale s_T (7.5)", minimum=0),
+    image_guidance: float = number(1.5, help="Subject-Diffusion: the image scale s_I", minimum=0),
+    interpolation: float = number(1.0, help="Subject-Diffusion: share of steps that read the subject clauses; then the "
+                                            "plain caption (text-image interpolation)", minimum=0),
     steps: int = number(50, help="denoising steps", minimum=1),
     scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
     seed: int = number(0, help="image i uses seed + i", minimum=0),
@@ -27,11 +38,10 @@ def compose(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
-    """Generate images of given subjects with no per-subject training (FastComposer)."""
-    from ..workflows.compose import ComposeSettings
-    from ..workflows.compose import compose as run
+    """Generate images of given subjects with no per-subject training (FastComposer, Subject-Diffusion)."""
+    from ..workflows.compose import compose_any
 
-    settings = ComposeSettings(steps=steps, guidance=guidance, alpha=alpha, scheduler=scheduler)
-    for p in run(prompt, subject, model, n=n, seed=seed, out_dir=output, settings=settings, base=base, device=device,
-                 dtype=dtype):
+    for p in compose_any(prompt, subject, model, method=method, locations=location, alpha=alpha, guidance=guidance,
+                         image_guidance=image_guidance, interpolation=interpolation, steps=steps, scheduler=scheduler,
+                         n=n, seed=seed, out_dir=output, base=base, device=device, dtype=dtype):
         out.print(str(p))

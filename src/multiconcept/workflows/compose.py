@@ -182,3 +182,40 @@ def compose(
         atomic_write(path, lambda tmp, img=img, meta=meta: img.save(tmp, format="PNG", pnginfo=png_metadata(meta)))
         paths.append(path)
     return paths
+
+
+COMPOSE_METHODS = ("fastcomposer", "subject-diffusion")
+
+
+def model_method(model) -> str:
+    """Which tuning-free method a model (folder) is."""
+    from ..methods.subject_diffusion import CONFIG_FILE as SD_CONFIG
+    from ..methods.subject_diffusion import SubjectDiffusion
+
+    if isinstance(model, SubjectDiffusion) or (not isinstance(model, FastComposer) and (Path(model) / SD_CONFIG).is_file()):
+        return "subject-diffusion"
+    return "fastcomposer"
+
+
+def compose_any(prompt: str, subjects: list[str], model, *, method: str | None = None, locations=(), alpha: float = 0.7,
+                guidance: float | None = None, image_guidance: float = 1.5, interpolation: float = 1.0,
+                steps: int = 50, scheduler: str = "ddim", n: int = 1, seed: int = 0, out_dir="out", base=None,
+                device: str = "auto", dtype: str = "fp32") -> list[Path]:
+    """The command line's compose: the method the model folder holds (or `method`, checked against it)."""
+    from . import compose_subject_diffusion as sd
+
+    found = model_method(model)
+    require(method is None or method in COMPOSE_METHODS,
+            f"unknown compose method {method!r}: choose one of {', '.join(COMPOSE_METHODS)}")
+    require(method is None or method == found, f"--model {model} holds a {found} model, not {method}: "
+                                               f"pass --method {found} or another model folder")
+    if found == "subject-diffusion":
+        settings = sd.SubjectComposeSettings(steps=steps, guidance=sd.TEXT_GUIDANCE if guidance is None else guidance,
+                                             image_guidance=image_guidance, interpolation=interpolation,
+                                             scheduler=scheduler)
+        return sd.compose(prompt, subjects, model, n=n, seed=seed, out_dir=out_dir, settings=settings,
+                          locations=list(locations), base=base, device=device, dtype=dtype)
+    require(not locations, "--location is Subject-Diffusion's: a FastComposer model places subjects from the prompt")
+    settings = ComposeSettings(steps=steps, guidance=5.0 if guidance is None else guidance, alpha=alpha, scheduler=scheduler)
+    return compose(prompt, subjects, model, n=n, seed=seed, out_dir=out_dir, settings=settings, base=base, device=device,
+                   dtype=dtype)

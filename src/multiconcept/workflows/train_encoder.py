@@ -318,7 +318,11 @@ class EncoderTrainer(nn.Module):
         rng = random.Random(seed)
         records = self.data.draw(self.cfg.batch_size, seed)
         crop = self.model.encoder.image_size
-        return collate([make_sample(r, self.cfg, self.model.tokenizer, self.size, crop, rng) for r in records])
+        return self.collate([self.make_sample(r, self.cfg, self.model.tokenizer, self.size, crop, rng) for r in records])
+
+    # what a batch is made of: another encoder's trainer (Subject-Diffusion's) gives its own
+    make_sample = staticmethod(make_sample)
+    collate = staticmethod(collate)
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -117,29 +117,11 @@ class FastComposer(nn.Module):
     def load(cls, folder: str | Path, base: Base | str | None = None, device: str = "auto",
              dtype: str = "fp32") -> "FastComposer":
         """A model folder on its base; the base's fingerprint must match the recorded one."""
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
         folder = Path(folder)
-        cfg_path = folder / CONFIG_FILE
-        require(cfg_path.is_file(), f"{folder} is not a FastComposer model folder (no {CONFIG_FILE}): pass a folder written by "
-                                    "`multiconcept train-encoder` or `multiconcept convert-fastcomposer`")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{cfg_path} is damaged ({e}): re-run training or conversion") from e
-        require(config.get("format") == MODEL_FORMAT and config.get("version") == MODEL_VERSION,
-                f"{cfg_path} is format {config.get('format')} v{config.get('version')}; this multiconcept reads "
-                f"{MODEL_FORMAT} v{MODEL_VERSION}: re-convert or upgrade")
-        if not isinstance(base, Base):
-            base = load_base(base if base is not None else config["base_name"], device=device, dtype=dtype)
-        want = config.get("base_fingerprint")
-        require(want is None or want == base.fingerprint,
-                f"model {folder} was trained on base {config['base_name']!r} (fingerprint {want}) but the loaded base is "
-                f"{base.name!r} ({base.fingerprint}): pass --base {config['base_name']}")
-        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**_vision_kwargs(config["vision_config"])))
-        load_state_checked(vision, read_tensors(folder / "image_encoder.safetensors"), "image encoder", folder)
-        encoder = SubjectImageEncoder(vision.eval(), config["image_mean"], config["image_std"])
-        encoder = encoder.to(base.device, base.unet.dtype)
+        config = read_model_config(folder, CONFIG_FILE, MODEL_FORMAT, MODEL_VERSION, "a FastComposer",
+                                   "`multiconcept train-encoder` or `multiconcept convert-fastcomposer`")
+        base = base_for(folder, config, base, device, dtype)
+        encoder = saved_image_encoder(folder, config).to(base.device, base.unet.dtype)
         fusion = FusionMLP(config["text_dim"], config["image_dim"])
         load_state_checked(fusion, read_tensors(folder / "fusion.safetensors"), "fusion MLP", folder)
         if (folder / "unet.safetensors").is_file():
@@ -147,6 +129,40 @@ class FastComposer(nn.Module):
         model = cls(base, encoder, fusion.to(base.device))
         model.config = config
         return model.eval()
+
+
+def read_model_config(folder: Path, name: str, fmt: str, version: int, what: str, written_by: str) -> dict:
+    """A tuning-free model folder's JSON, checked for its format and version."""
+    path = folder / name
+    require(path.is_file(), f"{folder} is not {what} model folder (no {name}): pass a folder written by {written_by}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is damaged ({e}): re-run training or conversion") from e
+    require(config.get("format") == fmt and config.get("version") == version,
+            f"{path} is format {config.get('format')} v{config.get('version')}; this multiconcept reads "
+            f"{fmt} v{version}: re-convert, re-train or upgrade")
+    return config
+
+
+def base_for(folder: Path, config: dict, base: Base | str | None, device: str, dtype: str) -> Base:
+    """The base a model folder names (or the one given), checked against its recorded fingerprint."""
+    if not isinstance(base, Base):
+        base = load_base(base if base is not None else config["base_name"], device=device, dtype=dtype)
+    want = config.get("base_fingerprint")
+    require(want is None or want == base.fingerprint,
+            f"model {folder} was trained on base {config['base_name']!r} (fingerprint {want}) but the loaded base is "
+            f"{base.name!r} ({base.fingerprint}): pass --base {config['base_name']}")
+    return base
+
+
+def saved_image_encoder(folder: Path, config: dict) -> SubjectImageEncoder:
+    """The folder's image_encoder.safetensors as the vision config and pixel statistics in `config` say."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**_vision_kwargs(config["vision_config"])))
+    load_state_checked(vision, read_tensors(folder / "image_encoder.safetensors"), "image encoder", folder)
+    return SubjectImageEncoder(vision.eval(), config["image_mean"], config["image_std"])
 
 
 def _vision_kwargs(d: dict) -> dict:

@@ -172,3 +172,20 @@ def test_a_cancelled_learning_job_leaves_nothing_behind(scene, tmp_path):
     bad = list(args)
     bad[8 + 1] = ""  # concept 1's class word
     assert "error:</b> concept 1 needs a token and a class word" in next(learn(page, *bad))[0]
+
+
+def test_compose_subjects_become_the_command_lines_specs(tmp_path):
+    from multiconcept.ui.compose_tab import model_note, subject_specs
+
+    rows = [("a.png", None, "", ""), ("b.png", "b_mask.png", "", ""), (None, None, "", "")]
+    assert subject_specs("FastComposer", rows) == (["a.png", "b.png:b_mask.png"], [None, None])
+    rows = [("a.png", None, "1,2,30,40", "0.1,0.1,0.5,0.5"), ("b.png", None, "", "")]
+    assert subject_specs("Subject-Diffusion", rows) == (["a.png:1,2,30,40", "b.png"], ["0.1,0.1,0.5,0.5", None])
+    with pytest.raises(UserError, match="subject 1: boxes and places are Subject-Diffusion's"):
+        subject_specs("FastComposer", rows)
+    with pytest.raises(UserError, match="subject 1 has both a mask and a box"):
+        subject_specs("Subject-Diffusion", [("a.png", "m.png", "1,2,3,4", "")])
+    with pytest.raises(UserError, match="subject 2 has a mask, box or place but no image"):
+        subject_specs("FastComposer", [("a.png", None, "", ""), (None, "m.png", "", "")])
+    assert "`make subject-diffusion` builds" in model_note("Subject-Diffusion", str(tmp_path / "none"))
+    assert "Model folder" in model_note("FastComposer", str(tmp_path))

@@ -1,9 +1,10 @@
-"""The Compose tab: tuning-free images of given subjects (FastComposer): subject images with
-optional masks, a prompt with an <img> marker after each subject's noun, a model folder.
+"""The Compose tab: tuning-free images of given subjects, FastComposer or Subject-Diffusion:
+subject images with a mask or a box each, a prompt with an <img> marker after each subject's
+noun, a model folder, and for Subject-Diffusion where each subject goes.
 
-Subject-Diffusion joins this tab when its model lands. ToyWorld's FastComposer
-is built, not shipped: with no model folder, the tab says which make target
-builds one. Composing is `multiconcept.api.compose`.
+ToyWorld's models are built, not shipped: with no model folder, the tab says
+which make target builds one. Composing is `multiconcept.api.compose`; the
+model folder says which method it is.
 """
 
 from __future__ import annotations
@@ -18,49 +19,67 @@ from ..errors import UserError
 from .common import Page, error_html, status_html
 
 SUBJECTS = 3
-BUILD_HINT = ("ToyWorld's FastComposer is built, not shipped: `make fastcomposer` builds it into "
-              "models/fastcomposer-toyworld (about 60 min on 2 cores, resumable), or `multiconcept "
-              "convert-fastcomposer` converts the released checkpoint (Stable Diffusion 1.5).")
+KINDS = {  # the tab's choice -> (ToyWorld's model folder, how to build it)
+    "FastComposer": ("models/fastcomposer-toyworld", "`make fastcomposer` builds ToyWorld's (about 60 min on 2 cores, "
+                     "resumable), or `multiconcept convert-fastcomposer` converts the released checkpoint (SD 1.5)"),
+    "Subject-Diffusion": ("models/subject-diffusion/full", "`make subject-diffusion` builds ToyWorld's (60 min of one "
+                          "thread, resumable)"),
+}
 
 
-def model_note(folder: str) -> str:
+def model_note(kind: str, folder: str) -> str:
     """Whether a model folder is there, and how to get one when it is not."""
     where = Path((folder or "").strip() or ".").expanduser()
     if where.is_dir():
         return status_html(f"Model folder {where}.")
-    return status_html(f"No model at {where} yet. {BUILD_HINT}")
+    return status_html(f"No model at {where} yet: ToyWorld's {kind} is built, not shipped. {KINDS[kind][1]}.")
 
 
-def subject_specs(files: list[tuple[str | None, str | None]]) -> list[str]:
-    """'IMG' or 'IMG:MASK' per given subject, in order, as `multiconcept compose --subject` takes them."""
-    specs = []
-    for k, (image, mask) in enumerate(files):
-        if image:
-            specs.append(f"{image}:{mask}" if mask else str(image))
-        elif mask:
-            raise UserError(f"subject {k + 1} has a mask but no image: upload its image too")
-    return specs
+def subject_specs(kind: str, rows: list[tuple]) -> tuple[list[str], list[str | None]]:
+    """'IMG', 'IMG:MASK' or 'IMG:x0,y0,x1,y1' per given subject, as `multiconcept compose --subject` takes them,
+    and each one's --location (Subject-Diffusion's; None: where it stands in its own image)."""
+    specs, places = [], []
+    for k, (image, mask, box, place) in enumerate(rows):
+        box, place = (box or "").strip(), (place or "").strip()
+        if not image:
+            if mask or box or place:
+                raise UserError(f"subject {k + 1} has a mask, box or place but no image: upload its image too")
+            continue
+        if mask and box:
+            raise UserError(f"subject {k + 1} has both a mask and a box: give one of them")
+        if (box or place) and kind != "Subject-Diffusion":
+            raise UserError(f"subject {k + 1}: boxes and places are Subject-Diffusion's; FastComposer takes a mask")
+        specs.append(f"{image}:{mask or box}" if (mask or box) else str(image))
+        places.append(place or None)
+    return specs, places
 
 
 def build(page: Page) -> None:
     with gr.Row():
         with gr.Column(scale=2):
-            kind = gr.Radio(["FastComposer"], value="FastComposer", label="model kind",
-                            info="Subject-Diffusion joins here when its model lands")
+            kind = gr.Radio(list(KINDS), value="FastComposer", label="method", elem_id="compose-kind")
             model = gr.Textbox(page.compose_model, label="model folder", elem_id="compose-model")
-            note = gr.HTML(model_note(page.compose_model), elem_id="compose-note")
+            note = gr.HTML(model_note("FastComposer", page.compose_model), elem_id="compose-note")
             prompt = gr.Textbox("a star <img> and a circle <img> on a gray background", lines=2, elem_id="compose-prompt",
                                 label="prompt: <img> after each subject's noun, in the order of the subjects")
             subjects = []
             for k in range(SUBJECTS):
-                with gr.Row():
-                    subjects += [gr.File(label=f"subject {k + 1}", file_types=["image"]),
-                                 gr.File(label="its mask (optional, white = subject)", file_types=["image"])]
+                with gr.Group():
+                    with gr.Row():
+                        subjects += [gr.File(label=f"subject {k + 1}", file_types=["image"], height=120),
+                                     gr.File(label="its mask (optional, white = subject)", file_types=["image"],
+                                             height=120)]
+                    with gr.Row():
+                        subjects += [gr.Textbox(label="or its box in the image: x0,y0,x1,y1 pixels (Subject-Diffusion)"),
+                                     gr.Textbox(label="where it goes: x0,y0,x1,y1 fractions (Subject-Diffusion)")]
             with gr.Row():
-                alpha = gr.Slider(0, 1, value=0.7, step=0.05, label="alpha (share of steps that see the subjects)")
-                guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance")
+                alpha = gr.Slider(0, 1, value=0.7, step=0.05, label="FastComposer: alpha (share of steps that see "
+                                                                    "the subjects)")
+                image_guidance = gr.Slider(0, 10, value=1.5, step=0.1, label="Subject-Diffusion: image guidance")
             with gr.Row():
+                guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance (FastComposer 5, Subject-Diffusion 7.5)")
                 steps = gr.Slider(1, 100, value=50, step=1, label="steps")
+            with gr.Row():
                 seed = gr.Number(0, label="first seed", precision=0, minimum=0)
                 n = gr.Slider(1, 8, value=4, step=1, label="images")
             run = gr.Button("Compose", variant="primary", elem_id="compose-button")
@@ -68,20 +87,32 @@ def build(page: Page) -> None:
         with gr.Column(scale=3):
             grid = gr.Gallery(label="images", columns=4, elem_id="compose-grid")
 
-    model.change(model_note, model, note)
+    def switch(choice):
+        folder = page.compose_model if choice == "FastComposer" else KINDS[choice][0]
+        return folder, model_note(choice, folder), 5.0 if choice == "FastComposer" else 7.5
 
-    def compose(_kind, folder, text, a, scale, n_steps, first, count, *files):
+    kind.change(switch, kind, [model, note, guidance])
+    model.change(model_note, [kind, model], note)
+
+    def compose(choice, folder, text, a, s_i, scale, n_steps, first, count, *fields):
         t0 = time.monotonic()
         try:
-            specs = subject_specs(list(zip(files[::2], files[1::2])))
-            if not Path((folder or "").strip() or ".").expanduser().is_dir():
-                raise UserError(f"no FastComposer model at {folder}: {BUILD_HINT}")
-            images = api.compose(text, specs, folder.strip(), n=int(count), seed=int(first), device=page.device,
-                                 settings=api.ComposeSettings(steps=int(n_steps), guidance=float(scale), alpha=float(a)))
+            specs, places = subject_specs(choice, [fields[i:i + 4] for i in range(0, len(fields), 4)])
+            folder = (folder or "").strip()
+            if not Path(folder or ".").expanduser().is_dir():
+                raise UserError(f"no model at {folder}: ToyWorld's {choice} is built, not shipped. {KINDS[choice][1]}")
+            if choice == "FastComposer":
+                settings = api.ComposeSettings(steps=int(n_steps), guidance=float(scale), alpha=float(a))
+                places = []
+            else:
+                settings = api.SubjectComposeSettings(steps=int(n_steps), guidance=float(scale), image_guidance=float(s_i))
+                places = places if any(places) else []
+            images = api.compose(text, specs, folder, n=int(count), seed=int(first), settings=settings,
+                                 locations=places, device=page.device)  # the base the model names
         except UserError as e:
             return error_html(e), gr.skip()
         return (status_html(f"{len(images)} images in {time.monotonic() - t0:.0f} s"),
                 [(img, f"seed {int(first) + i}") for i, img in enumerate(images)])
 
-    run.click(compose, [kind, model, prompt, alpha, guidance, steps, seed, n, *subjects], [status, grid],
+    run.click(compose, [kind, model, prompt, alpha, image_guidance, guidance, steps, seed, n, *subjects], [status, grid],
               concurrency_limit=1, concurrency_id="generate")

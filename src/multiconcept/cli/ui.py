@@ -15,7 +15,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; beyond loopback needs --auth"),
     port: int = number(7860, "--port", help="port to listen on", minimum=1),
     auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASS the page asks for (gradio's login)"),
-    share: bool = typer.Option(False, "--share", help="also make a public gradio.live link (needs --auth)"),
+    share: bool = typer.Option(False, "--share", help="also make a public share link (gradio's; needs --auth)"),
     base: Optional[str] = BaseOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="folder for the jobs' inputs, bundles and images "
                                                              "(default: a new temporary folder)"),

@@ -92,7 +92,8 @@ def child(mode: str, args: dict, threads: int) -> dict:
 
 def reference(concept: str, folder: Path, seed: int = 100) -> tuple[Path, Path, str]:
     """One reference render of a personal concept: image, mask, noun."""
-    from multiconcept.toyworld.render import PERSONAL_CONCEPTS, concept_reference_set, save_png
+    from multiconcept.toyworld.render import PERSONAL_CONCEPTS
+    from multiconcept.toyworld.scenes import concept_reference_set, save_png
 
     scene = concept_reference_set(concept, 1, seed)[0]
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from multiconcept.toyworld.check import analyse, checker_accuracy
-from multiconcept.toyworld.render import base_training_scene
+from multiconcept.toyworld.scenes import base_training_scene
 
 
 def degraded_accuracy(n_scenes: int, seed: int = 99) -> dict[str, float]:

@@ -17,7 +17,7 @@ from multiconcept.datasets.shards import read_shard, read_shards
 from multiconcept.datasets.sources import list_units
 from multiconcept.datasets.toyworld import from_runs, runs, write_toyworld_source
 from multiconcept.errors import UserError
-from multiconcept.toyworld.render import subject_dataset
+from multiconcept.toyworld.scenes import subject_dataset
 from multiconcept.workflows.dataset import BuildSettings, build
 
 N, PER_SHARD = 60, 20

@@ -85,7 +85,8 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     a caption longer than it would lose its last words in training."""
     import numpy as np
 
-    from multiconcept.toyworld.render import base_training_scene, describe
+    from multiconcept.toyworld.render import describe
+    from multiconcept.toyworld.scenes import base_training_scene
     from multiconcept.workflows.toyworld_build.common import Log
     from multiconcept.workflows.toyworld_build.tokenizer import train_tokenizer
 

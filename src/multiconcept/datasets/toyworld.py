@@ -48,7 +48,7 @@ def write_toyworld_source(folder: str | Path, n: int, seed: int = 0, per_shard: 
                           appearance: bool = True) -> list[Path]:
     """n scenes in ceil(n / per_shard) tars named 00000.tar, 00001.tar, ...; scenes of shard i come from
     seed + i, so a source of any size is written shard by shard in flat memory."""
-    from ..toyworld.render import subject_dataset
+    from ..toyworld.scenes import subject_dataset
 
     folder = Path(folder)
     paths = []

@@ -1,6 +1,6 @@
 """ToyWorld: the embedded synthetic world (docs/toyworld.md).
 
-`render` draws scenes with exact ground truth, `check` scores images from
+`render` draws scenes with exact ground truth, `scenes` samples them, `check` scores images from
 pixels alone; `workflows/toyworld_build` trains and ships the base pipeline
 and the evaluator.
 """
@@ -17,14 +17,16 @@ from .render import (
     PersonalConcept,
     Scene,
     SceneObject,
+    describe,
+    is_personal,
+    render_scene,
+)
+from .scenes import (
     Subject,
     SubjectRecord,
     base_training_scene,
     concept_reference_set,
-    describe,
-    is_personal,
     left_to_right,
-    render_scene,
     subject_dataset,
     two_concept_scene,
     world_scene,

@@ -17,7 +17,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .render import BACKGROUNDS, CLASS_NOUNS, COLOURS, IMAGE_SIZE, base_training_scene, shade, shape_mask
+from .render import BACKGROUNDS, CLASS_NOUNS, COLOURS, IMAGE_SIZE, shade, shape_mask
+from .scenes import base_training_scene
 
 FOREGROUND_DISTANCE = 48.0  # RGB distance from the background; gradients stay within ±10
 MIN_AREA = 12  # pixels; generated speckles below this are not objects

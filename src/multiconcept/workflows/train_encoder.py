@@ -189,7 +189,7 @@ def open_data(spec: str, toyworld_layout: str = "fixed") -> ToyWorldSubjects | F
 
 def write_subject_folder(records, folder: str | Path) -> Path:
     """Records (ours or `toyworld.SubjectRecord`) → the folder format."""
-    from ..toyworld.render import save_png
+    from ..toyworld.scenes import save_png
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,16 +10,8 @@ import torch
 
 from ...metrics.frechet import frechet_distance
 from ...toyworld.check import check
-from ...toyworld.render import (
-    BACKGROUNDS,
-    CLASS_NOUNS,
-    COLOURS,
-    Appearance,
-    ObjectSpec,
-    describe,
-    render_scene,
-    world_scene,
-)
+from ...toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS, Appearance, ObjectSpec, describe, render_scene
+from ...toyworld.scenes import world_scene
 from .common import Log, grid, objects_from_dicts, render_pool, write_json
 from .evaluator import image_features, retrieval_top1
 from .settings import BuildConfig

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ...errors import UserError
-from ...toyworld.render import BASE_LAYOUTS
+from ...toyworld.scenes import BASE_LAYOUTS
 from .common import write_json
 
 
@@ -92,7 +92,7 @@ class BuildConfig:
     # position, background): a curriculum for class -> shape, which the same recipe learns on
     # large centred single objects in ~1,600 steps (class 0.93) but not in the full world by 5,000.
     easy_share: float = 0.0
-    # The base's training layouts (render.BASE_LAYOUTS). "free" (runs one to six): any of five
+    # The base's training layouts (scenes.BASE_LAYOUTS). "free" (runs one to six): any of five
     # positions, two sizes, 1-3 objects; class stayed at chance by 4,000-5,000 steps. "fixed": one
     # large object in the center or two on the left and right, which is what the held-out prompts
     # ask for (single objects without a position; pairs "on the left ... on the right").

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...toyworld.render import CLASS_NOUNS, PERSONAL_CONCEPTS, describe, world_scene
+from ...toyworld.render import CLASS_NOUNS, PERSONAL_CONCEPTS, describe
+from ...toyworld.scenes import world_scene
 from .common import Log, replace_dir
 from .settings import BuildConfig
 

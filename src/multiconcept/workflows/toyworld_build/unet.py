@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from ...errors import UserError
 from ...losses import diffusion_target, min_snr_weights
-from ...toyworld.render import base_training_scene, describe
+from ...toyworld.render import describe
+from ...toyworld.scenes import base_training_scene
 from ...training import discard_checkpoint
 from .common import (
     Log,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...toyworld.render import world_scene
+from ...toyworld.scenes import world_scene
 from ...training import discard_checkpoint
 from .common import (
     Log,

@@ -80,9 +80,11 @@ def build(page: Page, learned: gr.State, learned_event) -> None:
 
     def show_tokens(chosen, text):
         try:
-            return describe(chosen, text or "")
+            offered, suggestion = describe(chosen, text or "")
         except UserError as e:
-            return error_html(e), text
+            return error_html(e), gr.skip()
+        # a prompt already typed is never replaced (this event may answer after the typing)
+        return offered, gr.skip() if (text or "").strip() else suggestion
 
     learned_event.then(offer, [learned, uploads, folder, bundles], [bundles, status])
     uploads.change(offer, [learned, uploads, folder, bundles], [bundles, status])

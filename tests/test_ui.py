@@ -138,8 +138,9 @@ def test_learning_reports_attention_heatmaps_and_generation_writes_them(scene, t
         shown.append([(label, img.size) for label, img in api.attention_images(p, Image.open(scene["image"]))])
 
     source = api.Source(scene["image"], masks={"<a1>": scene["m1"], "<b1>": scene["m2"]})
+    one_sample = {"steps": 1, "grad_accum": 1, "batch_size": 1, "union_sampling": False}
     api.learn("disendiff", [api.Concept("<a1>", "cat"), api.Concept("<b1>", "dog")], [source],
-              tmp_path / "c.safetensors", base="tiny", settings={"steps": 1, "union_sampling": False}, on_step=on_step)
+              tmp_path / "c.safetensors", base="tiny", settings=one_sample, on_step=on_step)
     assert shown[-1] == [("<a1>", (32, 32)), ("cat (<a1>)", (32, 32)), ("<b1>", (32, 32)), ("dog (<b1>)", (32, 32))]
     made = api.generate_files("a <a1> cat and a <b1> dog", [tmp_path / "c.safetensors"], tmp_path / "out", n=1, seed=3,
                               attention_maps=True, base="tiny", sampling=api.SampleSettings(steps=1))

@@ -49,3 +49,14 @@ def test_typed_settings_are_checked_and_in_memory_images_accepted(scene, tmp_pat
                     on_step=lambda p: progress.append(p.step))
     assert stopped is None and not (tmp_path / "c.safetensors").exists()
     assert (tmp_path / "c.safetensors.ckpt" / "checkpoint.safetensors").is_file()  # resume=True continues
+
+
+def test_importing_the_package_and_its_cli_loads_no_torch():
+    """`multiconcept --help` and the error paths stay fast: torch (seconds to import) loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, multiconcept, multiconcept.cli; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..models import TOYWORLD_DIR
 from .options import number, out
 
 app = typer.Typer(no_args_is_help=True, help="The embedded synthetic world: build its models.")
@@ -16,8 +15,8 @@ DEFAULT_WORK = Path.home() / ".cache" / "multiconcept" / "toyworld-build"
 
 @app.command("build")
 def build_cmd(
-    output: Path = typer.Option(TOYWORLD_DIR, "--out", "-o", help="where base/, evaluator/, quality.json go "
-                                "(default: inside the package, where `--base toyworld` finds them)"),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="where base/, evaluator/, quality.json go "
+                                          "(default: inside the package, where `--base toyworld` finds them)"),
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
     seed: int = number(0, help="the whole build is seeded"),
     steps: Optional[int] = number(None, help="UNet training steps (default 12000)"),
@@ -43,6 +42,7 @@ def build_cmd(
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
 ):
     """Build ToyWorld from nothing (seeded, resumable, about 2.5 h on 2 cores)."""
+    from ..models import TOYWORLD_DIR  # here, not at the top: torch loads on first use, not for --help
     from ..workflows.toyworld_build import BuildConfig, build
 
     extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
@@ -53,6 +53,7 @@ def build_cmd(
     if steps is not None:
         extra["unet_steps"] = steps
     cfg = BuildConfig.smoke(**extra) if smoke else BuildConfig(**extra)
+    output = output or TOYWORLD_DIR
     report = build(output, work, seed=seed, resume=resume, progress=True, config=cfg)
     single, ev = report["single_object"], report["evaluator"]
     out.print(f"ToyWorld built in {output}: prompted class present {single['class_present']:.2f} (goal 0.80), "

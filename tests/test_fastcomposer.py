@@ -358,6 +358,10 @@ def test_train_encoder_and_compose_cli_end_to_end(subject_folder, run_cli, tmp_p
     meta = read_png_metadata(pngs[1])
     assert meta["prompt"] == prompt and meta["seed"] == 8 and meta["alpha"] == 0.7 and meta["guidance"] == 5.0
     assert meta["subjects"] == [f"{img}:{m0}", f"{img}:{m1}"] and meta["steps"] == 3 and meta["base"] == "tiny"
+    before = pngs[0].read_bytes()
+    code, _, stderr = run_cli("compose", prompt, "--subject", f"{img}:{m0}", "--subject", f"{img}:{m1}", "--model", model,
+                              "-n", "1", "--seed", "7", "--steps", "3", "--out", out)
+    assert code == 2 and "000007.png already exists: pass --overwrite" in stderr and pngs[0].read_bytes() == before
 
 
 # ---------------------------------------------------------------- official checkpoint

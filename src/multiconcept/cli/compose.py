@@ -34,13 +34,20 @@ def compose(
     seed: int = number(0, help="image i uses seed + i", minimum=0),
     n: int = number(1, "-n", help="images", minimum=1),
     output: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNGs"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace PNGs of the same seeds already in --out"),
     base: Optional[str] = typer.Option(None, "--base", help="base pipeline; default: the one the model names"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
     """Generate images of given subjects with no per-subject training (FastComposer, Subject-Diffusion)."""
+    from ..errors import UserError, require
     from ..workflows.compose import compose_any
+    from ..workflows.generate import planned_paths
 
+    require(not output.exists() or output.is_dir(), f"--out {output} is a file: give a folder for the PNGs")
+    clash = [] if overwrite else [p for p in planned_paths(output, n, seed) if p.exists()]
+    if clash:
+        raise UserError(f"{clash[0]} already exists: pass --overwrite to replace it, or pick another --out or --seed")
     for p in compose_any(prompt, subject, model, method=method, locations=location, alpha=alpha, guidance=guidance,
                          image_guidance=image_guidance, interpolation=interpolation, steps=steps, scheduler=scheduler,
                          n=n, seed=seed, out_dir=output, base=base, device=device, dtype=dtype):

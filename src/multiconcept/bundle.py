@@ -7,7 +7,10 @@ Tensors are named by what they are:
 - ``lora/<peft key>``: LoRA factors (config in the header);
 - method-specific prefixes (``value_residual/...`` for Infusion, ...).
 The header (safetensors metadata, one JSON string) carries the method,
-tokens, class words, base fingerprint, hyper-parameters and format version.
+tokens, class words, base fingerprint and architecture (sd1, sd2, sdxl; ""
+in bundles written before it was recorded), hyper-parameters and format version.
+An SDXL bundle holds each token's row for both text encoders:
+``token_embedding/<tok>`` (the first, CLIP ViT-L) and ``token_embedding_2/<tok>``.
 Beside it, ``multiconcept_sha256`` holds `content_digest` of that header text
 and every tensor, checked on load: a flipped byte anywhere is "corrupt", not
 black images. Bundles written before the digest existed load unchecked; a
@@ -56,6 +59,7 @@ class Bundle:
     base_fingerprint: str
     hyperparameters: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # method-specific settings (e.g. LoRA config)
+    architecture: str = ""  # the base's (models.architecture_of); "" = not recorded (older bundles)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -174,6 +178,8 @@ def _parse_header(path: Path, meta: dict) -> dict:
     for key, kind in _HEADER_FIELDS.items():
         require(isinstance(header.get(key), kind),
                 f"{damaged} ({key!r} is missing or not a JSON {kind.__name__}): re-learn it or restore a copy")
+    require(isinstance(header.get("architecture", ""), str),
+            f"{damaged} ('architecture' is not a JSON string): re-learn it or restore a copy")
     for key in ("tokens", "class_words"):
         require(all(isinstance(x, str) for x in header[key]),
                 f"{damaged} ({key!r} holds a non-string): re-learn it or restore a copy")
@@ -234,6 +240,14 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def check_base(bundle: Bundle, base, path: str = "") -> None:
+    from .models import ARCHITECTURES
+
+    arch = bundle.architecture
+    if arch and arch != base.architecture:
+        have = ARCHITECTURES.get(base.architecture, base.architecture)
+        raise UserError(f"bundle {path or bundle.tokens} was learned on an {ARCHITECTURES.get(arch, arch)} base "
+                        f"({bundle.base_name!r}) but the loaded base {base.name!r} is {have}: "
+                        f"pass --base {bundle.base_name}, or re-learn the concepts on this base")
     require(
         bundle.base_fingerprint == base.fingerprint,
         f"bundle {path or bundle.tokens} was learned on base {bundle.base_name!r} (fingerprint {bundle.base_fingerprint}) "

@@ -227,13 +227,15 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
                    loss_mask: torch.Tensor, store=None, dtype: torch.dtype | None = None,
-                   extra_channels: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+                   extra_channels: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                   added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """The diffusion loss every trainer here uses (DDPM, Ho et al. 2020): `z0` noised at a timestep
     drawn uniformly, the UNet's prediction against its target (epsilon or v, as the scheduler
     says), mean squared error over `loss_mask` (b 1 h w, pixels; pooled to the latent grid). With
     `store`, the UNet's attention is captured into it on the way. `extra_channels` (b c h w at the
     latent size) join the noisy latent as more UNet inputs (a location map); `cross_attention_kwargs`
-    go to the UNet as they are (GLIGEN's object tokens)."""
+    go to the UNet as they are (GLIGEN's object tokens), and so do `added_cond_kwargs` (SDXL's
+    pooled text and size/crop ids, models/conditioning.py)."""
     from contextlib import nullcontext
 
     from .attention import capture_attention
@@ -244,6 +246,8 @@ def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: t
     zt = scheduler.add_noise(z0, noise, t)
     with capture_attention(unet, store) if store is not None else nullcontext():
         x = zt if extra_channels is None else torch.cat([zt, extra_channels.to(zt.dtype)], dim=1)
-        pred = unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs).sample.float()
+        added = {k: v.to(dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+        pred = unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs,
+                    added_cond_kwargs=added).sample.float()
     mask = F.interpolate(loss_mask.to(dev), size=z0.shape[-2:], mode="area")
     return masked_mse(pred, diffusion_target(scheduler, z0, noise, t), mask)

@@ -23,7 +23,8 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle file"),
     h = d["header"]
     out.print(f"[bold]{bundle}[/bold]  method={h['method']}  format={h['format_version']}")
     out.print(f"tokens: {', '.join(f'{t} ({c})' for t, c in zip(h['tokens'], h['class_words']))}")
-    out.print(f"base: {h['base_name']}  fingerprint {h['base_fingerprint']}")
+    arch = f"  architecture {h['architecture']}" if h.get("architecture") else ""
+    out.print(f"base: {h['base_name']}  fingerprint {h['base_fingerprint']}{arch}")
     out.print("integrity: " + ("verified (content sha256 matches)" if d["integrity"] == "verified"
                                else "unchecked (written before bundles carried a digest)"))
     out.print("hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(h["hyperparameters"].items())))

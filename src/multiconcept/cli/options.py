@@ -43,7 +43,8 @@ def number(default, *decls: str, help: str, minimum=None, above=None):
                         callback=lambda v: _check_number(v, minimum=minimum, above=above))
 
 
-BaseOpt = typer.Option(None, "--base", help="pipeline folder, hub id, 'tiny' (random test model) or 'toyworld' (default)")
+BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD or SDXL), hub id, 'tiny' or 'tiny-sdxl' "
+                                             "(random SD- or SDXL-shaped test models) or 'toyworld' (default)")
 DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
 DtypeOpt = typer.Option("fp32", help="fp32 | fp16 | bf16 (weights of the frozen base)")
 

@@ -18,7 +18,7 @@ from ..bundle import Bundle, check_base, load_bundle
 from ..errors import UserError, require
 from ..models import Base
 from .files import check_out_dir, token_file, write_all
-from .kohya import refuse_infusion
+from .kohya import refuse_infusion, refuse_sdxl
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -31,6 +31,7 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
     check_out_dir(out)
     bundle = load_bundle(bundle_path)
     check_base(bundle, base, str(bundle_path))
+    refuse_sdxl(base, bundle_path)
     refuse_infusion(bundle, bundle_path)
     files: dict[str, callable] = {}  # file name -> write(path)
     lines = ["import torch", "from diffusers import StableDiffusionPipeline", "",

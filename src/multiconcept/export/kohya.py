@@ -76,6 +76,13 @@ def embedding_file_tensors(row: torch.Tensor) -> dict[str, torch.Tensor]:
     return {EMBEDDING_KEY: row.detach().reshape(1, -1).contiguous()}
 
 
+def refuse_sdxl(base, path) -> None:
+    # SDXL exports need each token's two rows (clip_l / clip_g) and the second encoder's LoRA names
+    if base.is_sdxl:
+        raise UserError(f"bundle {path} is for an SDXL base, which export does not write yet: "
+                        f"generate with `multiconcept generate -b {path}`")
+
+
 def refuse_infusion(bundle: Bundle, path) -> None:
     if bundle.method == "infusion":
         raise UserError(f"bundle {path} is Infusion: its value residuals are added only at the class word's positions, "

@@ -22,7 +22,7 @@ from ..errors import UserError, require
 from ..models import Base
 from .diffusers import check_deltas, lora_parts
 from .files import check_out_dir, token_name, write_all
-from .kohya import embedding_file_tensors, kohya_lora, refuse_infusion
+from .kohya import embedding_file_tensors, kohya_lora, refuse_infusion, refuse_sdxl
 from .readme import tools_readme
 from .svd import Factorisation, factorise
 
@@ -75,6 +75,7 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
     check_out_dir(out)
     bundle = load_bundle(bundle_path)
     check_base(bundle, base, str(bundle_path))
+    refuse_sdxl(base, bundle_path)
     refuse_infusion(bundle, bundle_path)
     n_te = text_encoder_count(base)
     files: dict[str, callable] = {}

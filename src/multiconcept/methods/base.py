@@ -86,6 +86,11 @@ class TrainableTokens(nn.Module):
         return self.base
 
 
+def embedding_prefix(encoder: int) -> str:
+    """Bundle prefix of token rows for text encoder `encoder` (0-based): token_embedding/, token_embedding_2/."""
+    return "token_embedding" + (f"_{encoder + 1}" if encoder else "") + "/"
+
+
 class Method:
     """Base class; subclasses set `name`, `Config` and fill the hooks."""
 
@@ -96,7 +101,8 @@ class Method:
     def __init__(self, base: Base, data: ConceptSet, cfg: TrainConfig):
         self.base, self.data, self.cfg = base, data, cfg
         self.concepts: list[Concept] = data.concepts
-        self.tokens: TrainableTokens | None = None
+        self.tokens: TrainableTokens | None = None  # the first text encoder's
+        self.token_tables: list[TrainableTokens] = []  # one per text encoder (SDXL: two)
 
     # -- parameterisation -------------------------------------------------
     def setup(self) -> list[dict]:
@@ -104,11 +110,23 @@ class Method:
         raise NotImplementedError
 
     def add_trainable_tokens(self) -> TrainableTokens:
-        te = self.base.text_encoder
-        new_ids = add_concept_tokens(self.base.tokenizer, te, self.concepts)
-        self.tokens = TrainableTokens(te.get_input_embeddings(), new_ids)
-        te.set_input_embeddings(self.tokens)
+        """The concepts' tokens in every tokenizer and text encoder of the base, each row trained:
+        SDXL reads both encoders' hidden states and pools the second's, so a token learned in one
+        alone would be half a concept."""
+        self.token_tables = []
+        for tokenizer, te in zip(self.base.tokenizers, self.base.text_encoders):
+            new_ids = add_concept_tokens(tokenizer, te, self.concepts)
+            self.token_tables.append(TrainableTokens(te.get_input_embeddings(), new_ids))
+            te.set_input_embeddings(self.token_tables[-1])
+        self.tokens = self.token_tables[0]
         return self.tokens
+
+    def token_params(self) -> list[nn.Parameter]:
+        return [t.rows for t in self.token_tables]
+
+    def token_trainables(self) -> dict[str, nn.Parameter]:
+        """Checkpoint names of the token rows: ``token_rows`` (first encoder), ``token_rows_2``, ..."""
+        return {"token_rows" + (f"_{i + 1}" if i else ""): t.rows for i, t in enumerate(self.token_tables)}
 
     def trainable_tokens_in(self, prompt: str) -> bool:
         """Whether a prompt's encoding depends on trained tensors (else it is cached)."""
@@ -162,14 +180,16 @@ class Method:
             class_words=[c.class_word for c in self.concepts],
             base_name=self.base.name,
             base_fingerprint=self.base.fingerprint,
+            architecture=self.base.architecture,
             hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
             extra=self.bundle_extra(),
             tensors=self.bundle_tensors(),
         )
 
     def token_rows(self) -> dict[str, torch.Tensor]:
-        assert self.tokens is not None
-        return {f"token_embedding/{c.token}": self.tokens.rows[i].detach().clone() for i, c in enumerate(self.concepts)}
+        assert self.token_tables
+        return {f"{embedding_prefix(k)}{c.token}": table.rows[i].detach().clone()
+                for k, table in enumerate(self.token_tables) for i, c in enumerate(self.concepts)}
 
     # -- generation -------------------------------------------------------
     @classmethod
@@ -180,9 +200,10 @@ class Method:
     @classmethod
     def apply(cls, base: Base, bundle: Bundle) -> None:
         """Load a bundle into a base pipeline for generation (default: tokens + deltas)."""
-        rows = bundle.with_prefix("token_embedding/")
-        if rows:
-            set_token_rows(base.tokenizer, base.text_encoder, rows)
+        for k, (tokenizer, te) in enumerate(zip(base.tokenizers, base.text_encoders)):
+            rows = bundle.with_prefix(embedding_prefix(k))
+            if rows:
+                set_token_rows(tokenizer, te, rows)
         deltas = bundle.with_prefix("unet_delta/")
         if deltas:
             params = dict(base.unet.named_parameters())

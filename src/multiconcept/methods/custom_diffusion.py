@@ -61,16 +61,16 @@ class CustomDiffusion(Method):
         for i, c in enumerate(self.concepts):
             if not c.initializer and i < len(self.cfg.initializers):
                 c.initializer = self.cfg.initializers[i]
-        tokens = self.add_trainable_tokens()
+        self.add_trainable_tokens()
         self.kv = cross_attention_weights(self.base.unet, self.cfg.train_projections)
         self.kv_base = {k: p.detach().clone() for k, p in self.kv.items()}
         for p in self.kv.values():
             p.requires_grad_(True)
         self.hooks = detach_start_token(self.base.unet, self.cfg.train_projections) if self.cfg.detach_start_token else []
-        return [{"params": list(self.kv.values()) + [tokens.rows]}]
+        return [{"params": list(self.kv.values()) + self.token_params()}]
 
     def named_trainables(self):
-        return {"token_rows": self.tokens.rows, **self.kv}
+        return {**self.token_trainables(), **self.kv}
 
     def trainable_state(self):
         return {k: v.detach().clone() for k, v in self.named_trainables().items()}

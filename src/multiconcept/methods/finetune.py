@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..latents import choose_latent_mode, latents_from_moments
 from ..losses import denoising_loss
 from ..models import Base
+from ..models.conditioning import TextConditioning, added_conditioning, encode_ids, token_ids
 from ..prompts import locate_concepts
 from ..training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
 from ..training.checkpoint import remove_stale_temps
@@ -71,10 +72,10 @@ class Trainer:
         self.method, self.base, self.data, self.cfg = method, base, data, cfg
         self.reg = reg or []
         self.size = cfg.resolution or base.resolution
-        self.text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache: dict[str, tuple] = {}  # prompt -> (hidden, pooled or None)
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.encoded_cache: dict[str, object] = {}
-        self.ids_cache: dict[str, torch.Tensor] = {}
+        self.ids_cache: dict[str, list[torch.Tensor]] = {}
         self.scheduler = _training_scheduler(base)
         self.dtype = base.unet.dtype  # diffusers' .dtype walks every module: read it once
         self.latent_mode = self._latent_mode()
@@ -155,24 +156,24 @@ class Trainer:
             params.append(p)
         return latents_from_moments(vae, torch.stack(params), self.latent_mode, gen)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        out = []
+    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
+        hidden, pooled = [], []
         for p in prompts:
             cacheable = not self.method.trainable_tokens_in(p)
             if cacheable and p in self.text_cache:
-                out.append(self.text_cache[p])
-                continue
-            ids = self.ids_cache.get(p)
-            if ids is None:
-                ids = self.ids_cache[p] = self.base.tokenizer(
-                    p, padding="max_length", max_length=self.base.tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(self.base.device)
-            with torch.set_grad_enabled(not cacheable):
-                h = self.base.text_encoder(ids)[0][0]
-            if cacheable:
-                self.text_cache[p] = h.detach()
-            out.append(h)
-        return torch.stack(out)
+                h, q = self.text_cache[p]
+            else:
+                ids = self.ids_cache.get(p)
+                if ids is None:
+                    ids = self.ids_cache[p] = token_ids(self.base, p)
+                with torch.set_grad_enabled(not cacheable):
+                    c = encode_ids(self.base, ids)
+                h, q = c.hidden[0], (c.pooled[0] if c.pooled is not None else None)
+                if cacheable:
+                    self.text_cache[p] = (h.detach(), q.detach() if q is not None else None)
+            hidden.append(h)
+            pooled.append(q)
+        return TextConditioning(torch.stack(hidden), torch.stack(pooled) if pooled[0] is not None else None)
 
     # ---------------------------------------------------------------- loss
     def loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -180,7 +181,9 @@ class Trainer:
         cond = self.encode_prompts(batch["prompts"])
         store = self.method.attention_store(batch)
         self.last_attention = (batch, store) if store is not None else None
-        diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond, gen, batch["loss_mask"], store, self.dtype)
+        added = added_conditioning(self.base, cond.pooled, self.size, self.size)
+        diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond.hidden, gen, batch["loss_mask"], store,
+                                   self.dtype, added_cond_kwargs=added)
         logs = {"diffusion": diffusion.item()}
         extra, extra_logs = self.method.extra_loss(batch, store)
         logs.update(extra_logs)

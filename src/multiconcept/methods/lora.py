@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .base import Method, TrainConfig
+from .base import Method, TrainConfig, embedding_prefix
 from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -46,7 +46,11 @@ class DreamBoothLora(Method):
             c.initializer = c.initializer or self.cfg.initializer
         from ..prompts import add_concept_tokens
 
-        add_concept_tokens(self.base.tokenizer, self.base.text_encoder, self.concepts)
+        if self.cfg.train_text_encoder and len(self.base.text_encoders) > 1:
+            raise UserError("lora's train_text_encoder is not supported on SDXL bases yet: "
+                            "drop --param train_text_encoder=true")
+        for tokenizer, te in zip(self.base.tokenizers, self.base.text_encoders):
+            add_concept_tokens(tokenizer, te, self.concepts)
         self.base.unet.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, UNET_TARGETS))
         if self.cfg.train_text_encoder:
             self.base.text_encoder.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
@@ -70,9 +74,11 @@ class DreamBoothLora(Method):
     def bundle_tensors(self):
         from peft.utils import get_peft_model_state_dict
 
-        emb = self.base.text_encoder.get_input_embeddings().weight
-        ids = self.base.tokenizer.convert_tokens_to_ids([c.token for c in self.concepts])
-        out = {f"token_embedding/{c.token}": emb[i].detach().clone() for c, i in zip(self.concepts, ids)}
+        out = {}
+        for k, (tokenizer, te) in enumerate(zip(self.base.tokenizers, self.base.text_encoders)):
+            emb = te.get_input_embeddings().weight
+            ids = tokenizer.convert_tokens_to_ids([c.token for c in self.concepts])
+            out.update({f"{embedding_prefix(k)}{c.token}": emb[i].detach().clone() for c, i in zip(self.concepts, ids)})
         out.update({f"lora/unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(self.base.unet).items()})
         if self.cfg.train_text_encoder:
             te = get_peft_model_state_dict(self.base.text_encoder)

@@ -30,14 +30,14 @@ class TextualInversion(Method):
     Config = TextualInversionConfig
 
     def setup(self):
-        tokens = self.add_trainable_tokens()
-        return [{"params": [tokens.rows]}]
+        self.add_trainable_tokens()
+        return [{"params": self.token_params()}]
 
     def named_trainables(self):
-        return {"token_rows": self.tokens.rows}
+        return self.token_trainables()
 
     def trainable_state(self):
-        return {"token_rows": self.tokens.rows.detach().clone()}
+        return {k: v.detach().clone() for k, v in self.token_trainables().items()}
 
     def bundle_tensors(self):
         return self.token_rows()

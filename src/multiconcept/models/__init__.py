@@ -4,9 +4,20 @@
 - ``None`` or ``"toyworld"``: the embedded ToyWorld pipeline shipped in the
   package (see toyworld/), the default;
 - ``"tiny"``: a random Stable-Diffusion-shaped pipeline built from configs,
-  for tests and for machines without ToyWorld weights;
-- a local folder holding a StableDiffusionPipeline (``model_index.json``) or
-  a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), loaded by diffusers.
+  for tests and for machines without ToyWorld weights; ``"tiny-sdxl"``: its
+  SDXL-shaped sibling;
+- a local folder holding a StableDiffusionPipeline or StableDiffusionXLPipeline
+  (``model_index.json``) or a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+  ``stabilityai/stable-diffusion-xl-base-1.0``), loaded by diffusers.
+
+Every base has an architecture (`architecture_of`): ``"sdxl"`` when the UNet
+takes SDXL's size/crop micro-conditioning and pooled text (``addition_embed_type
+"text_time"``, which only SDXL-family UNets have) and the pipeline has a second
+text encoder; otherwise ``"sd2"`` when the UNet's cross-attention reads 1024-wide
+text (SD 2.x's OpenCLIP ViT-H), else ``"sd1"`` (CLIP ViT-L's 768, and the
+SD-1.x-shaped tiny and ToyWorld bases). The UNet config decides rather than the
+pipeline class, because a folder saved by another tool may name a class we do
+not load it with.
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ from ..errors import UserError
 
 TOYWORLD_DIR = Path(__file__).parent.parent / "toyworld" / "assets"
 
+ARCHITECTURES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -31,9 +45,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Base:
     """A loaded base pipeline plus what identifies it."""
 
-    pipe: "StableDiffusionPipeline"  # noqa: F821
+    pipe: "StableDiffusionPipeline"  # noqa: F821  (or StableDiffusionXLPipeline)
     name: str
     fingerprint: str
+    architecture: str = "sd1"  # a key of ARCHITECTURES, from architecture_of(pipe)
     # what methods installed on the pipeline: peft LoRA adapters by name with their weights
     # (LoRA bundles, --lora files), and Infusion's class-word residuals (methods/infusion.py)
     lora_adapters: dict[str, float] = field(default_factory=dict)
@@ -50,6 +65,19 @@ class Base:
     @property
     def tokenizer(self):
         return self.pipe.tokenizer
+
+    @property
+    def text_encoders(self) -> list:
+        """Every text encoder, the first first (SDXL: CLIP ViT-L, then OpenCLIP ViT-bigG)."""
+        return [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if te is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.architecture == "sdxl"
 
     @property
     def vae(self):
@@ -90,6 +118,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # ---------------------------------------------------------------- loading
 
+def architecture_of(pipe) -> str:
+    """"sdxl", "sd2" or "sd1", from the UNet's config (see the module's docstring)."""
+    cfg = pipe.unet.config
+    if cfg.get("addition_embed_type") == "text_time" and getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd2" if cfg.get("cross_attention_dim") == 1024 else "sd1"
+
+
 def fingerprint(pipe) -> str:
     """Identify a base by its configs, vocabulary and weight statistics.
 
@@ -97,7 +133,8 @@ def fingerprint(pipe) -> str:
     so the same checkpoint loaded in fp32, fp16 or bf16 gets the same print.
     """
     h = hashlib.sha256()
-    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+    second = getattr(pipe, "text_encoder_2", None)  # SDXL's; an SD base's print is what it always was
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae) + ((second,) if second is not None else ()):
         raw = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
         cfg = {k: v for k, v in raw.items()
                if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
@@ -147,6 +184,23 @@ def follow_progress_bar_setting() -> None:
         transformers_logging.disable_progress_bar()
 
 
+def pipeline_class(source: str):
+    """The diffusers class for a local folder (its model_index.json names it); a hub id, whose
+    index is only read by loading, goes through DiffusionPipeline and is checked after."""
+    import diffusers
+
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return diffusers.DiffusionPipeline
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "StableDiffusionPipeline")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{index} is not readable JSON ({type(e).__name__}): restore the pipeline folder") from e
+    if name not in PIPELINES:
+        raise UserError(f"{source} holds a {name}: pass a StableDiffusionPipeline or StableDiffusionXLPipeline folder")
+    return getattr(diffusers, name)
+
+
 def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32") -> Base:
     from diffusers import StableDiffusionPipeline
 
@@ -167,6 +221,12 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
         pipe = tiny_pipeline()
         if dt != torch.float32:
             pipe = pipe.to(dtype=dt)
+    elif name == "tiny-sdxl":
+        from .tiny import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline()
+        if dt != torch.float32:
+            pipe = pipe.to(dtype=dt)
     else:
         path = Path(name)
         if path.exists():
@@ -176,18 +236,24 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
             source = str(path)
         else:
             source = name
+        cls = pipeline_class(source)
+        # SD pipelines load without their safety checker; SDXL's has none (DiffusionPipeline, for a hub
+        # id, ignores the two arguments when the id turns out to be SDXL)
+        extra = {} if cls.__name__ == "StableDiffusionXLPipeline" else dict(safety_checker=None,
+                                                                             requires_safety_checker=False)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, dtype=dt, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = cls.from_pretrained(source, dtype=dt, **extra)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load base {name!r} ({first}): "
                             "pass a local pipeline folder, or a hub id with network access") from e
+        if type(pipe).__name__ not in PIPELINES:
+            raise UserError(f"base {name!r} is a {type(pipe).__name__}: "
+                            "pass a StableDiffusionPipeline or StableDiffusionXLPipeline")
     pipe.set_progress_bar_config(disable=True)
     fp = fingerprint(pipe)
     pipe = pipe.to(dev)
-    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+    for part in (pipe.unet, pipe.vae, *[te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te]):
         part.requires_grad_(False)
         part.eval()
-    return Base(pipe=pipe, name=str(name), fingerprint=fp)
+    return Base(pipe=pipe, name=str(name), fingerprint=fp, architecture=architecture_of(pipe))

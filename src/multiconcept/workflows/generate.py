@@ -14,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..bundle import Bundle, atomic_write, check_base, load_bundle, read_header
 from ..errors import UserError, require
 from ..models import Base, load_base
+from ..models.conditioning import pipeline_conditioning
 from ..prompts import Concept, concept_tokens_in, locate_concepts
 from .external import add_embedding, add_lora, check_lora_file  # noqa: F401  (the generate verb's API)
 
@@ -165,9 +166,9 @@ def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSetting
 
             store = AttentionStore(resolutions=None, accumulate=True, batch_slice="cond" if settings.guidance > 1 else None)
             with capture_attention(pipe.unet, store):
-                images = _sample(pipe, prompt, seeds, gens, settings, h, w, inpaint)
+                images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
         else:
-            images = _sample(pipe, prompt, seeds, gens, settings, h, w, inpaint)
+            images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
         for i, (s, img) in enumerate(zip(seeds, images)):
             yield s, img, store, i
 
@@ -204,20 +205,22 @@ def generate(
     return paths
 
 
-def _sample(pipe, prompt, seeds, gens, s: SampleSettings, h, w, inpaint: Inpaint | None = None):
-    kwargs = dict(negative_prompt=[s.negative_prompt] * len(seeds) if s.negative_prompt else None,
-                  num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens, height=h, width=w)
+def _sample(base: Base, prompt, seeds, gens, s: SampleSettings, h, w, inpaint: Inpaint | None = None):
+    pipe = base.pipe
+    kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens, height=h, width=w)
     with torch.no_grad():
+        kwargs.update(pipeline_conditioning(base, [prompt] * len(seeds), s.negative_prompt, h, w))
         if inpaint is None:
-            return pipe([prompt] * len(seeds), **kwargs).images
+            return pipe(**kwargs).images
         if pipe.unet.config.in_channels == 9:  # a real inpainting checkpoint: its own pipeline
+            require(not base.is_sdxl, "inpainting with an SDXL inpainting UNet is not supported yet: "
+                                      "use the SDXL base model, which inpaints by latent blending")
             from diffusers import StableDiffusionInpaintPipeline
 
             ip = StableDiffusionInpaintPipeline(**pipe.components)
-            return ip([prompt] * len(seeds), image=inpaint.image, mask_image=inpaint.mask, **kwargs).images
+            return ip(image=inpaint.image, mask_image=inpaint.mask, **kwargs).images
         blend = LatentBlend(pipe, inpaint, h, w, len(seeds), gens)
-        return pipe([prompt] * len(seeds), callback_on_step_end=blend, callback_on_step_end_tensor_inputs=["latents"],
-                    **kwargs).images
+        return pipe(callback_on_step_end=blend, callback_on_step_end_tensor_inputs=["latents"], **kwargs).images
 
 
 class LatentBlend:

@@ -64,9 +64,25 @@ def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
     return tok
 
 
+def tiny_vae():
+    """Both tiny pipelines' VAE: 32x32 images, 16x16x4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def tiny_pipeline(seed: int = 0):
     """A random SD-shaped pipeline, 32×32 images, built from configs in ~1 s."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -83,16 +99,7 @@ def tiny_pipeline(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -123,7 +130,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
     projection, whose pooled output joins the time embedding), a UNet whose first level has no
     cross-attention (SDXL's DownBlock2D) and whose deeper level has two transformer layers, and
     size/crop micro-conditioning (``addition_embed_type="text_time"``)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
@@ -152,12 +159,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
         projection_class_embeddings_input_dim=6 * time_dim + 32,  # six size/crop numbers + the pooled text
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4, norm_num_groups=8, sample_size=32,
-    )
+    vae = tiny_vae()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -85,6 +85,14 @@ def test_an_sd1_bundle_is_refused_on_sdxl_naming_both(scene, tmp_path):
     assert "SD 1.x" in str(e.value) and "SDXL" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_infusion_is_refused_on_sdxl_in_one_line(scene, tmp_path, run_cli):
+    # no mask: Infusion would derive one from the UNet's attention before training
+    code, _, err = run_cli("learn", "-m", "infusion", "-c", "<a1>=cat", "-i", scene["image"], "--base", "tiny-sdxl",
+                           "-o", tmp_path / "i.safetensors", "--param", "steps=1")
+    assert code == 2 and "infusion does not run on SDXL bases yet" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def test_lora_learns_on_the_sdxl_unet_and_generates(scene, tmp_path):
     out = learn(scene, tmp_path, "lora")
     bundle = load_bundle(out)

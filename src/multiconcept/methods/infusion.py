@@ -297,6 +297,8 @@ class Infusion(Method):
 
     def __init__(self, base, data, cfg: InfusionConfig):
         super().__init__(base, data, cfg)
+        require(not base.is_sdxl, "infusion does not run on SDXL bases yet: use textual-inversion, lora, "
+                                  "custom-diffusion or disendiff there, or an SD 1.x/2.x base")
         words = [c.class_word for c in data.concepts]
         require(len(set(words)) == len(words),
                 f"Infusion names concepts by their class words, and {words} repeats one: "

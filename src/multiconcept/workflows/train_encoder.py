@@ -71,6 +71,7 @@ from ..prompts import find_word_spans
 from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed
 
 MANIFEST = "subjects.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
 
 # ---------------------------------------------------------------- data
 
@@ -390,13 +391,7 @@ def train_encoder(
     the state; `resume=True` continues). `max_minutes` stops at the first step
     past the budget and writes the model as trained so far (and a checkpoint)."""
     cfg = cfg or FastComposerConfig()
-    source = open_data(data)  # bad folder: fail before loading models
-    out = Path(out)
-    require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
-    # subjects dropped from a caption leave the image encoder without gradient on some steps
-    acc = make_accelerator(cfg.mixed_precision, device=device, find_unused_parameters=True)
-    if not isinstance(base, Base):
-        base = load_base(base, device=str(acc.device) if device == "auto" else device, dtype=dtype)
+    source, out, acc, base = start(data, out, base, cfg, device, dtype)
     torch.manual_seed(cfg.seed)
     model = FastComposer(base, load_image_encoder(image_encoder, base))
     trainables = model.set_trainable(cfg)
@@ -405,22 +400,46 @@ def train_encoder(
                                   weight_decay=cfg.weight_decay, eps=1e-8)
     trainer = EncoderTrainer(model, source, cfg)
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
-    ckpt = out / "checkpoint.safetensors"
-    graph, optimizer = acc.prepare(trainer, optimizer)
-    settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                            mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
-                            max_minutes=max_minutes, progress_bar=progress, name="fastcomposer")
-    outcome = run(EncoderJob(trainer, graph, trainables), optimizer, list(trainables.values()), settings,
-                  checkpoint=ckpt, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
-                  on_step=on_step, cancel=cancel)
-    if outcome.reason in ("stopped", "cancelled"):
+    outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="fastcomposer", digest=digest, resume=resume,
+                  progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel)
+    if outcome is None:
         return None
-    acc.wait_for_everyone()
     if acc.is_main_process:
         meta = {"method": "fastcomposer", "data": source.name, "image_encoder_source": image_encoder,
                 "settings": config_dict(cfg), "steps_done": outcome.steps_done, "loc_resolutions": trainer.loc_resolutions,
                 "stopped_for_time": outcome.reason == "time", "train_seconds": round(outcome.seconds, 1)}
         model.save(out, meta, unet=cfg.train_unet)
         if outcome.finished:  # a run stopped for time keeps its checkpoint: --resume continues
-            discard_checkpoint(ckpt)
+            discard_checkpoint(out / CHECKPOINT)
     return out
+
+
+def start(data: str, out, base, cfg, device: str, dtype: str, toyworld_layout: str = "fixed"):
+    """A tuning-free model's training inputs: (data source, out folder, accelerator, base). The data and
+    the folder are checked before any model loads."""
+    source = open_data(data, toyworld_layout)
+    out = Path(out)
+    require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
+    # subjects dropped from a caption leave the image encoder without gradient on some steps
+    acc = make_accelerator(cfg.mixed_precision, device=device, find_unused_parameters=True)
+    if not isinstance(base, Base):
+        base = load_base(base, device=str(acc.device) if device == "auto" else device, dtype=dtype)
+    return source, out, acc, base
+
+
+def fit(trainer, trainables: dict, optimizer, cfg, acc, out: Path, *, name: str, digest: str, resume: bool,
+        progress: bool, stop_after: int | None, max_minutes: float | None, on_step=None, cancel=None, lr_at=None,
+        log_file: str = ""):
+    """A tuning-free model's training on the one loop, its checkpoint in `out`: the loop's outcome, or None
+    when `stop_after` or `cancel` ended it (the checkpoint holds the state). Every process returns together."""
+    graph, optimizer = acc.prepare(trainer, optimizer)
+    settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                            mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
+                            max_minutes=max_minutes, progress_bar=progress, name=name, log_file=log_file)
+    outcome = run(EncoderJob(trainer, graph, trainables), optimizer, list(trainables.values()), settings,
+                  checkpoint=out / CHECKPOINT, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
+                  lr_at=lr_at, on_step=on_step, cancel=cancel)
+    if outcome.reason in ("stopped", "cancelled"):
+        return None
+    acc.wait_for_everyone()
+    return outcome

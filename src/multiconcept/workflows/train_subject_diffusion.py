@@ -33,7 +33,6 @@ from PIL import Image
 
 from ..attention import AttentionStore
 from ..data import mask_tensor, to_tensor
-from ..errors import require
 from ..losses import denoising_loss
 from ..methods.fastcomposer import FastComposerConfig, augment_crop, load_image_encoder, subject_crop
 from ..methods.finetune import config_digest
@@ -46,9 +45,9 @@ from ..methods.subject_diffusion import (
     location_map,
     place_mask,
 )
-from ..models import Base, load_base
-from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run
-from .train_encoder import EncoderJob, EncoderTrainer, Record, localisation, open_data
+from ..models import Base
+from ..training import Progress, discard_checkpoint
+from .train_encoder import CHECKPOINT, EncoderTrainer, Record, fit, localisation, start
 
 
 def normalised_box(box, h: int, w: int) -> tuple[float, float, float, float]:
@@ -180,43 +179,31 @@ def train_subject_diffusion(
     None when `stop_after` ended the run early; `max_minutes` writes the model so far and keeps the
     checkpoint, so `resume=True` continues). Every step is logged to `out/train_log.jsonl`."""
     cfg = cfg or SubjectDiffusionConfig()
-    source = open_data(data, toyworld_layout="free")
-    out = Path(out)
-    require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
-    acc = make_accelerator(cfg.mixed_precision, device=device, find_unused_parameters=True)
-    if not isinstance(base, Base):
-        base = load_base(base, device=str(acc.device) if device == "auto" else device, dtype=dtype)
+    source, out, acc, base = start(data, out, base, cfg, device, dtype, toyworld_layout="free")
     torch.manual_seed(cfg.seed)
     model = SubjectDiffusion(base, load_image_encoder(image_encoder, base), cfg)
     trainables = model.set_trainable()
     optimizer = torch.optim.AdamW(list(trainables.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     trainer = SubjectDiffusionTrainer(model, source, cfg)
     digest = config_digest(cfg, f"subject-diffusion|{source.name}|{image_encoder}", base.fingerprint)
-    ckpt = out / "checkpoint.safetensors"
-    graph, optimizer = acc.prepare(trainer, optimizer)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                            mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
-                            max_minutes=max_minutes, progress_bar=progress, name="subject-diffusion",
-                            log_file=str(out / "train_log.jsonl"))
 
     def lr_at(step: int, _progress: float) -> float:  # the paper's linear warm-up, then constant
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
-    outcome = run(EncoderJob(trainer, graph, trainables), optimizer, list(trainables.values()), settings,
-                  checkpoint=ckpt, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
-                  lr_at=lr_at, on_step=on_step, cancel=cancel)
-    if outcome.reason in ("stopped", "cancelled"):
+    outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="subject-diffusion", digest=digest, resume=resume,
+                  progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel,
+                  lr_at=lr_at, log_file=str(out / "train_log.jsonl"))
+    if outcome is None:
         return None
-    acc.wait_for_everyone()
     if acc.is_main_process:
         meta = {"data": source.name, "image_encoder_source": image_encoder, "steps_done": outcome.steps_done,
                 "loc_resolutions": trainer.loc_resolutions, "stopped_for_time": outcome.reason == "time",
                 "train_seconds": round(outcome.seconds, 1), "ablation": cfg.ablation}
         model.save(out, meta)
         if outcome.finished:
-            discard_checkpoint(ckpt)
+            discard_checkpoint(out / CHECKPOINT)
     return out
 
 

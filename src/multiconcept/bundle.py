@@ -59,9 +59,9 @@ class Bundle:
     base_fingerprint: str
     hyperparameters: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # method-specific settings (e.g. LoRA config)
-    architecture: str = ""  # the base's (models.architecture_of); "" = not recorded (older bundles)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    architecture: str = ""  # the base's (models.architecture_of); "" = not recorded (older bundles)
 
     def header(self) -> dict:
         h = asdict(self)

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..bundle import Bundle, check_base, load_bundle
+from ..bundle import Bundle
 from ..errors import UserError, require
 from ..models import Base
-from .files import check_out_dir, token_file, write_all
-from .kohya import refuse_infusion, refuse_sdxl
+from .files import token_file, write_all
+from .kohya import exportable_bundle
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -28,11 +28,7 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
     """Every file is computed and checked before the first is written; they are written into a
     hidden staging folder and moved into `out_dir` last, so an error leaves nothing behind."""
     out = Path(out_dir)
-    check_out_dir(out)
-    bundle = load_bundle(bundle_path)
-    check_base(bundle, base, str(bundle_path))
-    refuse_sdxl(base, bundle_path)
-    refuse_infusion(bundle, bundle_path)
+    bundle = exportable_bundle(bundle_path, base, out)
     files: dict[str, callable] = {}  # file name -> write(path)
     lines = ["import torch", "from diffusers import StableDiffusionPipeline", "",
              f'pipe = StableDiffusionPipeline.from_pretrained("{base.name}")']

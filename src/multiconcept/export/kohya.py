@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..bundle import Bundle
+from ..bundle import Bundle, check_base, load_bundle
 from ..errors import UserError, require
+from .files import check_out_dir
 
 # component -> key prefix, by how many text encoders the base has. SD 1.x and 2.x: one, `lora_te`.
 # SDXL (two) is `lora_te1` / `lora_te2`, which is what diffusers' converter writes for every base.
@@ -88,3 +89,14 @@ def refuse_infusion(bundle: Bundle, path) -> None:
         raise UserError(f"bundle {path} is Infusion: its value residuals are added only at the class word's positions, "
                         f"so they depend on the prompt's tokens and no weight delta or LoRA can carry them; "
                         f"generate with `multiconcept generate -b {path}`")
+
+
+def exportable_bundle(bundle_path, base, out) -> Bundle:
+    """The bundle, once the output folder, its base and what the writers can carry are checked: every
+    export's first step, before anything is computed or written."""
+    check_out_dir(out)
+    bundle = load_bundle(bundle_path)
+    check_base(bundle, base, str(bundle_path))
+    refuse_sdxl(base, bundle_path)
+    refuse_infusion(bundle, bundle_path)
+    return bundle

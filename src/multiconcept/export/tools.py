@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..bundle import check_base, load_bundle
 from ..errors import UserError, require
 from ..models import Base
 from .diffusers import check_deltas, lora_parts
-from .files import check_out_dir, token_name, write_all
-from .kohya import embedding_file_tensors, kohya_lora, refuse_infusion, refuse_sdxl
+from .files import token_name, write_all
+from .kohya import embedding_file_tensors, exportable_bundle, kohya_lora
 from .readme import tools_readme
 from .svd import Factorisation, factorise
 
@@ -72,11 +71,7 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
     require(tool in TOOLS, f"unknown tool {tool!r}: choose one of {', '.join(TOOLS)}")
     require(rank is None or rank >= 1, f"--rank must be at least 1 or 'full', got {rank}")
     out = Path(out_dir)
-    check_out_dir(out)
-    bundle = load_bundle(bundle_path)
-    check_base(bundle, base, str(bundle_path))
-    refuse_sdxl(base, bundle_path)
-    refuse_infusion(bundle, bundle_path)
+    bundle = exportable_bundle(bundle_path, base, out)
     n_te = text_encoder_count(base)
     files: dict[str, callable] = {}
     width = base.text_encoder.get_input_embeddings().weight.shape[1]

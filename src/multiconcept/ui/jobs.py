@@ -4,7 +4,7 @@ gradio's queue runs one learning job at a time (concurrency_limit=1 on the
 event) and shows every later request its place in the line. The job itself
 runs in a thread so the page can stream its progress; Cancel sets the job's
 threading.Event, which the training loop checks between steps (its `cancel`).
-A session's event exists from the click until the job has ended, so a Cancel
+A visitor's event (keyed by gradio's session_hash) exists from the click until the job has ended, so a Cancel
 pressed while the job still waits in the line cancels that job, and one pressed
 when nothing is pending cancels nothing later.
 No gradio here.
@@ -21,32 +21,32 @@ from ..errors import UserError
 
 
 class Cancels:
-    """One cancel event per session, from its click to its job's end."""
+    """One cancel event per visitor (browser page), from its click to its job's end."""
 
     def __init__(self):
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def open(self, session: str) -> None:
+    def open(self, visitor: str) -> None:
         with self._lock:
-            self._events[session] = threading.Event()
+            self._events[visitor] = threading.Event()
 
-    def get(self, session: str) -> threading.Event:
+    def get(self, visitor: str) -> threading.Event:
         with self._lock:
-            return self._events.setdefault(session, threading.Event())
+            return self._events.setdefault(visitor, threading.Event())
 
-    def cancel(self, session: str) -> bool:
-        """Cancel the session's pending or running job; False when it has none."""
+    def cancel(self, visitor: str) -> bool:
+        """Cancel the visitor's pending or running job; False when it has none."""
         with self._lock:
-            event = self._events.get(session)
+            event = self._events.get(visitor)
         if event is None:
             return False
         event.set()
         return True
 
-    def close(self, session: str) -> None:
+    def close(self, visitor: str) -> None:
         with self._lock:
-            self._events.pop(session, None)
+            self._events.pop(visitor, None)
 
 
 def run_streaming(work: Callable[[Callable[[object], None]], object], cancel: threading.Event,

@@ -164,8 +164,8 @@ def gather(job: Path, image, count, method, steps, lr, seed, templates, more, *p
 
 
 def learn(page: Page, *args, request: gr.Request | None = None):
-    session = request.session_hash if request is not None else "local"
-    cancel = page.cancels.get(session)
+    visitor = request.session_hash if request is not None else "local"
+    cancel = page.cancels.get(visitor)
     job = page.work / "learn" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     keep = gr.skip()
     try:
@@ -214,4 +214,4 @@ def learn(page: Page, *args, request: gr.Request | None = None):
                                    f"the bundle is below, and in the Generate tab.", 1, 1),
                        pd.DataFrame(rows), maps, keep, str(out), str(out))
     finally:
-        page.cancels.close(session)
+        page.cancels.close(visitor)

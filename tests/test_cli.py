@@ -62,6 +62,7 @@ def test_demo_end_to_end(run_cli, tmp_path):
                     "data:image/png;base64"):
         assert section in page
     assert "http" not in page.replace("http-equiv", "")  # works offline: nothing fetched
+    assert "<s1>" not in page and "<code>a &lt;s1&gt; heart and a &lt;s2&gt; star" in page  # prompts escaped
 
 
 @pytest.mark.parametrize("method", ["custom-diffusion", "textual-inversion", "lora"])

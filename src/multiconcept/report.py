@@ -35,6 +35,11 @@ def figure(img, caption: str = "", size: int = 128) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def prompt_line(label: str, prompt: str) -> str:
+    """'label: prompt' with the prompt as code; both escaped, since a concept token (<s1>) is an HTML tag."""
+    return f"<p>{html.escape(label)}: <code>{html.escape(prompt)}</code></p>"
+
+
 def row(figures: list[str]) -> str:
     return '<div class="row">' + "".join(figures) + "</div>"
 

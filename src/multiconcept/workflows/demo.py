@@ -99,10 +99,10 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
             report.figure(src / f"{b.concept}_mask.png", f"{TOKENS[1]} = {b.appearance.words()} {b.noun}"),
         ])),
         report.section("Generations", "".join(
-            f"<p>{kind}: <code>{prompts[kind]}</code></p>" + report.row([report.figure(p, p.stem) for p in paths])
+            report.prompt_line(kind, prompts[kind]) + report.row([report.figure(p, p.stem) for p in paths])
             for kind, paths in grid.items())),
         report.section("Attention heatmaps (first image of each prompt)", "".join(
-            f"<p>{kind}</p>" + report.row([report.figure(h, h.stem.split('_', 2)[-1], 96)
+            report.note(kind) + report.row([report.figure(h, h.stem.split('_', 2)[-1], 96)
                                            for h in sorted((out / "images" / "attention").glob(f"{paths[0].stem}_*.png"))])
             for kind, paths in grid.items())),
         report.section("Metrics", report.table(header, rows) + report.note(

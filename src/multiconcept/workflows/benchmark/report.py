@@ -170,8 +170,7 @@ def _heatmaps(cells, seeds) -> str:
                 continue
             figs = [report.figure(d / f"{seeds[0]:06d}.png", "image", 80)]
             figs += [report.figure(m, m.stem.split("_", 2)[-1], 80) for m in maps]
-            parts.append(f"<p>{html.escape(cell.source.name)} / {html.escape(cell.method)} / {html.escape(kind)}: "
-                         f"<code>{html.escape(prompt.text)}</code></p>" + report.row(figs))
+            parts.append(report.prompt_line(f"{cell.source.name} / {cell.method} / {kind}", prompt.text) + report.row(figs))
     return "".join(parts) or report.note("no heatmaps were recorded")
 
 

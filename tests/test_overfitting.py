@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import multiconcept.workflows.overfitting as of
+from multiconcept.bundle import load_bundle, save_bundle
 from multiconcept.data import build_concept_set
 from multiconcept.errors import UserError
 from multiconcept.methods import get_method
@@ -29,10 +30,16 @@ def bundles(tmp_path_factory):
         cfg = InfusionConfig(steps=5, batch_size=2, grad_accum=1, lr=lr, derive_mask=False, flip=False)
         return train(Infusion, _tiny(), data, cfg, tmp / name, progress=False)
 
+    def zeroed(path, name):  # the trained bundle with every residual at zero (lr 0 is refused as a setting)
+        bundle = load_bundle(path)
+        bundle.tensors = {k: torch.zeros_like(v) for k, v in bundle.tensors.items()}
+        return save_bundle(bundle, tmp / name)
+
     cd = get_method("custom-diffusion")
+    trained = infusion("trained.safetensors", 0.3)
     return {
-        "zero": infusion("zero.safetensors", 0.0),
-        "trained": infusion("trained.safetensors", 0.3),
+        "zero": zeroed(trained, "zero.safetensors"),
+        "trained": trained,
         "cd": train(cd, _tiny(), build_concept_set([Concept("<t1>", "toy")], [str(img)]),
                     cd.Config(steps=3, grad_accum=1, lr=1e-2, scale_lr=False), tmp / "cd.safetensors", progress=False),
         "tmp": tmp,

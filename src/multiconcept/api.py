@@ -112,7 +112,8 @@ def generate(prompt: str, bundles: Sequence[str | Path] = (), *, n: int = 1, see
     """n images of `prompt` (seeds seed .. seed+n-1) with the bundles' concepts, plus LoRA and embedding
     files of other tools (kohya / A1111 / ComfyUI / diffusers; an embedding 'FILE' is the token <FILE's
     name>, '<tok>=FILE' picks it)."""
-    from .workflows.generate import add_embedding, add_lora, check_prompt_tokens, draw, load_with_bundles
+    from .workflows.external import add_embedding, add_lora
+    from .workflows.generate import check_prompt_tokens, draw, load_with_bundles
 
     check_prompt_tokens(prompt, [str(b) for b in bundles], [str(e) for e in embeddings])
     loaded = load_with_bundles(base, [str(b) for b in bundles], device=device, dtype=dtype)

@@ -36,11 +36,10 @@ def generate(
 ):
     """Generate images with learned concepts (optionally inpainted into another image)."""
     from ..images import read_image, read_mask
+    from ..workflows.external import add_embedding, add_lora
     from ..workflows.generate import (
         Inpaint,
         SampleSettings,
-        add_embedding,
-        add_lora,
         check_prompt_tokens,
         load_with_bundles,
         planned_paths,

@@ -16,7 +16,6 @@ from ..errors import UserError, require
 from ..models import Base, load_base
 from ..models.conditioning import pipeline_conditioning
 from ..prompts import Concept, concept_tokens_in, locate_concepts
-from .external import add_embedding, add_lora, check_lora_file  # noqa: F401  (the generate verb's API)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",

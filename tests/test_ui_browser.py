@@ -128,7 +128,6 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         page.fill("#lr input", "1e-4")
         page.fill("#templates textarea, #templates input", f"a {{}} on a {background} background")
         page.fill("#more-settings textarea", MORE)
-        page.click("#learn-button")
 
         # a second visitor: a bad upload gets the command line's one-line error; a second job waits in
         # the queue with its place shown, and Cancel while it waits means it never runs
@@ -145,6 +144,10 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         big.write_bytes(os.urandom(1_200_000))
         other.set_input_files("#mask-0 input[type=file]", str(big))
         expect(other.get_by_text(re.compile("exceed the maximum allowed size of 1"))).to_be_visible(timeout=10_000)
+        # the second visitor asks only once the first job has started, so it finds the queue busy however fast
+        # the machine learns the first job's 12 steps
+        page.click("#learn-button")
+        expect(page.locator("#learn-status")).to_contain_text(re.compile("Loading|step"), timeout=30_000)
         other.click("#learn-button")
         expect(other.locator("#learn-status")).to_contain_text("queue", timeout=30_000)
         other.click("#cancel-button")

@@ -50,6 +50,11 @@ SUSPICIOUS_ABS = 1e4
 log = logging.getLogger(__name__)
 
 
+def embedding_prefix(encoder: int) -> str:
+    """Bundle prefix of token rows for text encoder `encoder` (0-based): token_embedding/, token_embedding_2/."""
+    return "token_embedding" + (f"_{encoder + 1}" if encoder else "") + "/"
+
+
 @dataclass
 class Bundle:
     method: str
@@ -71,6 +76,11 @@ class Bundle:
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         n = len(prefix)
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def token_rows(self, encoders: int) -> dict[str, list[torch.Tensor]]:
+        """{token: [its row in each of the first `encoders` text encoders]}, for tokens every one of them holds."""
+        per = [self.with_prefix(embedding_prefix(k)) for k in range(encoders)]
+        return {t: [rows[t] for rows in per] for t in per[0] if all(t in rows for rows in per)}
 
     @property
     def nbytes(self) -> int:

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from ..bundle import Bundle
 from ..errors import UserError, require
-from ..models import Base
+from ..models import Base, text_encoder_component
 from .files import token_file, write_all
-from .kohya import exportable_bundle
+from .kohya import SDXL_EMBEDDING_KEYS, exportable_bundle, sdxl_embedding_file_tensors
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -30,19 +30,25 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
     out = Path(out_dir)
     bundle = exportable_bundle(bundle_path, base, out)
     files: dict[str, callable] = {}  # file name -> write(path)
-    lines = ["import torch", "from diffusers import StableDiffusionPipeline", "",
-             f'pipe = StableDiffusionPipeline.from_pretrained("{base.name}")']
+    pipeline = "StableDiffusionXLPipeline" if base.is_sdxl else "StableDiffusionPipeline"
+    lines = ["import torch", f"from diffusers import {pipeline}", "",
+             f'pipe = {pipeline}.from_pretrained("{base.name}")']
 
-    rows = bundle.with_prefix("token_embedding/")
-    width = base.text_encoder.get_input_embeddings().weight.shape[1]
-    for token, row in rows.items():
+    for token, rows in token_rows(bundle_path, bundle, base).items():
         name = token_file(token)
-        require(tuple(row.shape) == (width,),
-                f"bundle {bundle_path}'s embedding for {token} has shape {tuple(row.shape)} but this base's text "
-                f"encoder uses ({width},): export it with the base it was learned on")
         require(name not in files, f"bundle {bundle_path} has two tokens that export to {name}: re-learn one under another name")
-        files[name] = lambda f, token=token, row=row: save_file({token: row.contiguous()}, f)
-        lines.append(f'pipe.load_textual_inversion("{out}/{name}", token="{token}")')
+        if base.is_sdxl:  # one file, both encoders' rows, as A1111, ComfyUI and kohya's SDXL scripts read it
+            files[name] = lambda f, rows=rows: save_file(sdxl_embedding_file_tensors(rows), f)
+            if "from safetensors.torch import load_file" not in lines:
+                lines.insert(1, "from safetensors.torch import load_file")
+            lines += [f'rows = load_file("{out}/{name}")',
+                      f'pipe.load_textual_inversion(rows["clip_l"], token="{token}", text_encoder=pipe.text_encoder, '
+                      f'tokenizer=pipe.tokenizer)',
+                      f'pipe.load_textual_inversion(rows["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, '
+                      f'tokenizer=pipe.tokenizer_2)']
+        else:
+            files[name] = lambda f, token=token, row=rows[0]: save_file({token: row.contiguous()}, f)
+            lines.append(f'pipe.load_textual_inversion("{out}/{name}", token="{token}")')
 
     deltas = bundle.with_prefix("unet_delta/")
     if deltas:
@@ -66,6 +72,20 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
     text = f"# {Path(bundle_path).name} exported for diffusers\n\n```python\n" + "\n".join(lines) + "\n```\n"
     files["README.md"] = lambda f: Path(f).write_text(text)
     return write_all(out, files)
+
+
+def token_rows(bundle_path, bundle: Bundle, base: Base) -> dict[str, list[torch.Tensor]]:
+    """The bundle's new tokens, {token: [its row in each of the base's text encoders]}, each checked
+    against its encoder's width."""
+    encoders = base.text_encoders
+    rows = bundle.token_rows(len(encoders))
+    for token, per_encoder in rows.items():
+        for row, te in zip(per_encoder, encoders):
+            width = te.get_input_embeddings().weight.shape[1]
+            require(tuple(row.shape) == (width,),
+                    f"bundle {bundle_path}'s embedding for {token} has shape {tuple(row.shape)} but this base's text "
+                    f"encoder uses ({width},): export it with the base it was learned on")
+    return rows
 
 
 def check_deltas(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> dict[str, tuple[str, str]]:
@@ -110,52 +130,66 @@ def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], ba
     return sd
 
 
-def lora_parts(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base) -> tuple[dict, dict]:
-    """A LoRA bundle's factors checked against the base's layers: (unet's, text encoder's) peft state dicts."""
+def lora_parts(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base) -> dict[str, dict]:
+    """A LoRA bundle's factors checked against the base's layers: {component: peft state dict}, for the
+    UNet and each text encoder the bundle has factors for."""
     require(all(k in bundle.extra for k in ("rank", "alpha", "unet_targets")),
             f"LoRA bundle {bundle_path} lacks its LoRA settings (rank, alpha, unet_targets) in the header: re-learn it")
-    parts = {"unet": (base.unet, {}), "text_encoder": (base.text_encoder, {})}
+    models = {"unet": base.unet, **{text_encoder_component(k): te for k, te in enumerate(base.text_encoders)}}
+    parts: dict[str, dict] = {}
     for key, t in lora.items():
         model_name, _, rest = key.partition(".")
-        require(model_name in parts and ".lora_" in rest,
-                f"bundle {bundle_path} has a LoRA tensor {key} that is neither unet.* nor text_encoder.*: re-learn it")
-        model, sd = parts[model_name]
+        require(model_name in models and ".lora_" in rest,
+                f"bundle {bundle_path} has a LoRA tensor {key} that names no part of this base "
+                f"({', '.join(models)}): export it with the base it was learned on")
         module_name, _, factor = rest.rpartition(".lora_")
-        layer = dict(model.named_modules()).get(module_name)
+        layer = dict(models[model_name].named_modules()).get(module_name)
         want = None
         if isinstance(layer, torch.nn.Linear) and t.dim() == 2:
             want = {"A.weight": (t.shape[0], layer.in_features), "B.weight": (layer.out_features, t.shape[1])}.get(factor)
         require(want is not None and tuple(t.shape) == want,
                 f"bundle {bundle_path}'s LoRA tensor {key} {tuple(t.shape)} does not fit this base's {model_name} "
                 f"(no such linear layer, or another size): export it with the base it was learned on")
-        sd[rest] = t
-    return parts["unet"][1], parts["text_encoder"][1]
+        parts.setdefault(model_name, {})[rest] = t
+    return parts
 
 
 def lora_writer(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base):
     """Check a LoRA bundle's factors against the base's layers; return write(path) for diffusers' file."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     x = bundle.extra
-    unet_sd, te_sd = lora_parts(bundle_path, bundle, lora, base)
-    meta = {"r": x["rank"], "lora_alpha": x["alpha"], "target_modules": x["unet_targets"]}
-    te_meta = {"r": x["rank"], "lora_alpha": x["alpha"], "target_modules": x.get("text_targets", [])} if te_sd else None
+    parts = lora_parts(bundle_path, bundle, lora, base)
+    meta = {"r": x["rank"], "lora_alpha": x["alpha"]}
+    args = {"unet_lora_layers": parts.get("unet", {}),
+            "unet_lora_adapter_metadata": {**meta, "target_modules": x["unet_targets"]}}
+    for k in range(len(base.text_encoders)):
+        c = text_encoder_component(k)
+        if parts.get(c):
+            args[f"{c}_lora_layers"] = parts[c]
+            args[f"{c}_lora_adapter_metadata"] = {**meta, "target_modules": x.get("text_targets", [])}
+    pipeline = StableDiffusionXLPipeline if base.is_sdxl else StableDiffusionPipeline
 
     def write(f: Path) -> None:
-        StableDiffusionPipeline.save_lora_weights(
-            Path(f).parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd or None,
-            weight_name=Path(f).name, safe_serialization=True,
-            unet_lora_adapter_metadata=meta, text_encoder_lora_adapter_metadata=te_meta,
-        )
+        pipeline.save_lora_weights(Path(f).parent, weight_name=Path(f).name, safe_serialization=True, **args)
 
     return write
 
 
 def load_exported_into(pipe, out_dir: str | Path, tokens: list[str]) -> None:
     """What the exported README does, as a function (used by tests)."""
+    from safetensors.torch import load_file
+
     out = Path(out_dir)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     for t in tokens:
-        pipe.load_textual_inversion(str(out / token_file(t)), token=t)
+        if sdxl:
+            rows = load_file(str(out / token_file(t)))
+            encoders = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+            for key, (te, tok) in zip(SDXL_EMBEDDING_KEYS, encoders):
+                pipe.load_textual_inversion(rows[key], token=t, text_encoder=te, tokenizer=tok)
+        else:
+            pipe.load_textual_inversion(str(out / token_file(t)), token=t)
     if (out / CD_WEIGHTS).exists():
         # diffusers 0.42 only installs the processors when given the pipeline (_pipeline); plain calls load nothing
         pipe.unet.load_attn_procs(str(out), weight_name=CD_WEIGHTS, _pipeline=pipe)

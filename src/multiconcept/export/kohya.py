@@ -4,10 +4,15 @@ LoRA (kohya sd-scripts, networks/lora.py): one module per key stem, the module's
 pipeline component with '.' -> '_' behind the component's prefix, then `.lora_down.weight` [r, in],
 `.lora_up.weight` [out, r] and `.alpha` (a scalar; the update is up @ down * alpha / r), e.g.
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight`.
-Textual inversion (kohya's train_textual_inversion.py): {"emb_params": [n_vectors, dim]}.
+Textual inversion (kohya's train_textual_inversion.py): {"emb_params": [n_vectors, dim]}; SDXL
+(sdxl_train_textual_inversion.py): {"clip_l": [n, 768], "clip_g": [n, 1280]}, the two encoders' rows.
+SDXL LoRAs name the UNet's modules as the original (SGM) model does, as kohya's SDXL scripts write them
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`); A1111, ComfyUI and diffusers map those.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -24,12 +29,7 @@ PREFIXES = {
 # what diffusers' converter (0.42) writes for each component, whatever the base
 DIFFUSERS_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 EMBEDDING_KEY = "emb_params"
-
-
-def module_key(component: str, module: str, text_encoders: int = 1) -> str:
-    """kohya's key stem of a module: ('unet', 'down_blocks.0.attentions.0...attn2.to_k') ->
-    'lora_unet_down_blocks_0_attentions_0_..._attn2_to_k'."""
-    return f"{PREFIXES[text_encoders][component]}_{module.replace('.', '_')}"
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # the first (CLIP ViT-L) and second (OpenCLIP ViT-bigG) encoder's rows
 
 
 def kohya_path(key: str) -> str:
@@ -42,17 +42,40 @@ def kohya_path(key: str) -> str:
     return key
 
 
-def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders: int = 1) -> dict[str, torch.Tensor]:
+def sgm_module(module: str, layers_per_block: int) -> str:
+    """diffusers' path of an SDXL UNet attention module -> the original model's. The original numbers its
+    blocks in one row: input_blocks.0 is conv_in, then per level `layers_per_block` layers and a
+    downsampler; output blocks have one layer more per level and no separate upsampler; [1] is a
+    layer's transformer (its [0] the resnet). Only attention modules are mapped: those are what LoRA
+    and Custom Diffusion train."""
+    step = layers_per_block + 1
+    for pattern, index in ((r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda i, j: f"input_blocks.{1 + i * step + j}"),
+                           (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda i, j: f"output_blocks.{i * step + j}"),
+                           (r"mid_block\.attentions\.(0)\.(.+)", lambda i: "middle_block")):
+        m = re.fullmatch(pattern, module)
+        if m:
+            *ids, rest = m.groups()
+            return f"{index(*map(int, ids))}.1.{rest}"
+    raise UserError(f"the UNet module {module} is not in an attention block, which the SDXL LoRA names cannot place: "
+                    f"export to diffusers' layout instead (--format diffusers)")
+
+
+def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders: int = 1,
+               sgm_layers: int | None = None) -> dict[str, torch.Tensor]:
     """peft factors {'<component>.<module>.lora_A.weight' / '.lora_B.weight'} -> kohya's layout.
 
     diffusers' `convert_state_dict_to_kohya` renames the factors and the module paths; two things
     are corrected after it: it names the text encoder `lora_te1` on every base (kohya, A1111 and
     ComfyUI say `lora_te` for SD 1.x/2.x; A1111 maps `lora_te1` on SD 2.x to no layer), and it sets
     every alpha to the rank (scale 1) as an int64 tensor. `alpha`: the LoRA's alpha (kept, so the
-    scale alpha / r is the bundle's), or None for scale 1 (alpha = each module's rank)."""
+    scale alpha / r is the bundle's), or None for scale 1 (alpha = each module's rank). `sgm_layers`:
+    the UNet's layers per block when its modules take the original model's names (SDXL), else None."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     require(bool(peft), "no LoRA factors to export")
+    if sgm_layers is not None:
+        peft = {(f"unet.{sgm_module(k[len('unet.'):k.rindex('.lora_')], sgm_layers)}{k[k.rindex('.lora_'):]}"
+                 if k.startswith("unet.") else k): v for k, v in peft.items()}
     converted = convert_state_dict_to_kohya({kohya_path(k): v for k, v in peft.items()})
     out: dict[str, torch.Tensor] = {}
     for key, t in converted.items():
@@ -66,22 +89,14 @@ def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders
     return out
 
 
-def expected_keys(modules: dict[str, list[str]], text_encoders: int = 1) -> set[str]:
-    """Every key a kohya LoRA on these modules ({component: [module path]}) holds."""
-    return {f"{module_key(c, m, text_encoders)}.{part}" for c, ms in modules.items() for m in ms
-            for part in ("lora_down.weight", "lora_up.weight", "alpha")}
-
-
 def embedding_file_tensors(row: torch.Tensor) -> dict[str, torch.Tensor]:
     """One token's embedding as kohya writes it and A1111, ComfyUI and diffusers read it."""
     return {EMBEDDING_KEY: row.detach().reshape(1, -1).contiguous()}
 
 
-def refuse_sdxl(base, path) -> None:
-    # SDXL exports need each token's two rows (clip_l / clip_g) and the second encoder's LoRA names
-    if base.is_sdxl:
-        raise UserError(f"bundle {path} is for an SDXL base, which export does not write yet: "
-                        f"generate with `multiconcept generate -b {path}`")
+def sdxl_embedding_file_tensors(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One token's two rows (first encoder, second encoder) as kohya's SDXL script writes them."""
+    return {key: row.detach().reshape(1, -1).contiguous() for key, row in zip(SDXL_EMBEDDING_KEYS, rows)}
 
 
 def refuse_infusion(bundle: Bundle, path) -> None:
@@ -97,6 +112,5 @@ def exportable_bundle(bundle_path, base, out) -> Bundle:
     check_out_dir(out)
     bundle = load_bundle(bundle_path)
     check_base(bundle, base, str(bundle_path))
-    refuse_sdxl(base, bundle_path)
     refuse_infusion(bundle, bundle_path)
     return bundle

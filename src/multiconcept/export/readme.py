@@ -19,6 +19,7 @@ def prompts(bundle: Bundle, words: dict[str, str], lora: str | None) -> dict[str
 
 def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, result) -> str:
     words, lora = result.embeddings, result.lora
+    sdxl = bundle.architecture == "sdxl"
     p = prompts(bundle, words, lora)
     emb = [f"embeddings/{w}.safetensors" for w in words.values()]
     lora_file = f"loras/{lora}.safetensors" if lora else None
@@ -26,7 +27,8 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
              "", f"Learned on the base `{base_name}` ({bundle.method}): generate with that checkpoint; on another the "
              "concepts do not hold.", "", "| file | what | in the prompt |", "|---|---|---|"]
     for token, w in words.items():
-        lines.append(f"| `embeddings/{w}.safetensors` | the token `{token}` (`emb_params`, 1 vector) | `{w}` "
+        what = "`clip_l` and `clip_g`, SDXL's two encoders, 1 vector each" if sdxl else "`emb_params`, 1 vector"
+        lines.append(f"| `embeddings/{w}.safetensors` | the token `{token}` ({what}) | `{w}` "
                      f"(ComfyUI: `embedding:{w}`) |")
     if lora:
         what = (f"LoRA, rank {bundle.extra.get('rank')}, alpha {bundle.extra.get('alpha')}" if result.svd is None
@@ -45,18 +47,27 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
                        "1.0) between **Load Checkpoint** and the **CLIP Text Encode** / **KSampler** nodes."] if lora else []),
                     "Prompt in **CLIP Text Encode**:", "", f"    {p['comfyui']}"],
         "kohya": ["## kohya's sd-scripts", "", "```bash",
-                  "python gen_img.py --ckpt BASE_CHECKPOINT"
+                  f"python {'sdxl_gen_img.py' if sdxl else 'gen_img.py'} --ckpt BASE_CHECKPOINT"
                   + (f" \\\n    --network_module networks.lora --network_weights {lora_file} --network_mul 1.0" if lora else "")
                   + (f" \\\n    --textual_inversion_embeddings {' '.join(emb)}" if emb else "")
                   + f" \\\n    --prompt \"{p['kohya']}\"", "```", "",
-                  "kohya's scripts name an embedding's token after its file (add `--v2` for an SD 2.x base)."],
+                  "kohya's scripts name an embedding's token after its file"
+                  + ("." if sdxl else " (add `--v2` for an SD 2.x base).")],
     }
     order = [tool] + [t for t in sections if t != tool]
     for t in order:
         lines += [""] + sections[t]
-    code = ["import torch", "from diffusers import StableDiffusionPipeline", "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_name}")']
-    code += [f'pipe.load_textual_inversion("embeddings/{w}.safetensors", token="{t}")' for t, w in words.items()]
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    code = ["import torch", *(["from safetensors.torch import load_file"] if sdxl and words else []),
+            f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base_name}")']
+    for t, w in words.items():
+        if sdxl:  # diffusers reads each encoder's row on its own
+            code += [f'rows = load_file("embeddings/{w}.safetensors")'] + [
+                f'pipe.load_textual_inversion(rows["{key}"], token="{t}", '
+                f'text_encoder=pipe.text_encoder{n}, tokenizer=pipe.tokenizer{n})'
+                for key, n in (("clip_l", ""), ("clip_g", "_2"))]
+        else:
+            code.append(f'pipe.load_textual_inversion("embeddings/{w}.safetensors", token="{t}")')
     if lora:
         code.append(f'pipe.load_lora_weights("loras", weight_name="{lora}.safetensors")')
     code += [f'image = pipe("{p["diffusers"]}", num_inference_steps=50, guidance_scale=6.0).images[0]']

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from ..errors import UserError, require
 from ..models import Base
-from .diffusers import check_deltas, lora_parts
+from .diffusers import check_deltas, lora_parts, token_rows
 from .files import token_name, write_all
-from .kohya import embedding_file_tensors, exportable_bundle, kohya_lora
+from .kohya import embedding_file_tensors, exportable_bundle, kohya_lora, sdxl_embedding_file_tensors
 from .readme import tools_readme
 from .svd import Factorisation, factorise
 
@@ -29,6 +29,8 @@ TOOLS = ("a1111", "comfyui", "kohya")
 # on ToyWorld's trained Custom Diffusion and DisenDiff bundles: relative error < 0.08, images within 0.1 of a level
 # on average (docs/evidence.md, "Export to A1111 / ComfyUI / kohya"); full rank is larger than the dense delta
 DEFAULT_RANK = 16
+# kohya's `ss_base_model_version` (A1111 files LoRAs under the base they fit by it)
+MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
@@ -39,12 +41,6 @@ class ToolExport:
     svd: Factorisation | None = None  # Custom Diffusion / DisenDiff: how well the LoRA carries the deltas
     rank: int | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def text_encoder_count(base: Base) -> int:
-    n = 2 if getattr(base.pipe, "text_encoder_2", None) is not None else 1
-    require(n == 1, f"base {base.name} has two text encoders (SDXL): exporting its bundles is not supported yet")
-    return n
 
 
 def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base,
@@ -72,35 +68,37 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
     require(rank is None or rank >= 1, f"--rank must be at least 1 or 'full', got {rank}")
     out = Path(out_dir)
     bundle = exportable_bundle(bundle_path, base, out)
-    n_te = text_encoder_count(base)
+    n_te = len(base.text_encoders)
+    # SDXL's UNet modules take the original model's names, as kohya's SDXL scripts write them
+    sgm = base.unet.config.layers_per_block if base.is_sdxl else None
+    require(sgm is None or isinstance(sgm, int),
+            f"base {base.name}'s UNet has per-level layer counts {sgm}, which the original SDXL names cannot number: "
+            "export to diffusers' layout instead (--format diffusers)")
     files: dict[str, callable] = {}
-    width = base.text_encoder.get_input_embeddings().weight.shape[1]
     words: dict[str, str] = {}
-    for token, row in bundle.with_prefix("token_embedding/").items():
-        require(tuple(row.shape) == (width,),
-                f"bundle {bundle_path}'s embedding for {token} has shape {tuple(row.shape)} but this base's text "
-                f"encoder uses ({width},): export it with the base it was learned on")
+    for token, rows in token_rows(bundle_path, bundle, base).items():
         word = token_name(token)
         require(word and word not in words.values(),
                 f"bundle {bundle_path} has tokens that export to the same file name {word!r}: re-learn one under another name")
         words[token] = word
-        files[f"embeddings/{word}.safetensors"] = lambda f, row=row: save_file(embedding_file_tensors(row), f)
+        tensors = sdxl_embedding_file_tensors(rows) if base.is_sdxl else embedding_file_tensors(rows[0])
+        files[f"embeddings/{word}.safetensors"] = lambda f, tensors=tensors: save_file(tensors, f)
 
     lora, deltas = bundle.with_prefix("lora/"), bundle.with_prefix("unet_delta/")
     require(not (lora and deltas), f"bundle {bundle_path} holds both LoRA factors and weight deltas: re-learn it")
     result = ToolExport([], words, None, rank=rank)
     sd, meta = None, {"ss_network_module": "networks.lora", "multiconcept_bundle": Path(bundle_path).name,
-                      "multiconcept_method": bundle.method}
+                      "multiconcept_method": bundle.method,
+                      "ss_base_model_version": MODEL_VERSIONS.get(base.architecture, "sd_v1")}
     if lora:
-        unet_sd, te_sd = lora_parts(bundle_path, bundle, lora, base)
-        peft = {**{f"unet.{k}": v for k, v in unet_sd.items()}, **{f"text_encoder.{k}": v for k, v in te_sd.items()}}
+        peft = {f"{c}.{k}": v for c, sd in lora_parts(bundle_path, bundle, lora, base).items() for k, v in sd.items()}
         alpha = float(bundle.extra["alpha"])
-        sd = kohya_lora(peft, alpha, n_te)
+        sd = kohya_lora(peft, alpha, n_te, sgm)
         meta.update(ss_network_dim=str(bundle.extra["rank"]), ss_network_alpha=f"{alpha:g}")
     elif deltas:
         peft, alpha, result.svd = delta_lora(bundle_path, deltas, base, rank)
         require(bool(peft), f"bundle {bundle_path}'s weight deltas are all zero: there is nothing to export as a LoRA")
-        sd = kohya_lora(peft, alpha, n_te)
+        sd = kohya_lora(peft, alpha, n_te, sgm)
         meta.update(ss_network_dim=f"{alpha:g}", ss_network_alpha=f"{alpha:g}",
                     multiconcept_svd_relative_error=f"{result.svd.relative_error:.6g}")
     if sd is not None:

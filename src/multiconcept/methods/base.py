@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bundle import Bundle
+from ..bundle import Bundle, embedding_prefix
 from ..data import ConceptSet
 from ..errors import UserError
 from ..models import Base
@@ -84,11 +84,6 @@ class TrainableTokens(nn.Module):
         with torch.no_grad():
             self.base.weight[self.new_ids] = self.rows.to(self.base.weight.dtype)
         return self.base
-
-
-def embedding_prefix(encoder: int) -> str:
-    """Bundle prefix of token rows for text encoder `encoder` (0-based): token_embedding/, token_embedding_2/."""
-    return "token_embedding" + (f"_{encoder + 1}" if encoder else "") + "/"
 
 
 class Method:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..bundle import embedding_prefix
 from ..errors import UserError
-from .base import Method, TrainConfig, embedding_prefix
+from ..models import text_encoder_component
+from .base import Method, TrainConfig
 from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -24,7 +26,7 @@ class LoraConfig_(TrainConfig):
     lr: float = hp(1e-4, "learning rate (diffusers example: 1e-4)")
     rank: int = hp(4, "LoRA rank (diffusers default: 4)")
     alpha: float = hp(4.0, "LoRA alpha; scale = alpha / rank")
-    train_text_encoder: bool = hp(False, "also put LoRA on the text encoder's attention")
+    train_text_encoder: bool = hp(False, "also put LoRA on the text encoders' attention (SDXL: both)")
     augment: bool = hp(False, "scale augmentation (off in DreamBooth)")
     initializer: str = hp("sks", "rare word whose embedding the identifier tokens copy")
 
@@ -46,14 +48,11 @@ class DreamBoothLora(Method):
             c.initializer = c.initializer or self.cfg.initializer
         from ..prompts import add_concept_tokens
 
-        if self.cfg.train_text_encoder and len(self.base.text_encoders) > 1:
-            raise UserError("lora's train_text_encoder is not supported on SDXL bases yet: "
-                            "drop --param train_text_encoder=true")
         for tokenizer, te in zip(self.base.tokenizers, self.base.text_encoders):
             add_concept_tokens(tokenizer, te, self.concepts)
         self.base.unet.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, UNET_TARGETS))
-        if self.cfg.train_text_encoder:
-            self.base.text_encoder.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
+        for te in self.text_encoders().values():  # SDXL: both, as diffusers' train_dreambooth_lora_sdxl.py does
+            te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
         params = list(self.named_trainables().values())
         for p in params:
             p.requires_grad_(True)
@@ -62,10 +61,16 @@ class DreamBoothLora(Method):
     def trainable_tokens_in(self, prompt):
         return self.cfg.train_text_encoder
 
+    def text_encoders(self) -> dict:
+        """{component name: text encoder} that carry LoRA: none, or every one the base has."""
+        if not self.cfg.train_text_encoder:
+            return {}
+        return {text_encoder_component(k): te for k, te in enumerate(self.base.text_encoders)}
+
     def named_trainables(self):
         out = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if "lora_" in n}
-        if self.cfg.train_text_encoder:
-            out.update({f"text_encoder.{n}": p for n, p in self.base.text_encoder.named_parameters() if "lora_" in n})
+        for c, te in self.text_encoders().items():
+            out.update({f"{c}.{n}": p for n, p in te.named_parameters() if "lora_" in n})
         return out
 
     def trainable_state(self):
@@ -80,9 +85,8 @@ class DreamBoothLora(Method):
             ids = tokenizer.convert_tokens_to_ids([c.token for c in self.concepts])
             out.update({f"{embedding_prefix(k)}{c.token}": emb[i].detach().clone() for c, i in zip(self.concepts, ids)})
         out.update({f"lora/unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(self.base.unet).items()})
-        if self.cfg.train_text_encoder:
-            te = get_peft_model_state_dict(self.base.text_encoder)
-            out.update({f"lora/text_encoder.{k}": v.detach().clone() for k, v in te.items()})
+        for c, te in self.text_encoders().items():
+            out.update({f"lora/{c}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(te).items()})
         return out
 
     def bundle_extra(self):
@@ -97,21 +101,26 @@ class DreamBoothLora(Method):
         name = "mc_" + "_".join(t.strip("<>") for t in bundle.tokens)
         x = bundle.extra
         lora = bundle.with_prefix("lora/")
-        unet_sd = {k[len("unet."):]: v for k, v in lora.items() if k.startswith("unet.")}
-        te_sd = {k[len("text_encoder."):]: v for k, v in lora.items() if k.startswith("text_encoder.")}
+        models = {"unet": base.unet, **{text_encoder_component(k): te for k, te in enumerate(base.text_encoders)}}
+        parts = {c: {k[len(c) + 1:]: v for k, v in lora.items() if k.startswith(c + ".")} for c in models}
+        unknown = set(lora) - {f"{c}.{k}" for c, sd in parts.items() for k in sd}
+        if unknown:
+            raise UserError(f"LoRA bundle {bundle.tokens} has factors for {sorted(unknown)[0].split('.')[0]}, which this "
+                            "base does not have: use the base it was learned on")
         try:
-            base.unet.add_adapter(lora_config(x["rank"], x["alpha"], x["unet_targets"]), adapter_name=name)
-            set_peft_model_state_dict(base.unet, unet_sd, adapter_name=name)
-            if te_sd:
-                base.text_encoder.add_adapter(lora_config(x["rank"], x["alpha"], x["text_targets"]), adapter_name=name)
-                set_peft_model_state_dict(base.text_encoder, te_sd, adapter_name=name)
+            for c, sd in parts.items():
+                if sd:
+                    targets = x["unet_targets"] if c == "unet" else x["text_targets"]
+                    models[c].add_adapter(lora_config(x["rank"], x["alpha"], targets), adapter_name=name)
+                    set_peft_model_state_dict(models[c], sd, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA bundle {bundle.tokens} does not fit this base ({str(e).splitlines()[0]}): "
                             "use the base it was learned on") from e
         base.lora_adapters[name] = 1.0
         active = list(base.lora_adapters)
         base.unet.set_adapters(active, weights=list(base.lora_adapters.values()))
-        if te_sd:
-            base.text_encoder.set_adapter(active if len(active) > 1 else active[0])
+        for c, sd in parts.items():
+            if c != "unet" and sd:
+                models[c].set_adapter(active if len(active) > 1 else active[0])
 
 

@@ -41,6 +41,11 @@ PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def text_encoder_component(k: int) -> str:
+    """The pipeline's name of its text encoder k (0-based): text_encoder, text_encoder_2 (SDXL's second)."""
+    return "text_encoder" + (f"_{k + 1}" if k else "")
+
+
 @dataclass
 class Base:
     """A loaded base pipeline plus what identifies it."""

@@ -96,40 +96,57 @@ def check_embedding_tokens(bundle_paths: list[str], embeddings: list[str]) -> No
         owners[token] = str(path)
 
 
-def embedding_vectors(path: Path, width: int) -> torch.Tensor:
-    """The [n, width] vectors of an embedding file: one tensor (kohya's `emb_params`, A1111's and
-    ComfyUI's safetensors, diffusers' {token: row}); SDXL's clip_l/clip_g pair is refused."""
+def embedding_vectors(path: Path, widths: list[int]) -> list[torch.Tensor]:
+    """Per text encoder of the base (their input widths), the [n, width] vectors of an embedding file:
+    one tensor for a one-encoder base (kohya's `emb_params`, A1111's and ComfyUI's safetensors,
+    diffusers' {token: row}); SDXL's pair, `clip_l` for the first encoder and `clip_g` for the second."""
     tensors = read_tensor_file(path, "embedding", EMBEDDING_FIX)
-    require(not {"clip_l", "clip_g"} <= set(tensors),
-            f"embedding {path} is for SDXL (clip_l and clip_g): this base has one text encoder; use an SD 1.x/2.x embedding")
-    require(len(tensors) == 1, f"embedding {path} holds {len(tensors)} tensors ({', '.join(list(tensors)[:3])}, ...): "
-                               f"pass {EMBEDDING_FIX}")
-    t = next(iter(tensors.values()))
-    t = t[None] if t.dim() == 1 else t
-    require(t.dim() == 2 and t.shape[1] == width and t.shape[0] >= 1 and t.is_floating_point(),
-            f"embedding {path} has shape {tuple(t.shape)} but this base's text encoder takes vectors of {width}: "
-            f"use an embedding made for this base")
-    return t
+    pair = {"clip_l", "clip_g"} <= set(tensors)
+    if len(widths) == 2:
+        require(pair, f"embedding {path} is not an SDXL embedding (it lacks clip_l and clip_g, one row set per text "
+                      f"encoder): this base is SDXL; use an embedding made for SDXL")
+        vectors = [tensors["clip_l"], tensors["clip_g"]]
+    else:
+        require(not pair, f"embedding {path} is for SDXL (clip_l and clip_g): this base has one text encoder; "
+                          f"use an SD 1.x/2.x embedding")
+        require(len(tensors) == 1, f"embedding {path} holds {len(tensors)} tensors ({', '.join(list(tensors)[:3])}, ...): "
+                                   f"pass {EMBEDDING_FIX}")
+        vectors = [next(iter(tensors.values()))]
+    vectors = [t[None] if t.dim() == 1 else t for t in vectors]
+    for t, width in zip(vectors, widths):
+        require(t.dim() == 2 and t.shape[1] == width and t.shape[0] == vectors[0].shape[0] >= 1 and t.is_floating_point(),
+                f"embedding {path} has shape{'s' if len(vectors) > 1 else ''} "
+                f"{', '.join(str(tuple(v.shape)) for v in vectors)} but this base's text encoder"
+                f"{'s take' if len(widths) > 1 else ' takes'} vectors of {' and '.join(map(str, widths))}: "
+                f"use an embedding made for this base")
+    return vectors
 
 
 def add_embedding(loaded, spec: str) -> str:
-    """Add an embedding file's token through diffusers' `load_textual_inversion`; returns the token."""
+    """Add an embedding file's token through diffusers' `load_textual_inversion` (SDXL: each encoder's
+    rows into its encoder, as diffusers documents); returns the token."""
     token, path = embedding_token(spec)
     base = loaded.base
     owners = {t: p for p, b in loaded.bundles for t in b.tokens}
     require(token not in owners and token not in loaded.extra_tokens,
             f"{token} is defined by both {owners.get(token, 'another --embedding')} and {path}: load one of them, "
             f"or give this one another token ('<name>={path}')")
-    require(token not in base.tokenizer.get_vocab() and f"{token}_1" not in base.tokenizer.get_vocab(),
-            f"embedding {path} would be the token {token}, which this base's vocabulary already has: "
-            f"give it another ('<name>={path}')")
-    vectors = embedding_vectors(path, base.text_encoder.get_input_embeddings().weight.shape[1])
+    for tokenizer in base.tokenizers:
+        require(token not in tokenizer.get_vocab() and f"{token}_1" not in tokenizer.get_vocab(),
+                f"embedding {path} would be the token {token}, which this base's vocabulary already has: "
+                f"give it another ('<name>={path}')")
+    vectors = embedding_vectors(path, [te.get_input_embeddings().weight.shape[1] for te in base.text_encoders])
     try:
-        base.pipe.load_textual_inversion(str(path), token=token)
+        if len(vectors) == 1:
+            base.pipe.load_textual_inversion(str(path), token=token)
+        else:
+            for v, te, tokenizer in zip(vectors, base.text_encoders, base.tokenizers):
+                base.pipe.load_textual_inversion(v, token=token, text_encoder=te, tokenizer=tokenizer)
     except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers raises means "does not fit"
         raise UserError(f"embedding {path} does not fit this base ({_gist(e)}): use an embedding made for it") from e
+    n = vectors[0].shape[0]
     loaded.extra_tokens.append(token)
-    loaded.extra_embeddings.append(f"{path.name} ({token}, {vectors.shape[0]} vector{'s' if vectors.shape[0] > 1 else ''})")
+    loaded.extra_embeddings.append(f"{path.name} ({token}, {n} vector{'s' if n > 1 else ''})")
     return token
 
 

@@ -30,6 +30,9 @@ def generate(
     lora_scale: float = number(1.0, "--lora-scale", help="weight of every --lora"),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="inpaint into this image (needs --inpaint-mask)"),
     inpaint_mask: Optional[Path] = typer.Option(None, "--inpaint-mask", help="white = the region to fill"),
+    vae_slicing: bool = typer.Option(False, "--vae-slicing", help="decode the images one at a time (less memory, same images)"),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="decode in overlapping tiles (large images on small GPUs; "
+                                    "seams can show)"),
     base: Optional[str] = BaseOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -46,7 +49,8 @@ def generate(
     )
     from ..workflows.generate import generate as run
 
-    settings = SampleSettings(steps=steps, guidance=guidance, scheduler=scheduler, negative_prompt=negative)
+    settings = SampleSettings(steps=steps, guidance=guidance, scheduler=scheduler, negative_prompt=negative,
+                              vae_slicing=vae_slicing, vae_tiling=vae_tiling)
     if (init_image is None) != (inpaint_mask is None):
         raise UserError("inpainting needs both --init-image and --inpaint-mask")
     require(not output.exists() or output.is_dir(), f"--out {output} is a file: give a folder for the PNGs")

@@ -45,6 +45,8 @@ class TrainConfig(Settings):
                       choices=("keep", "erase"))
     reg_fraction: float = hp(0.5, "share of samples drawn from regularisation images, when given", **PROBABILITY)
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = hp(False, "recompute the UNet's activations in the backward pass instead of keeping "
+                                             "them: less memory (SDXL on common GPUs), slower steps (docs/sdxl.md)")
     seed: int = hp(0, "seed for data order, noise and timesteps")
     checkpoint_every: int = hp(100, "steps between resumable checkpoints", at_least=0)
     log_file: str = hp("", "append each step's loss terms to this JSON-lines file ('' = none)")

@@ -220,7 +220,8 @@ def _training_scheduler(base: Base):
 # ---------------------------------------------------------------- the run
 
 def config_digest(cfg: TrainConfig, method: str, fingerprint: str) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k != "log_file"}  # where logs go does not change training
+    # where logs go, and whether activations are recomputed, do not change what is trained
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "gradient_checkpointing")}
     blob = json.dumps({"cfg": settings, "method": method, "base": fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -267,10 +268,15 @@ def train(
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".ckpt")
     ckpt = work / "checkpoint.safetensors"
+    if cfg.gradient_checkpointing and method_cls.attention_store is not Method.attention_store:
+        raise UserError(f"gradient_checkpointing does not work with {method_cls.name}: its attention losses read maps "
+                        "captured in the forward pass, which the backward pass's recomputation captures again; leave it off")
     torch.manual_seed(cfg.seed)
     accelerator = make_accelerator(cfg.mixed_precision, device=base.device.type)
     method = method_cls(base, data, cfg)
     groups = method.setup()
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     trainer = Trainer(method, base, data, cfg, reg)
@@ -286,6 +292,8 @@ def train(
                       cancel=cancel, stop_after=stop_after)
     finally:
         method.teardown()
+        if cfg.gradient_checkpointing:
+            base.unet.disable_gradient_checkpointing()
     if not outcome.finished:
         return None
     bundle = method.to_bundle()

@@ -36,6 +36,8 @@ class SampleSettings:
     batch_size: int = 4
     height: int = 0  # 0 = the base's native size
     width: int = 0
+    vae_slicing: bool = False  # decode one image at a time: the batch's decoder activations never coexist
+    vae_tiling: bool = False  # decode in overlapping tiles (diffusers' AutoencoderKL), for large images
 
     def __post_init__(self):
         require(isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1, got {self.steps}")
@@ -206,6 +208,9 @@ def generate(
 
 def _sample(base: Base, prompt, seeds, gens, s: SampleSettings, h, w, inpaint: Inpaint | None = None):
     pipe = base.pipe
+    for on, enable, disable in ((s.vae_slicing, pipe.vae.enable_slicing, pipe.vae.disable_slicing),
+                                (s.vae_tiling, pipe.vae.enable_tiling, pipe.vae.disable_tiling)):
+        (enable if on else disable)()
     kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens, height=h, width=w)
     with torch.no_grad():
         kwargs.update(pipeline_conditioning(base, [prompt] * len(seeds), s.negative_prompt, h, w))

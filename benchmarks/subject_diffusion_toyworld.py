@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,8 +45,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from fastcomposer_toyworld import checked, largest, reference  # noqa: E402  (the FastComposer benchmark's scorers)
 
-# "full, 20 min" is the full model on an ablation's budget: what each ablation is compared with
-ABLATIONS = {"full": [], "full, 20 min": [], "no location map": ["location_map=false"], "no boxes": ["boxes=false"],
+# "full (20 min)" is the full model on an ablation's budget: what each ablation is compared with
+ABLATIONS = {"full": [], "full (20 min)": [], "no location map": ["location_map=false"], "no boxes": ["boxes=false"],
              "no adapter": ["adapter=false"], "no attention control": ["attention_control=false"],
              "no CLS embedding": ["cls_embedding=false"]}
 SINGLE_PLACES = {"reference": None, "small top-left": (0.05, 0.05, 0.4, 0.4),
@@ -220,7 +221,7 @@ def main() -> None:
     if (a.out / "results.json").is_file():
         results = json.loads((a.out / "results.json").read_text())
     results["settings"] = {k: str(v) for k, v in vars(a).items()}
-    folders = {n: a.models / n.replace(",", "").replace(" ", "-") for n in names}
+    folders = {n: a.models / re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-") for n in names}
     for n, folder in folders.items():
         info = folder / "subject_diffusion.json"
         if not info.is_file() or (folder / "checkpoint.safetensors").is_file():

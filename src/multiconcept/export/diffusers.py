@@ -18,7 +18,7 @@ from ..bundle import Bundle
 from ..errors import UserError, require
 from ..models import Base, text_encoder_component
 from .files import token_file, write_all
-from .kohya import SDXL_EMBEDDING_KEYS, exportable_bundle, sdxl_embedding_file_tensors
+from .kohya import SDXL_EMBEDDING_KEYS, exportable_bundle, sdxl_embedding_file_tensors, sdxl_embedding_loading_code
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -41,11 +41,7 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -
             files[name] = lambda f, rows=rows: save_file(sdxl_embedding_file_tensors(rows), f)
             if "from safetensors.torch import load_file" not in lines:
                 lines.insert(1, "from safetensors.torch import load_file")
-            lines += [f'rows = load_file("{out}/{name}")',
-                      f'pipe.load_textual_inversion(rows["clip_l"], token="{token}", text_encoder=pipe.text_encoder, '
-                      f'tokenizer=pipe.tokenizer)',
-                      f'pipe.load_textual_inversion(rows["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, '
-                      f'tokenizer=pipe.tokenizer_2)']
+            lines += sdxl_embedding_loading_code(f"{out}/{name}", token)
         else:
             files[name] = lambda f, token=token, row=rows[0]: save_file({token: row.contiguous()}, f)
             lines.append(f'pipe.load_textual_inversion("{out}/{name}", token="{token}")')
@@ -135,7 +131,7 @@ def lora_parts(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base:
     UNet and each text encoder the bundle has factors for."""
     require(all(k in bundle.extra for k in ("rank", "alpha", "unet_targets")),
             f"LoRA bundle {bundle_path} lacks its LoRA settings (rank, alpha, unet_targets) in the header: re-learn it")
-    models = {"unet": base.unet, **{text_encoder_component(k): te for k, te in enumerate(base.text_encoders)}}
+    models = base.parts
     parts: dict[str, dict] = {}
     for key, t in lora.items():
         model_name, _, rest = key.partition(".")

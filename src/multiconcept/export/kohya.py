@@ -94,6 +94,13 @@ def embedding_file_tensors(row: torch.Tensor) -> dict[str, torch.Tensor]:
     return {EMBEDDING_KEY: row.detach().reshape(1, -1).contiguous()}
 
 
+def sdxl_embedding_loading_code(path: str, token: str) -> list[str]:
+    """The diffusers lines that load an SDXL embedding file: each encoder's rows into its own encoder."""
+    return [f'rows = load_file("{path}")'] + [
+        f'pipe.load_textual_inversion(rows["{key}"], token="{token}", text_encoder=pipe.text_encoder{n}, '
+        f'tokenizer=pipe.tokenizer{n})' for key, n in zip(SDXL_EMBEDDING_KEYS, ("", "_2"))]
+
+
 def sdxl_embedding_file_tensors(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """One token's two rows (first encoder, second encoder) as kohya's SDXL script writes them."""
     return {key: row.detach().reshape(1, -1).contiguous() for key, row in zip(SDXL_EMBEDDING_KEYS, rows)}

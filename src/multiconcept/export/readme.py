@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..bundle import Bundle
+from .kohya import sdxl_embedding_loading_code
 
 TOOL_NAMES = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "kohya": "kohya's sd-scripts"}
 
@@ -62,10 +63,7 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
             f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base_name}")']
     for t, w in words.items():
         if sdxl:  # diffusers reads each encoder's row on its own
-            code += [f'rows = load_file("embeddings/{w}.safetensors")'] + [
-                f'pipe.load_textual_inversion(rows["{key}"], token="{t}", '
-                f'text_encoder=pipe.text_encoder{n}, tokenizer=pipe.tokenizer{n})'
-                for key, n in (("clip_l", ""), ("clip_g", "_2"))]
+            code += sdxl_embedding_loading_code(f"embeddings/{w}.safetensors", t)
         else:
             code.append(f'pipe.load_textual_inversion("embeddings/{w}.safetensors", token="{t}")')
     if lora:

@@ -101,7 +101,7 @@ class DreamBoothLora(Method):
         name = "mc_" + "_".join(t.strip("<>") for t in bundle.tokens)
         x = bundle.extra
         lora = bundle.with_prefix("lora/")
-        models = {"unet": base.unet, **{text_encoder_component(k): te for k, te in enumerate(base.text_encoders)}}
+        models = base.parts
         parts = {c: {k[len(c) + 1:]: v for k, v in lora.items() if k.startswith(c + ".")} for c in models}
         unknown = set(lora) - {f"{c}.{k}" for c, sd in parts.items() for k in sd}
         if unknown:

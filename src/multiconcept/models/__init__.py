@@ -81,6 +81,11 @@ class Base:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
 
     @property
+    def parts(self) -> dict:
+        """{pipeline component name: model} for the UNet and every text encoder (what LoRA factors name)."""
+        return {"unet": self.pipe.unet, **{text_encoder_component(k): te for k, te in enumerate(self.text_encoders)}}
+
+    @property
     def is_sdxl(self) -> bool:
         return self.architecture == "sdxl"
 

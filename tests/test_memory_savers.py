@@ -1,5 +1,6 @@
-"""Memory savers: gradient checkpointing trains the same bundle; VAE slicing draws the same images; the
-VAE's tiled decoder is what --vae-tiling turns on."""
+"""Memory savers: gradient checkpointing trains the same bundle; frozen weights in bf16 train fp32 tensors
+close to an all-fp32 run; 8-bit AdamW keeps 8-bit moments and resumes exactly; VAE slicing draws the same
+images; the VAE's tiled decoder is what --vae-tiling turns on."""
 
 import numpy as np
 import pytest
@@ -14,12 +15,12 @@ from multiconcept.models import load_base
 from multiconcept.prompts import Concept
 
 
-def learn(scene, out, method, base, **params):
+def learn(scene, out, method, base, dtype="fp32", **params):
     cls = get_method(method)
     cfg = cls.Config(steps=2, grad_accum=1, batch_size=1, scale_lr=False, checkpoint_every=0, **{"lr": 5e-2, **params})
     data = build_concept_set([Concept("<a1>", "cat"), Concept("<b1>", "dog")], [scene["image"]],
                              [f"<a1>={scene['m1']}", f"<b1>={scene['m2']}"])
-    return load_bundle(train(cls, load_base(base), data, cfg, out, progress=False))
+    return load_bundle(train(cls, load_base(base, dtype=dtype), data, cfg, out, progress=False))
 
 
 @pytest.mark.parametrize("method,base,params", [("lora", "tiny-sdxl", {"train_text_encoder": True}),
@@ -34,6 +35,79 @@ def test_gradient_checkpointing_trains_the_same_bundle(scene, tmp_path, method, 
         torch.testing.assert_close(saved.tensors[k], v, rtol=1e-4, atol=1e-5, msg=k)
         moved += bool(v.abs().max() > 0)
     assert moved  # something was trained, and trained alike
+
+
+@pytest.mark.parametrize("method,base,params", [("lora", "tiny-sdxl", {"train_text_encoder": True, "lr": 1e-3}),
+                                                ("custom-diffusion", "tiny", {"lr": 1e-4}),
+                                                ("disendiff", "tiny", {"lr": 1e-4, "attention_resolution": 8})])
+def test_frozen_bf16_weights_train_fp32_tensors_close_to_an_fp32_run(scene, tmp_path, method, base, params):
+    seen = []
+    real = torch.optim.AdamW.__init__
+
+    def spy(self, groups, *a, **k):
+        seen.extend(p.dtype for g in groups for p in g["params"])
+        real(self, groups, *a, **k)
+
+    torch.optim.AdamW.__init__ = spy
+    try:
+        half = learn(scene, tmp_path / "bf16.safetensors", method, base, dtype="bf16", **params)
+    finally:
+        torch.optim.AdamW.__init__ = real
+    full = learn(scene, tmp_path / "fp32.safetensors", method, base, **params)
+    assert seen and set(seen) == {torch.float32}
+    assert {v.dtype for v in half.tensors.values()} == {torch.float32}
+    trained = [k for k in full.tensors if k.startswith(("unet_delta/", "lora/")) and full.tensors[k].abs().max() > 0]
+    assert trained
+    # the updates themselves (what bf16 trained tensors would round away), all tensors together: Adam's first
+    # steps are near lr * sign(gradient), and bf16 activations flip the sign of a few tiny gradients
+    a, b = (torch.cat([bundle.tensors[k].flatten() for k in trained]) for bundle in (half, full))
+    print(method, float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
+
+
+def test_training_on_a_bf16_base_leaves_its_weights_in_bf16(scene, tmp_path):
+    cls = get_method("custom-diffusion")
+    base = load_base("tiny", dtype="bf16")
+    data = build_concept_set([Concept("<a1>", "cat")], [scene["image"]], [f"<a1>={scene['m1']}"])
+    train(cls, base, data, cls.Config(steps=1, grad_accum=1, batch_size=1, checkpoint_every=0), tmp_path / "cd.safetensors",
+          progress=False)
+    assert {p.dtype for p in base.unet.parameters()} == {torch.bfloat16}
+    assert not any(m._forward_pre_hooks for m in base.unet.modules())
+
+
+def test_adamw8bit_keeps_8bit_moments_and_resumes_exactly(tmp_path):
+    from multiconcept.training import make_optimizer
+    from multiconcept.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def steps(opt, p, n):
+        for i in range(n):
+            opt.zero_grad()
+            ((p - i) ** 2).sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    start = torch.randn(64, 128)  # 8192 values: above bitsandbytes' 4096-value threshold for 8-bit state
+    p = torch.nn.Parameter(start.clone())
+    opt = make_optimizer("adamw8bit", [{"params": [p]}], lr=1e-2, weight_decay=1e-2)
+    steps(opt, p, 2)
+    assert opt.state[p]["state1"].dtype == torch.uint8
+    save_checkpoint(tmp_path / "c.safetensors", {"p": p.detach()}, opt, step=2, digest="d", seconds=0)
+    steps(opt, p, 2)
+    q = torch.nn.Parameter(torch.zeros_like(start))
+    opt2 = make_optimizer("adamw8bit", [{"params": [q]}], lr=1e-2, weight_decay=1e-2)
+    state, _ = load_checkpoint(tmp_path / "c.safetensors", opt2, "d")
+    with torch.no_grad():
+        q.copy_(state["p"])
+    steps(opt2, q, 2)
+    assert torch.equal(p, q) and not torch.equal(p.detach(), start)
+
+
+def test_adamw8bit_trains_a_method(scene, tmp_path):
+    plain = learn(scene, tmp_path / "a.safetensors", "lora", "tiny", lr=1e-3)
+    eight = learn(scene, tmp_path / "b.safetensors", "lora", "tiny", lr=1e-3, optimizer="adamw8bit")
+    assert eight.hyperparameters["optimizer"] == "adamw8bit"
+    moved = [k for k, v in plain.tensors.items() if k.startswith("lora/") and v.abs().max() > 0]
+    assert moved and all(eight.tensors[k].abs().max() > 0 for k in moved)
 
 
 def test_gradient_checkpointing_is_refused_where_attention_losses_capture_maps(scene, tmp_path, run_cli):

@@ -18,6 +18,7 @@ from ..data import ConceptSet
 from ..errors import UserError
 from ..models import Base
 from ..prompts import Concept, add_concept_tokens, set_token_rows
+from ..training import OPTIMIZERS
 from .settings import PROBABILITY, Settings, hp
 
 
@@ -47,6 +48,8 @@ class TrainConfig(Settings):
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = hp(False, "recompute the UNet's activations in the backward pass instead of keeping "
                                              "them: less memory (SDXL on common GPUs), slower steps (docs/sdxl.md)")
+    optimizer: str = hp("adamw", "adamw | adamw8bit (bitsandbytes' 8-bit moments: a quarter of AdamW's state memory; "
+                         "pip install 'multiconcept[bnb]')", choices=OPTIMIZERS)
     seed: int = hp(0, "seed for data order, noise and timesteps")
     checkpoint_every: int = hp(100, "steps between resumable checkpoints", at_least=0)
     log_file: str = hp("", "append each step's loss terms to this JSON-lines file ('' = none)")

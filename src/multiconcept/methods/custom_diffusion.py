@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, TrainConfig
+from .precision import TrainedInFp32
 from .settings import hp
 
 
@@ -62,6 +63,9 @@ class CustomDiffusion(Method):
             if not c.initializer and i < len(self.cfg.initializers):
                 c.initializer = self.cfg.initializers[i]
         self.add_trainable_tokens()
+        names = cross_attention_weights(self.base.unet, self.cfg.train_projections)
+        modules = dict(self.base.unet.named_modules())
+        self.fp32 = TrainedInFp32([modules[n.rsplit(".", 1)[0]] for n in names])
         self.kv = cross_attention_weights(self.base.unet, self.cfg.train_projections)
         self.kv_base = {k: p.detach().clone() for k, p in self.kv.items()}
         for p in self.kv.values():
@@ -82,3 +86,4 @@ class CustomDiffusion(Method):
     def teardown(self):
         for h in self.hooks:
             h.remove()
+        self.fp32.restore()

@@ -28,6 +28,7 @@ from ..models.conditioning import TextConditioning, added_conditioning, encode_i
 from ..prompts import locate_concepts
 from ..training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
 from ..training.checkpoint import remove_stale_temps
+from ..training.optim import make_optimizer
 from .base import Method, TrainConfig
 
 __all__ = ["FineTuneJob", "Trainer", "TrainingDiverged", "choose_latent_mode", "config_digest", "latents_from_moments",
@@ -278,7 +279,7 @@ def train(
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    optimizer = make_optimizer(cfg.optimizer, groups, lr=lr, weight_decay=cfg.weight_decay)
     trainer = Trainer(method, base, data, cfg, reg)
     digest = config_digest(cfg, method.name, base.fingerprint)
     remove_stale_temps(out)
@@ -290,13 +291,13 @@ def train(
         outcome = run(FineTuneJob(trainer, method), optimizer, [p for g in groups for p in g["params"]], settings,
                       checkpoint=ckpt, digest=digest, resume=resume, accelerator=accelerator, on_step=on_step,
                       cancel=cancel, stop_after=stop_after)
+        bundle = method.to_bundle() if outcome.finished else None  # before teardown puts weights back in their dtype
     finally:
         method.teardown()
         if cfg.gradient_checkpointing:
             base.unet.disable_gradient_checkpointing()
-    if not outcome.finished:
+    if bundle is None:
         return None
-    bundle = method.to_bundle()
     bad = next((k for k, v in bundle.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise TrainingDiverged(f"training left NaN or infinite values in {bad}: lower --lr or use fp32; "

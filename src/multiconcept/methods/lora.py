@@ -13,6 +13,7 @@ from ..bundle import embedding_prefix
 from ..errors import UserError
 from ..models import text_encoder_component
 from .base import Method, TrainConfig
+from .precision import trained_params_to_fp32
 from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -54,6 +55,7 @@ class DreamBoothLora(Method):
         for te in self.text_encoders().values():  # SDXL: both, as diffusers' train_dreambooth_lora_sdxl.py does
             te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
         params = list(self.named_trainables().values())
+        trained_params_to_fp32(params)
         for p in params:
             p.requires_grad_(True)
         return [{"params": params}]
@@ -83,7 +85,8 @@ class DreamBoothLora(Method):
         for k, (tokenizer, te) in enumerate(zip(self.base.tokenizers, self.base.text_encoders)):
             emb = te.get_input_embeddings().weight
             ids = tokenizer.convert_tokens_to_ids([c.token for c in self.concepts])
-            out.update({f"{embedding_prefix(k)}{c.token}": emb[i].detach().clone() for c, i in zip(self.concepts, ids)})
+            out.update({f"{embedding_prefix(k)}{c.token}": emb[i].detach().float().clone()
+                        for c, i in zip(self.concepts, ids)})
         out.update({f"lora/unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(self.base.unet).items()})
         for c, te in self.text_encoders().items():
             out.update({f"lora/{c}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(te).items()})

@@ -1,7 +1,8 @@
-"""Training: the one loop (loop.py) and its checkpoint format (checkpoint.py)."""
+"""Training: the one loop (loop.py), its checkpoint format (checkpoint.py) and optimisers (optim.py)."""
 
 from .checkpoint import discard_checkpoint, remove_stale_temps
 from .loop import LoopSettings, Outcome, Progress, TrainingDiverged, make_accelerator, run, step_seed
+from .optim import OPTIMIZERS, make_optimizer
 
-__all__ = ["LoopSettings", "Outcome", "Progress", "TrainingDiverged", "discard_checkpoint", "make_accelerator",
-           "remove_stale_temps", "run", "step_seed"]
+__all__ = ["OPTIMIZERS", "LoopSettings", "Outcome", "Progress", "TrainingDiverged", "discard_checkpoint",
+           "make_accelerator", "make_optimizer", "remove_stale_temps", "run", "step_seed"]

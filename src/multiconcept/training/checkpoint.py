@@ -2,7 +2,7 @@
 training an encoder, building ToyWorld) writes and reads this.
 
 One safetensors file: the job's tensors under ``state/``, the optimiser's
-under ``opt/<param index>/<name>``, and JSON metadata (format, step, settings
+under ``opt/<param index>/<name>`` (``<name>/<inner>`` for a nested dict), and JSON metadata (format, step, settings
 digest, training seconds, the job's extra JSON state). Written atomically, so a
 kill leaves the previous checkpoint whole.
 """
@@ -30,7 +30,7 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], optimizer: torch
                     digest: str, seconds: float, extra: dict | None = None) -> None:
     tensors = {f"state/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     for idx, st in optimizer.state_dict()["state"].items():
-        for name, val in st.items():
+        for name, val in _flat(st):
             tensors[f"opt/{idx}/{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
     meta = {"format": FORMAT, "step": str(step), "digest": digest, "seconds": repr(float(seconds)),
             "extra": json.dumps(extra or {})}
@@ -54,7 +54,11 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, digest: str) -
         for k, v in tensors.items():
             if k.startswith("opt/"):
                 _, idx, name = k.split("/", 2)
-                state.setdefault(int(idx), {})[name] = v
+                *outer, last = name.split("/")
+                entry = state.setdefault(int(idx), {})
+                for part in outer:
+                    entry = entry.setdefault(part, {})
+                entry[last] = v
         sd = optimizer.state_dict()
         sd["state"] = state
         optimizer.load_state_dict(sd)
@@ -63,6 +67,16 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, digest: str) -
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): {start_over(path.parent)}") from e
     return {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}, info
+
+
+def _flat(state: dict, prefix: str = ""):
+    """(name, value) of an optimiser's per-parameter state; nested dicts (bitsandbytes keeps its 8-bit
+    blocks and their scales in one) become a/b names."""
+    for name, val in state.items():
+        if isinstance(val, dict):
+            yield from _flat(val, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", val
 
 
 def remove_stale_temps(target: Path) -> None:

@@ -61,7 +61,6 @@ def test_frozen_bf16_weights_train_fp32_tensors_close_to_an_fp32_run(scene, tmp_
     # the updates themselves (what bf16 trained tensors would round away), all tensors together: Adam's first
     # steps are near lr * sign(gradient), and bf16 activations flip the sign of a few tiny gradients
     a, b = (torch.cat([bundle.tensors[k].flatten() for k in trained]) for bundle in (half, full))
-    print(method, float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from ..bundle import Bundle
 from ..data import Example, center_square, to_tensor
 from ..errors import UserError, require
+from ..models.conditioning import added_conditioning, encode_prompts
 from ..prompts import Concept, find_word_spans, token_positions, tokenize_checked
 from . import register
 from .base import Method, TrainConfig
@@ -114,14 +115,16 @@ class ClassWordResiduals:
     row) from one of two sources:
     - training: `set_rows` with each batch row's positions (from its caption);
     - generation: the prompts the pipeline last passed to `encode_prompt`,
-      wrapped here. A row gets positions only if it equals one of the
-      conditional embeddings that call returned — so unconditional rows
+      wrapped here, or handed over by the encoder that built them (SDXL,
+      `saw_prompts`). A row gets positions only if it equals one of the
+      conditional embeddings seen — so unconditional rows
       (negative prompt), and any UNet call on embeddings we did not see
       encoded, stay untouched. When that call used guidance and the UNet
       batch is twice its conditional rows, the first half (diffusers puts
       [uncond, cond]) is never customised, even if a negative prompt equals
       the prompt. A pipeline called with ready-made ``prompt_embeds`` (no
-      prompt text) gets no residuals: there is no class word to find.
+      prompt text) gets residuals only on rows equal to embeddings
+      `saw_prompts` was given with their text: else there is no class word to find.
     """
 
     def __init__(self, pipe, owner=None):
@@ -181,14 +184,20 @@ class ClassWordResiduals:
             call = signature.bind(*args, **kwargs)
             prompt = call.arguments.get("prompt")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-            cond = out[0]
-            per_prompt = cond.shape[0] // max(len(prompts), 1)
-            # rows are grouped per prompt: num_images_per_prompt repeats of each
-            self.encoded = [(p, cond[i * per_prompt]) for i, p in enumerate(prompts)] if prompts else []
-            self.cfg_rows = cond.shape[0] if call.arguments.get("do_classifier_free_guidance") else 0
+            if prompts:  # a call with ready-made embeddings keeps what the encoder that made them handed over
+                self.saw_prompts(prompts, out[0], bool(call.arguments.get("do_classifier_free_guidance")))
             return out
 
         self.pipe.encode_prompt = encode_prompt
+
+    def saw_prompts(self, prompts: list[str], cond: torch.Tensor, guidance: bool = True) -> None:
+        """The conditional embeddings the next UNet calls will see, from `encode_prompt` or, on SDXL, from
+        `models.conditioning.pipeline_conditioning`, which encodes for the pipeline. With guidance the
+        pipeline puts [uncond; cond] in one batch: only the second half may be customised."""
+        per_prompt = cond.shape[0] // max(len(prompts), 1)
+        # rows are grouped per prompt: num_images_per_prompt repeats of each
+        self.encoded = [(p, cond[i * per_prompt]) for i, p in enumerate(prompts)] if prompts else []
+        self.cfg_rows = cond.shape[0] if guidance else 0
 
     def _rows_from_encoded(self, text: torch.Tensor) -> list[dict[str, list[int]]]:
         batch = text.shape[0]
@@ -269,12 +278,12 @@ def attention_foreground_mask(base, image: Image.Image, class_word: str, timeste
     zt = sched.add_noise(z0.expand(len(t), -1, -1, -1), noise, t)
     prompt = INFUSION_TEMPLATES[0].format(class_word)
     positions = class_word_positions(base.tokenizer, prompt, [class_word])[class_word]
-    ids = base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(dev)
-    text = base.text_encoder(ids)[0].expand(len(t), -1, -1)
+    cond = encode_prompts(base, [prompt])
+    text = cond.hidden.expand(len(t), -1, -1).to(unet.dtype)
+    pooled = cond.pooled.expand(len(t), -1).to(unet.dtype) if cond.pooled is not None else None
     store = AttentionStore(resolutions=None, token_indices=positions)
     with capture_attention(unet, store):
-        unet(zt.to(unet.dtype), t, text.to(unet.dtype))
+        unet(zt.to(unet.dtype), t, text, added_cond_kwargs=added_conditioning(base, pooled, base.resolution, base.resolution))
     size = max(store.captured_resolutions)
     maps = [F.interpolate(store.maps(r).float().mean(1, keepdim=True), size=(size, size), mode="bilinear",
                           align_corners=False) for r in store.captured_resolutions]
@@ -297,8 +306,6 @@ class Infusion(Method):
 
     def __init__(self, base, data, cfg: InfusionConfig):
         super().__init__(base, data, cfg)
-        require(not base.is_sdxl, "infusion does not run on SDXL bases yet: use textual-inversion, lora, "
-                                  "custom-diffusion or disendiff there, or an SD 1.x/2.x base")
         words = [c.class_word for c in data.concepts]
         require(len(set(words)) == len(words),
                 f"Infusion names concepts by their class words, and {words} repeats one: "

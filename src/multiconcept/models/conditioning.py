@@ -73,6 +73,8 @@ def pipeline_conditioning(base, prompts: list[str], negative: str, height: int, 
     if not base.is_sdxl:
         return {"prompt": prompts, "negative_prompt": [negative] * len(prompts) if negative else None}
     cond = encode_prompts(base, prompts)
+    if base.infusion is not None:  # its class-word residuals find their rows by the prompts encoded
+        base.infusion.saw_prompts(prompts, cond.hidden)
     if negative or not base.pipe.config.get("force_zeros_for_empty_prompt", True):
         neg = encode_prompts(base, [negative] * len(prompts))
     else:

@@ -1,9 +1,9 @@
-"""Infusion bundle size: SD 1.5 geometry, the tiny base and (when built) ToyWorld.
+"""Infusion bundle size: SD 1.5 and SDXL geometry, the tiny base and (when built) ToyWorld.
 
     .venv/bin/python benchmarks/bench_infusion_size.py
 
-SD 1.5's UNet is built from its config (written inline, no download) on the
-`meta` device, so it costs no memory. For each geometry the script counts
+SD 1.5's UNet is built from its config (written inline, no download; SDXL's is
+benchmarks/sdxl_full_geometry.py's) on the `meta` device, so it costs no memory. For each geometry the script counts
 Σ d_l over the attn2.to_v projections, writes a real Infusion bundle of that
 geometry (zero residuals, the names and dtypes `learn` writes) and measures
 its tensor bytes and file bytes. References measured in the same script:
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from sdxl_full_geometry import SDXL_UNET  # this folder's SDXL script: its configs are written once
 
 from multiconcept.bundle import Bundle, describe, save_bundle
 from multiconcept.methods.infusion import STORE_DTYPES, bundle_token, cross_attention_layers
@@ -78,6 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         rows.append(report("SD 1.5 (config, meta device)", meta_unet(SD15_UNET), folder))
+        rows.append(report("SDXL (config, meta device)", meta_unet(SDXL_UNET), folder))
         rows.append(report("tiny", tiny_pipeline().unet, folder))
         cfg = TOYWORLD_DIR / "base" / "unet" / "config.json"
         if cfg.is_file():

@@ -24,7 +24,7 @@ def make(pair, base="tiny", **overrides):
     base = load_base(base)
     data = build_concept_set(pair["concepts"], [pair["image"]], pair["masks"])
     cls = get_method("disendiff")
-    cfg = cls.Config(grad_accum=1, batch_size=1, augment=False, **overrides)
+    cfg = cls.Config(grad_accum=1, batch_size=1, augment=False, **{"attention_resolution": 16, **overrides})
     m = cls(base, data, cfg)
     groups = m.setup()
     return m, Trainer(m, base, data, cfg), groups
@@ -196,3 +196,22 @@ def test_missing_resolution_is_a_clear_error(pair):
     with pytest.raises(UserError, match="no cross-attention layer of this base has 13x13"):
         tr.loss(tr.batch(0, 0), torch.Generator().manual_seed(0))
     m.teardown()
+
+
+def test_default_level_is_a_quarter_of_the_latent_side_on_any_base(pair):
+    from types import SimpleNamespace
+
+    from multiconcept.attention import quarter_level
+
+    sd15 = SimpleNamespace(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                           mid_block_type="UNetMidBlock2DCrossAttn")
+    sdxl = SimpleNamespace(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           mid_block_type="UNetMidBlock2DCrossAttn")
+    assert quarter_level(sd15, 64) == 16 and quarter_level(sd15, 96) == 24  # SD 1.5 at 512 px, SD 2 at 768 px
+    assert quarter_level(sdxl, 128) == 32  # SDXL at 1024 px: its deepest, ten-layer level, not the 64x64 one
+    for base, level in (("tiny", 8), ("tiny-sdxl", 4)):  # tiny: no 4x4 cross-attention, so the nearest
+        m, tr, _ = make(pair, base=base, attention_resolution=0)
+        assert m.cfg.attention_resolution == level
+        _, logs = tr.loss(tr.batch(0, 0), torch.Generator().manual_seed(0))
+        assert logs["bind"] > 0 and m.to_bundle().hyperparameters["attention_resolution"] == level
+        m.teardown()

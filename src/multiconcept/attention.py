@@ -406,6 +406,24 @@ def capture_attention(unet: torch.nn.Module, store: AttentionStore) -> Iterator[
 # ---------------------------------------------------------------- map ops
 
 
+def cross_attention_sides(unet_config, latent_side: int) -> list[int]:
+    """The query-map sides at which the UNet has cross-attention, for a square latent of
+    `latent_side` (SD 1.5 at 64: [64, 32, 16, 8], mid block last; SDXL at 128: [64, 32, 32])."""
+    sides = [latent_side // 2**i for i, kind in enumerate(unet_config.down_block_types) if "CrossAttn" in kind]
+    if "CrossAttn" in (unet_config.mid_block_type or ""):
+        sides.append(latent_side // 2 ** (len(unet_config.down_block_types) - 1))
+    return sides
+
+
+def quarter_level(unet_config, latent_side: int) -> int:
+    """The cross-attention level playing the role of SD 1.5's 16x16 (a quarter of its 64-wide latent):
+    the side nearest latent_side / 4 among those with cross-attention (SDXL at 1024 px: 32, its
+    ten-layer level; ToyWorld: 4, its mid block)."""
+    sides = cross_attention_sides(unet_config, latent_side)
+    target = latent_side / 4
+    return min(sides, key=lambda s: (abs(math.log2(s / target)), -s))
+
+
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x − min) / (max − min + eps) per map over its last two dims ``... h w``."""
     lo = maps.amin(dim=(-2, -1), keepdim=True)

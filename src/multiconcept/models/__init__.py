@@ -260,10 +260,16 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
         if type(pipe).__name__ not in PIPELINES:
             raise UserError(f"base {name!r} is a {type(pipe).__name__}: "
                             "pass a StableDiffusionPipeline or StableDiffusionXLPipeline")
+    return base_from_pipeline(pipe, str(name), dev)
+
+
+def base_from_pipeline(pipe, name: str, device: torch.device | None = None) -> Base:
+    """A Base of a pipeline already in memory (loaded above, or built from configs), frozen and on `device`."""
     pipe.set_progress_bar_config(disable=True)
     fp = fingerprint(pipe)
-    pipe = pipe.to(dev)
+    if device is not None:
+        pipe = pipe.to(device)
     for part in (pipe.unet, pipe.vae, *[te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te]):
         part.requires_grad_(False)
         part.eval()
-    return Base(pipe=pipe, name=str(name), fingerprint=fp, architecture=architecture_of(pipe))
+    return Base(pipe=pipe, name=name, fingerprint=fp, architecture=architecture_of(pipe))

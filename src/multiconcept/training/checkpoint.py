@@ -29,9 +29,14 @@ def start_over(path: Path) -> str:
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *, step: int,
                     digest: str, seconds: float, extra: dict | None = None) -> None:
     tensors = {f"state/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    seen: set[int] = set()
     for idx, st in optimizer.state_dict()["state"].items():
         for name, val in _flat(st):
-            tensors[f"opt/{idx}/{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
+            t = torch.as_tensor(val).detach().cpu().contiguous()
+            if t.numel() and t.data_ptr() in seen:  # bitsandbytes shares its quantisation maps between parameters
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[f"opt/{idx}/{name}"] = t
     meta = {"format": FORMAT, "step": str(step), "digest": digest, "seconds": repr(float(seconds)),
             "extra": json.dumps(extra or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -63,10 +63,9 @@ class CustomDiffusion(Method):
             if not c.initializer and i < len(self.cfg.initializers):
                 c.initializer = self.cfg.initializers[i]
         self.add_trainable_tokens()
-        names = cross_attention_weights(self.base.unet, self.cfg.train_projections)
-        modules = dict(self.base.unet.named_modules())
-        self.fp32 = TrainedInFp32([modules[n.rsplit(".", 1)[0]] for n in names])
         self.kv = cross_attention_weights(self.base.unet, self.cfg.train_projections)
+        modules = dict(self.base.unet.named_modules())
+        self.fp32 = TrainedInFp32([modules[n.rsplit(".", 1)[0]] for n in self.kv])  # same Parameters, now fp32
         self.kv_base = {k: p.detach().clone() for k, p in self.kv.items()}
         for p in self.kv.values():
             p.requires_grad_(True)

@@ -82,10 +82,19 @@ def train(name: str, folder: Path, a) -> dict:
 
 
 def score_images(paths, subjects, places, bg, scorer, ref_emb) -> list[dict]:
-    """Per generated subject: noun, colour, place, identity; per image: background."""
+    """Per generated subject: noun, colour, place, identity and, with two subjects, multi-subject fidelity
+    (every detection's crop matched to the references; missing or confused subjects score 0); per image:
+    background."""
+    from multiconcept.metrics.fidelity import match_subjects
+
     rows = []
     for p in paths:
         img, analysis = checked(p)
+        fidelity = [None] * len(subjects)
+        if len(subjects) > 1:
+            crops = [img.crop(d.box) for d in analysis.objects]
+            sim = (scorer.image_embeddings(crops) @ ref_emb.T).numpy() if crops else np.zeros((0, len(subjects)))
+            fidelity = match_subjects(sim)
         for i, (r, box) in enumerate(zip(subjects, places)):
             det = largest([d for d in analysis.objects if d.noun == r["noun"]])
             w, h = img.size
@@ -99,7 +108,9 @@ def score_images(paths, subjects, places, bg, scorer, ref_emb) -> list[dict]:
             rows.append({"noun": det is not None, "colour": bool(det and det.colour == r["colour"]),
                          "place": bool(det and ask and ask[0] <= cx <= ask[2] and ask[1] <= cy <= ask[3]),
                          "own": float(e @ ref_emb[i]), "other": float(e @ ref_emb[1 - i]) if len(ref_emb) > 1 else None,
-                         "background": analysis.background == bg})
+                         "background": analysis.background == bg,
+                         **({"fidelity": fidelity[i].fidelity, "missing": fidelity[i].status == "missing",
+                             "confused": fidelity[i].status == "confused"} if fidelity[i] else {})})
     return rows
 
 
@@ -111,6 +122,11 @@ def summary(rows: list[dict]) -> dict:
         margin = own - np.array([r["other"] for r in rows])
         out.update(margin=float(margin.mean()), margin_sem=float(margin.std(ddof=1) / np.sqrt(len(margin))),
                    own_wins=float((margin > 0).mean()))
+    if rows and "fidelity" in rows[0]:
+        f = np.array([r["fidelity"] for r in rows])
+        out.update(fidelity=float(f.mean()), fidelity_sem=float(f.std(ddof=1) / np.sqrt(len(f))),
+                   missing=float(np.mean([r["missing"] for r in rows])),
+                   confused=float(np.mean([r["confused"] for r in rows])))
     out["n"] = len(rows)
     return out
 
@@ -180,13 +196,15 @@ def contact_sheet(refs: dict, images: Path, models: list[str], path: Path, a, sc
 
 
 def table(results: dict) -> str:
-    lines = ["| model | condition | own − other (± sem) | own wins | noun | colour | place | background | n |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | condition | own − other (± sem) | own wins | fidelity (± sem), missing / confused | noun | colour "
+             "| place | background | n |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, conds in results["scores"].items():
         for cond, s in conds.items():
             margin = f"{s['margin']:+.3f} ± {s['margin_sem']:.3f}" if "margin" in s else f"own {s['own']:.3f}"
             wins = f"{s['own_wins']:.0%}" if "own_wins" in s else "—"
-            lines.append(f"| {model} | {cond} | {margin} | {wins} | {s['noun']:.0%} | {s['colour']:.0%} | "
+            fid = (f"{s['fidelity']:.3f} ± {s['fidelity_sem']:.3f}, {s['missing']:.0%} / {s['confused']:.0%}"
+                   if "fidelity" in s else "—")
+            lines.append(f"| {model} | {cond} | {margin} | {wins} | {fid} | {s['noun']:.0%} | {s['colour']:.0%} | "
                          f"{s['place']:.0%} | {s['background']:.0%} | {s['n']} |")
     return "\n".join(lines)
 

@@ -196,8 +196,11 @@ def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int =
 
 
 def evaluate(generations: str | Path, references: Sequence[str], *, reference_masks: Sequence[str] = (),
-             clip: str | None = None, dino: str | None = None, out: str | Path | None = None) -> dict:
-    """CLIP-T, CLIP-I, DINO and leakage of a folder `multiconcept generate` wrote, against references."""
+             clip: str | None = None, dino: str | None = None, detector: str | None = None,
+             out: str | Path | None = None) -> dict:
+    """CLIP-T, CLIP-I, DINO, leakage and multi-subject fidelity of a folder `multiconcept generate` wrote,
+    against references. `detector` (an OWLv2 or Grounding DINO checkpoint) finds the subjects in photos;
+    ToyWorld images need none."""
     from .workflows.evaluate import evaluate as run
 
-    return run(generations, list(references), list(reference_masks), clip=clip, dino=dino, out=out)
+    return run(generations, list(references), list(reference_masks), clip=clip, dino=dino, out=out, detector=detector)

@@ -16,7 +16,8 @@ from .options import BaseOpt, ClipOpt, DinoOpt, PrefixOpt, ScaleOpt, number, out
 def _summary_table(summary: dict, title: str) -> Table:
     columns = summary["columns"] + ["mean"]
     t = Table("metric", *[c.title() if c in ("combined", "mean") else c for c in columns], title=title)
-    metrics = [k for k in ("clip_i", "clip_t", "clip_t_clipscore", "clip_t_100", "dino", "leakage_clip_i",
+    metrics = [k for k in ("clip_i", "clip_t", "clip_t_clipscore", "clip_t_100", "dino", "fidelity_clip_i", "fidelity_dino",
+                           "fidelity_missing", "fidelity_confused", "leakage_clip_i",
                            "leakage_dino", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present")
                if any(summary[c].get(k) is not None for c in columns)]
     for k in metrics:
@@ -42,15 +43,21 @@ def evaluate(
                                       "metadata names, found beside GEN_DIR)"),
     base: Optional[str] = BaseOpt,
     seed: int = number(0, help="seed for --overfitting's samples", minimum=0),
+    detector: Optional[str] = typer.Option(None, "--detector", help="OWLv2 or Grounding DINO checkpoint (folder or hub "
+                                           "id, e.g. google/owlv2-base-patch16-ensemble) that finds each subject for the "
+                                           "multi-subject fidelity; ToyWorld images use the analytic checker"),
+    detector_threshold: float = number(0.1, "--detector-threshold", minimum=0.0,
+                                       help="detector box threshold (0.1: OWLv2's usual; Grounding DINO's is 0.25)"),
 ):
-    """Score generations: CLIP-T, CLIP-I, DINO, leakage; writes JSON."""
+    """Score generations: CLIP-T, CLIP-I, DINO, leakage, multi-subject fidelity; writes JSON."""
     from ..workflows.evaluate import evaluate as run
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     result = run(gen_dir, reference, reference_mask, clip=clip, dino=dino, scale=scale, text_prefix=text_prefix,
                  out=output, device=device, batch_size=batch_size, overfitting=overfitting,
-                 bundles=[str(b) for b in bundle], base=base, seed=seed)
+                 bundles=[str(b) for b in bundle], base=base, seed=seed, detector=detector,
+                 detector_threshold=detector_threshold)
     out.print(_summary_table(result["summary"], f"{len(result['images'])} images, CLIP {result['models']['clip']['name']}"))
     if "overfitting" in result:
         out.print("overfitting: " + json.dumps(result["overfitting"])[:400])

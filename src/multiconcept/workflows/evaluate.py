@@ -15,19 +15,20 @@ from ..bundle import atomic_write
 from ..errors import require
 from ..metrics import check_scale
 from .generate import read_png_metadata
-from .scoring import Generation, list_generations, load_scorers, models_block, score_generations
+from .scoring import DETECTOR_THRESHOLD, Generation, list_generations, load_scorers, models_block, score_generations
 from .sources import build_references
 
 
 def evaluate(gen_dir: str | Path, reference: Sequence[str], reference_masks: Sequence[str] = (), *,
              clip: str | None = None, dino: str | None = None, scale: str = "raw", text_prefix: str = "",
              out: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
-             overfitting: bool = False, bundles: Sequence[str] = (), base: str | None = None, seed: int = 0) -> dict:
+             overfitting: bool = False, bundles: Sequence[str] = (), base: str | None = None, seed: int = 0,
+             detector: str | None = None, detector_threshold: float = DETECTOR_THRESHOLD) -> dict:
     check_scale(scale)
     gens = list_generations(gen_dir)
     tokens = sorted({t for g in gens for t in g.tokens}, key=lambda t: min(g.tokens.index(t) for g in gens if t in g.tokens))
     refs = build_references(reference, reference_masks, tokens)
-    scorers = load_scorers(clip, dino, device, batch_size)
+    scorers = load_scorers(clip, dino, device, batch_size, detector, detector_threshold)
     result = {"gen_dir": str(gen_dir), "references": {"whole": len(refs.whole),
                                                        "concept": {t: len(v) for t, v in refs.concept.items()},
                                                        "sources": refs.sources},

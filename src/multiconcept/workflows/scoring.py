@@ -10,7 +10,10 @@ words. An image is scored by what its prompt holds (DisenDiff's protocol):
 - always text alignment (CLIP-T) of the prompt with the learned tokens
   removed.
 On ToyWorld sources, whose ground truth says each concept's colours, the
-exact leakage measure of `metrics.leakage` is added.
+exact leakage measure of `metrics.leakage` is added. Images with several
+concepts also get the multi-subject fidelity of `metrics.fidelity`: on
+ToyWorld from the analytic checker's objects, elsewhere when a detector is
+given.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..data import load_image
 from ..errors import UserError, require
 from ..metrics import SCALES, check_scale, clip_text, load_clip, load_dino, per_image_alignment, scaled, toyworld_measures
+from ..metrics.fidelity import box_masks, match_subjects, summarise_matches, toyworld_objects
 from ..protocols import COMBINED
 from .generate import read_png_metadata
-from .sources import References
+from .sources import References, concept_crop
 
 # ---------------------------------------------------------------- generations
 
@@ -73,14 +78,58 @@ def list_generations(gen_dir: str | Path) -> list[Generation]:
 class Scorers:
     clip: object
     dino: object | None = None
+    detector: object | None = None  # datasets.boxes.Detector; ToyWorld images need none
 
     def describe(self) -> dict:
-        return {"clip": self.clip.describe(), "dino": self.dino.describe() if self.dino else None}
+        return {"clip": self.clip.describe(), "dino": self.dino.describe() if self.dino else None,
+                "detector": self.detector.name if self.detector else "ToyWorld's analytic checker (ToyWorld sources)"}
 
 
-def load_scorers(clip: str | None = None, dino: str | None = None, device: str = "cpu", batch_size: int = 64) -> Scorers:
+# OWLv2's scores run low; 0.1 is transformers' default threshold for it (and MuDI's detector)
+DETECTOR_THRESHOLD = 0.1
+
+
+def load_scorers(clip: str | None = None, dino: str | None = None, device: str = "cpu", batch_size: int = 64,
+                 detector: str | None = None, detector_threshold: float = DETECTOR_THRESHOLD) -> Scorers:
+    found = None
+    if detector:
+        import torch
+
+        from ..datasets.boxes import load_detector
+
+        found = load_detector(detector, torch.device(device), box_threshold=detector_threshold)
     return Scorers(load_clip(clip, device=device, batch_size=batch_size),
-                   load_dino(dino, device=device, batch_size=batch_size) if dino else None)
+                   load_dino(dino, device=device, batch_size=batch_size) if dino else None, found)
+
+
+def subject_fidelity(g: Generation, refs: References, scorers: Scorers, spaces: dict, concept_emb: dict) -> dict:
+    """Detect, crop, compare and match (metrics.fidelity) for one image with several concepts;
+    {} when there is no way to detect (no detector and not ToyWorld) or a concept has no reference."""
+    present = g.present
+    if not all(concept_emb[k].get(t) is not None for k in spaces for t in present):
+        return {}
+    image = load_image(g.path)
+    if scorers.detector is not None:
+        words = dict(zip(g.tokens, g.class_words))
+        require(all(t in words for t in present), f"{g.path} names no class word for {present}: regenerate it "
+                                                  "with `multiconcept generate`")
+        found = scorers.detector([image], [sorted({words[t] for t in present})])[0]
+        masks = box_masks(image.size, [e.box for e in found])
+    elif refs.signatures and all(t in refs.signatures for t in present):
+        masks = toyworld_objects(image)
+    else:
+        return {}
+    crops = [concept_crop(image, Image.fromarray(m.astype(np.uint8) * 255)) for m in masks]
+    out = {}
+    for key, scorer in spaces.items():
+        emb = scorer.image_embeddings(crops) if crops else None
+        sim = np.array([[per_image_alignment(emb[d: d + 1], concept_emb[key][t])[0] for t in present]
+                        for d in range(len(crops))]).reshape(len(crops), len(present))
+        summary = summarise_matches(match_subjects(sim))
+        out[f"fidelity_{key}"] = summary["fidelity"]
+        if key == "clip_i":
+            out["fidelity_missing"], out["fidelity_confused"] = summary["missing"], summary["confused"]
+    return out
 
 
 def _mean(values) -> float | None:
@@ -149,6 +198,8 @@ def score_generations(gens: list[Generation], refs: References, scorers: Scorers
                 others = [t for t in g.tokens if t != kind and concept_emb[key].get(t) is not None]
                 if others:
                     r[f"leakage_{key}"] = _mean(per_image_alignment(row, concept_emb[key][t])[0] for t in others)
+        if kind == COMBINED:
+            r.update(subject_fidelity(g, refs, scorers, spaces, concept_emb))
         if toyworld and refs.signatures and kind != "none" and all(t in refs.signatures for t in g.tokens):
             m = toyworld_measures(load_image(g.path), [refs.signatures[t] for t in present],
                                   [refs.signatures[t] for t in g.tokens if t not in present])
@@ -162,7 +213,8 @@ def score_generations(gens: list[Generation], refs: References, scorers: Scorers
 
 
 NUMERIC = ("clip_t", "clip_t_clipscore", "clip_t_100", "clip_i", "clip_i_subject_mean", "dino", "dino_subject_mean",
-           "leakage_clip_i", "leakage_dino", "toyworld_present", "toyworld_colour_leak", "toyworld_object_leak")
+           "fidelity_clip_i", "fidelity_dino", "fidelity_missing", "fidelity_confused", "leakage_clip_i", "leakage_dino",
+           "toyworld_present", "toyworld_colour_leak", "toyworld_object_leak")
 
 
 def _aggregate(records: list[dict]) -> dict:

@@ -14,6 +14,8 @@ from .settings import RESULTS_VERSION, BenchmarkSettings
 ALIGNMENT_ROWS = (  # (results key, per-image metric, what it is)
     ("image_alignment", "clip_i", "CLIP-I"),
     ("image_alignment_per_subject", "clip_i_subject_mean", "CLIP-I to each subject's crop, mean (multi-subject)"),
+    ("multi_subject_fidelity", "fidelity_clip_i", "multi-subject fidelity: each subject's detection vs its crop, CLIP-I "
+     "(missing or confused = 0)"),
     ("text_alignment", "clip_t", "CLIP-T (raw cosine)"),
     ("dino", "dino", "DINO"),
     ("leakage", "leakage_clip_i", "leakage: CLIP-I to the other concept"),
@@ -54,8 +56,8 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
                 columns.append(k)
     columns = sorted(columns, key=lambda k: (k != "combined", k)) + ["mean"]
     if settings.scale != "raw":
-        rows = ALIGNMENT_ROWS[:3] + ((f"text_alignment_{settings.scale}", f"clip_t_{settings.scale}",
-                                      f"CLIP-T, {SCALES[settings.scale][0]}"),) + ALIGNMENT_ROWS[3:]
+        rows = ALIGNMENT_ROWS[:4] + ((f"text_alignment_{settings.scale}", f"clip_t_{settings.scale}",
+                                      f"CLIP-T, {SCALES[settings.scale][0]}"),) + ALIGNMENT_ROWS[4:]
     else:
         rows = ALIGNMENT_ROWS
     table: dict = {}

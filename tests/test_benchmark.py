@@ -11,6 +11,7 @@ from multiconcept.models.tiny_evaluators import save_tiny_clip
 from multiconcept.protocols import COMBINED, expand, load_protocol, parse_protocol
 from multiconcept.workflows.benchmark import BenchmarkSettings, benchmark, parse_seeds, seed_runs
 from multiconcept.workflows.benchmark.report import SECTIONS
+from multiconcept.workflows.benchmark.results import paired_units
 from multiconcept.workflows.sources import write_toyworld_source
 
 # A three-prompt protocol keeps the suite fast; the shipped files are checked below.
@@ -44,6 +45,17 @@ def test_first_run_scores_every_cell(setup):
         for key in ("image_alignment", "text_alignment", "text_alignment_clipscore", "leakage", "toyworld_colour_leak"):
             assert key in table, key
         assert table["image_alignment"]["combined"] is not None and table["leakage"]["combined"] is None
+        # one source, two seeds: two units; the table is their mean, the cell summary's mean of columns
+        units = res["units"][method]["image_alignment"]
+        assert sorted(units["mean"]) == ["pair/seed 0", "pair/seed 1"]
+        cell = next(c for c in res["cells"] if c["method"] == method)
+        assert table["image_alignment"]["mean"] == pytest.approx(cell["summary"]["mean"]["clip_i"])
+        a, b = units["concept 1"].values()
+        assert res["sem"][method]["image_alignment"]["concept 1"] == pytest.approx(abs(a - b) / 2)
+    u = {m: res["units"][m]["image_alignment"]["mean"] for m in ("custom-diffusion", "textual-inversion")}
+    d = paired_units(u["custom-diffusion"], u["textual-inversion"])
+    diffs = [u["custom-diffusion"][k] - u["textual-inversion"][k] for k in u["custom-diffusion"]]
+    assert d.n == 2 and d.mean == pytest.approx(sum(diffs) / 2)
     assert res["run"]["stages"]["generate"] == {"jobs": 12, "ran": 12, "seconds": res["run"]["stages"]["generate"]["seconds"]}
     saved = json.loads((root / "a" / "results.json").read_text())
     assert numbers(saved) == numbers(res)

@@ -250,3 +250,18 @@ def test_tiny_trained_evaluator_prefers_the_right_caption(trained_tiny_evaluator
     txt = scorer.text_embeddings(["a red circle", "a blue star"])
     own, wrong = (img @ txt.T)[0].tolist()
     assert own > wrong + 0.1
+
+
+def test_paired_difference_is_students_t_interval_and_says_when_it_spans_zero():
+    from multiconcept.metrics.stats import mean_sem, paired_difference
+
+    d = paired_difference([1, 2, 3, 4], [0, 0, 0, 0])
+    # mean 2.5, sd 1.2910, sem 0.6455, t(3, 0.975) = 3.1824 → half-width 2.0543
+    assert (d.mean, d.n) == (2.5, 4) and d.low == pytest.approx(0.4457, abs=1e-4) and d.high == pytest.approx(4.5543, abs=1e-4)
+    assert d.measurable and d.text("A", "B").startswith("A above B (+2.500")
+    flat = paired_difference([1.0, 0.0, 2.0], [0.5, 0.5, 1.0])  # differences +0.5, −0.5, +1.0
+    assert not flat.measurable and "no measurable difference" in flat.text("A", "B")
+    assert paired_difference([1, None, 3], [0, 5, 1]).n == 2  # a unit missing on either side is dropped
+    e = mean_sem([1.0, 2.0, 3.0])
+    assert (e.mean, e.n) == (2.0, 3) and e.sem == pytest.approx(1 / 3 ** 0.5) and e.text(2) == "2.00 ± 0.58"
+    assert mean_sem([4.0]).sem is None

@@ -62,6 +62,7 @@ def benchmark(
 
     from ..workflows.benchmark import BenchmarkSettings, parse_seeds
     from ..workflows.benchmark import benchmark as run
+    from ..workflows.benchmark.report import with_sem
 
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     if images_per_prompt is not None and images_per_prompt < 1:
@@ -81,6 +82,6 @@ def benchmark(
     t = Table("method", "metric", *[c.title() for c in result["columns"]], title=f"{protocol}: {len(source)} source(s)")
     for method, entry in result["table"].items():
         for key, vals in entry.items():
-            t.add_row(method, key, *["–" if vals.get(c) is None else f"{vals[c]:.4f}" for c in result["columns"]])
+            t.add_row(method, key, *[with_sem(vals.get(c), result["sem"][method][key].get(c)) for c in result["columns"]])
     out.print(t)
     out.print(f"wrote {output / 'results.json'} and {output / 'report.html'}")

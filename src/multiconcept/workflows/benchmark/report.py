@@ -25,12 +25,18 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
+def with_sem(value, sem) -> str:
+    return _fmt(value) + ("" if value is None or sem is None else f" ± {sem:.4f}")
+
+
 def results_table(results: dict) -> str:
+    """Mean ± standard error over (source, seed) units."""
     columns = results["columns"]
     rows = []
     for method, entry in results["table"].items():
+        errors = results.get("sem", {}).get(method, {})
         for key, vals in entry.items():
-            rows.append([method, results["rows"][key]] + [_fmt(vals.get(c)) for c in columns])
+            rows.append([method, results["rows"][key]] + [with_sem(vals.get(c), errors.get(key, {}).get(c)) for c in columns])
     return report.table(["method", "metric"] + [c.title() for c in columns], rows)
 
 

@@ -1,10 +1,16 @@
-"""results.json: the cells' scores gathered into one table per source, with the settings that made them."""
+"""results.json: the cells' scores gathered into one table per source, with the settings that made them.
+
+The unit of the error bars is a (source, seed) pair: its value in a column is the mean over that column's
+prompts, the table's value the mean over units and `sem` its standard error. `units` keeps every unit's
+value, so two methods can be compared pairwise on the same sources and seeds (`paired_units`).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 
+from ...metrics.stats import mean_sem, paired_difference
 from ...protocols import COMBINED
 from ..scoring import models_block
 from ..sources import Source
@@ -33,11 +39,6 @@ def column_names(source: Source) -> dict[str, str]:
     return names
 
 
-def _mean(vals):
-    vals = [v for v in vals if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings, fingerprint: str,
                     sources: list[Source]) -> dict:
     from ...metrics import SCALES
@@ -60,15 +61,26 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
                                       f"CLIP-T, {SCALES[settings.scale][0]}"),) + ALIGNMENT_ROWS[4:]
     else:
         rows = ALIGNMENT_ROWS
+    values = _unit_values(cells, rows)
     table: dict = {}
+    sem: dict = {}
+    units: dict = {}
     for method in settings.methods:
-        mine = [c for c in out_cells if c["method"] == method]
-        entry = {}
-        for key, metric, label in rows:
-            vals = {col: _mean(c["summary"].get(col, {}).get(metric) for c in mine) for col in columns}
-            if any(v is not None for v in vals.values()):
-                entry[key] = vals
-        table[method] = entry
+        entry, errors, kept = {}, {}, {}
+        for key, _, _ in rows:
+            per_col = values.get(method, {}).get(key, {})
+            if not per_col:
+                continue
+            kept[key] = {col: {u: sum(v) / len(v) for u, v in per_col[col].items()} for col in per_col}
+            by_unit: dict[str, list[float]] = {}
+            for col in per_col:
+                for u, v in kept[key][col].items():
+                    by_unit.setdefault(u, []).append(v)
+            kept[key]["mean"] = {u: sum(v) / len(v) for u, v in by_unit.items()}
+            estimates = {col: mean_sem(list(kept[key][col].values())) for col in columns if col in kept[key]}
+            entry[key] = {col: estimates[col].mean if col in estimates else None for col in columns}
+            errors[key] = {col: estimates[col].sem if col in estimates else None for col in columns}
+        table[method], sem[method], units[method] = entry, errors, kept
     return {
         "version": RESULTS_VERSION,
         "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("threads", "device")},
@@ -79,5 +91,29 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
         "columns": columns,
         "rows": {key: label for key, _, label in rows},
         "table": table,
+        "sem": sem,
+        "units": units,
         "cells": out_cells,
     }
+
+
+def _unit_values(cells: list[tuple[Cell, dict]], rows) -> dict:
+    """method → metric key → column → "source/seed" → the values of that unit's images."""
+    out: dict = {}
+    for cell, _ in cells:
+        names = column_names(cell.source)
+        for r in json.loads(cell.scores.read_text())["images"]:
+            if r["kind"] == "none":
+                continue
+            unit = f"{cell.source.name}/seed {r['seed']}"
+            for key, metric, _ in rows:
+                if r.get(metric) is not None:
+                    (out.setdefault(cell.method, {}).setdefault(key, {}).setdefault(names.get(r["kind"], r["kind"]), {})
+                     .setdefault(unit, []).append(float(r[metric])))
+    return out
+
+
+def paired_units(a: dict[str, float], b: dict[str, float]):
+    """The paired difference a − b over the (source, seed) units both have (`units[method][key][column]`)."""
+    shared = sorted(set(a) & set(b))
+    return paired_difference([a[u] for u in shared], [b[u] for u in shared])

@@ -415,13 +415,14 @@ def cross_attention_sides(unet_config, latent_side: int) -> list[int]:
     return sides
 
 
-def quarter_level(unet_config, latent_side: int) -> int:
-    """The cross-attention level playing the role of SD 1.5's 16x16 (a quarter of its 64-wide latent):
-    the side nearest latent_side / 4 among those with cross-attention (SDXL at 1024 px: 32, its
-    ten-layer level; ToyWorld: 4, its mid block)."""
-    sides = cross_attention_sides(unet_config, latent_side)
-    target = latent_side / 4
-    return min(sides, key=lambda s: (abs(math.log2(s / target)), -s))
+def calibration_level(unet_config, latent_side: int) -> int:
+    """The cross-attention level playing the role of SD 1.5's 16x16: the deepest level with cross-attention
+    in the down (and up) blocks, the mid block left out. SD 1.5 at 64: 16; SD 2 at 96: 24; SDXL at 128: 32,
+    its ten-layer level — a quarter of the latent side on each. ToyWorld's quarter would be its mid block
+    (4x4, one layer), where the calibration pushed L_bind above a weight-0 control's; its 8x8 level took it
+    below (docs/evidence.md, DisenDiff)."""
+    sides = [latent_side // 2**i for i, kind in enumerate(unet_config.down_block_types) if "CrossAttn" in kind]
+    return min(sides) if sides else min(cross_attention_sides(unet_config, latent_side))
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Custom Diffusion's parameterisation (attn2 K/V + one modifier token per
 concept) plus two cross-attention losses on the query maps of one level,
-SD 1.5's 16×16, a quarter of its latent side (the same fraction on any base):
+SD 1.5's 16×16, its deepest down/up-block level (on any base the same place,
+`attention.calibration_level`: SDXL 32, ToyWorld 8):
 - L_bind pulls each modifier's map onto its class word's map;
 - L_s&s pushes the class words' maps apart.
 L = L_diffusion + 0.01 · mean over target samples (L_bind + L_s&s).
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionStore, quarter_level
+from ..attention import AttentionStore, calibration_level
 from ..errors import UserError
 from ..losses import bind_loss, mask_attention_loss, separation_loss
 from .custom_diffusion import CustomDiffusion, CustomDiffusionConfig
@@ -35,8 +36,8 @@ from .settings import hp
 @dataclass
 class DisenDiffConfig(CustomDiffusionConfig):
     attention_weight: float = hp(0.01, "weight of (L_bind + L_s&s) (paper: 0.01)")
-    attention_resolution: int = hp(0, "side of the query maps the losses use; 0 = the level at a quarter of the latent "
-                                      "side (paper: SD 1.5's 16x16 of 64x64; SDXL at 1024 px: 32)", at_least=0)
+    attention_resolution: int = hp(0, "side of the query maps the losses use; 0 = the deepest down/up-block level "
+                                      "(paper: SD 1.5's 16x16 of 64x64; SDXL at 1024 px: 32; ToyWorld: 8)", at_least=0)
     no_bind: bool = hp(False, "ablation: drop L_bind")
     no_separation: bool = hp(False, "ablation: drop L_s&s")
     no_gaussian: bool = hp(False, "ablation: no Gaussian smoothing G")
@@ -61,7 +62,7 @@ class DisenDiff(CustomDiffusion):
     def setup(self):
         if not self.cfg.attention_resolution:
             latent = (self.cfg.resolution or self.base.resolution) // self.base.pipe.vae_scale_factor
-            self.cfg.attention_resolution = quarter_level(self.base.unet.config, latent)  # the bundle records it
+            self.cfg.attention_resolution = calibration_level(self.base.unet.config, latent)  # the bundle records it
         if self.cfg.train_qkv and "to_q" not in self.cfg.train_projections:
             self.cfg.train_projections = tuple(self.cfg.train_projections) + ("to_q",)
         return super().setup()

@@ -10,7 +10,9 @@ concepts with its masks), runs the 30-prompt protocol (10 both, 10 concept
 table: image alignment (CLIP-I vs the whole source / the masked crop),
 text alignment (CLIP-T, raw cosine) and leakage (the other concept's
 alignment on single-concept prompts, plus ToyWorld's exact signature
-measure) — Combined / Concept 1 / Concept 2 / Mean, averaged over sources.
+measure) and multi-subject fidelity (each concept found by ToyWorld's checker, matched, compared) —
+Combined / Concept 1 / Concept 2 / Mean, mean ± standard error over (source, seed) units; then the
+paired claims (DisenDiff vs Custom Diffusion, each ablation vs DisenDiff) with 95% intervals.
 """
 
 from __future__ import annotations
@@ -71,15 +73,37 @@ def write_sources(folder: Path, n: int) -> list[Path]:
     return out
 
 
-KEYS = ("image_alignment", "text_alignment", "leakage", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present")
+KEYS = ("image_alignment", "text_alignment", "leakage", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present",
+        "multi_subject_fidelity")
+# (metric, column) pairs the claims are made on: overall alignment, leakage, two concepts in one image
+CLAIMS = (("image_alignment", "mean"), ("leakage", "mean"), ("toyworld_colour_leak", "mean"),
+          ("multi_subject_fidelity", "combined"))
 
 
-def row(label: str, entry: dict, columns: list[str]) -> list[str]:
+def row(label: str, entry: dict, sem: dict, columns: list[str]) -> list[str]:
     cells = [label]
     for key in KEYS:
-        vals = entry.get(key, {})
-        cells += [f"{vals[c]:.3f}" if vals.get(c) is not None else "–" for c in columns]
+        vals, errs = entry.get(key, {}), sem.get(key, {})
+        cells += ["–" if vals.get(c) is None else f"{vals[c]:.3f}" + ("" if errs.get(c) is None else f" ± {errs[c]:.3f}")
+                  for c in columns]
     return cells
+
+
+def claims(runs: dict) -> list[str]:
+    """DisenDiff vs Custom Diffusion and each ablation vs DisenDiff, paired over the units both ran."""
+    from multiconcept.workflows.benchmark.results import paired_units
+
+    pairs = [("disendiff", "custom-diffusion"), ("disendiff", "textual-inversion")]
+    pairs += [(a[0], "disendiff") for a in ABLATIONS]
+    lines = []
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        for key, col in CLAIMS:
+            ua, ub = runs[a].get(key, {}).get(col), runs[b].get(key, {}).get(col)
+            if ua and ub and len(set(ua) & set(ub)) >= 2:
+                lines.append(f"- {key} ({col}): " + paired_units(ua, ub).text(a, b))
+    return lines
 
 
 def main():
@@ -129,17 +153,20 @@ def main():
                                      guidance=args.guidance, clip=args.clip)
         folder = args.out / name.replace(" ", "_").replace("/", "").replace("&", "")
         res = benchmark([str(s) for s in used], settings, folder, progress=True)
-        tables[label] = (res["columns"], res["table"][method])
+        tables[label] = (res["columns"], res["table"][method], res["sem"][method], res["units"][method])
     columns = next(iter(tables.values()))[0]
-    head = ["method"] + [f"{m} {c}" for m in ("CLIP-I", "CLIP-T", "leak CLIP-I", "leak colour", "leak object", "present")
-                         for c in columns]
+    head = ["method"] + [f"{m} {c}" for m in ("CLIP-I", "CLIP-T", "leak CLIP-I", "leak colour", "leak object", "present",
+                                              "fidelity") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, (cols, entry) in tables.items():
-        lines.append("| " + " | ".join(row(label, entry, cols)) + " |")
+    for label, (cols, entry, sem, _) in tables.items():
+        lines.append("| " + " | ".join(row(label, entry, sem, cols)) + " |")
+    lines += ["", "Paired differences (mean over shared source × seed units, 95% t interval):"]
+    lines += claims({label: t[3] for label, t in tables.items()})
     text = "\n".join(lines)
     print(text)
     (args.out / "table.md").write_text(text + "\n")
-    (args.out / "tables.json").write_text(json.dumps({k: v[1] for k, v in tables.items()}, indent=1))
+    (args.out / "tables.json").write_text(json.dumps({k: {"table": v[1], "sem": v[2], "units": v[3]}
+                                                      for k, v in tables.items()}, indent=1))
 
 
 if __name__ == "__main__":

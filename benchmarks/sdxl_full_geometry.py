@@ -110,7 +110,7 @@ def write_scene(folder: Path, size: int) -> dict:
     return {"image": str(folder / "scene.png"), "m1": str(folder / "m1.png"), "m2": str(folder / "m2.png")}
 
 
-def one_method(method: str, small: bool, out: Path) -> dict:
+def one_method(method: str, small: bool, out: Path, train_resolution: int | None = None) -> dict:
     import torch
 
     from multiconcept.bundle import describe
@@ -130,6 +130,9 @@ def one_method(method: str, small: bool, out: Path) -> dict:
     row["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in base.parts.items()}
     row["parameters"]["vae"] = sum(p.numel() for p in base.vae.parameters())
     row["resolution"] = base.resolution
+    if train_resolution:  # the setting that avoids an out-of-memory: fewer latent tokens in training only
+        base.resolution = train_resolution
+    row["train_resolution"] = base.resolution
     row["peak_after_build_mb"] = peak_mb()
     scene = write_scene(folder, base.resolution)
     two = method == "disendiff"
@@ -179,18 +182,23 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--small", action="store_true", help="narrow, shallow SDXL structure at 256 px (checks the script)")
     ap.add_argument("--limit-gb", type=float, default=21.0, help="address-space limit per method process")
+    ap.add_argument("--train-resolution", default="",
+                    help="METHOD=PX,...: train that method at PX (e.g. lora=768) to avoid an out-of-memory; "
+                    "generation stays at 1024")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sizes = {k: int(v) for k, v in (x.split("=") for x in args.train_resolution.split(",") if x)}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
         limit = int(args.limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        row = one_method(args.one, args.small, args.out)
+        row = one_method(args.one, args.small, args.out, sizes.get(args.one))
         (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1))
         return
     rows = []
     for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", m, "--out", str(args.out), "--limit-gb", str(args.limit_gb)]
+        cmd = [sys.executable, __file__, "--one", m, "--out", str(args.out), "--limit-gb", str(args.limit_gb),
+               "--train-resolution", args.train_resolution]
         t = time.time()
         proc = subprocess.run(cmd + (["--small"] if args.small else []), capture_output=True, text=True, env=os.environ)
         result = args.out / f"{m}.json"
@@ -202,6 +210,10 @@ def main() -> None:
         row["process_s"] = time.time() - t
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # a rerun of some methods keeps the others' rows
+    kept = [r for r in (json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else [])
+            if r["method"] not in {x["method"] for x in rows}]
+    rows = kept + rows
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     print("\n| method | settings | train step | train peak | generate 1 step | generate peak | bundle |")
     print("|---|---|---|---|---|---|---|")
@@ -210,7 +222,8 @@ def main() -> None:
             print(f"| {r['method']} | {r.get('settings', '')} | {r.get('train_error') or r.get('process_error')} "
                   f"| {r.get('train_peak_mb', float('nan')) / 1024:.1f} GB | | | |")
             continue
-        print(f"| {r['method']} | {', '.join(f'{k}={v}' for k, v in r['settings'].items()) or 'none'} "
+        px = f", trained at {r['train_resolution']} px" if r.get("train_resolution", 1024) != 1024 else ""
+        print(f"| {r['method']} | {', '.join(f'{k}={v}' for k, v in r['settings'].items()) or 'none'}{px} "
               f"| {r['train_step_s']:.0f} s | {r['train_peak_mb'] / 1024:.1f} GB | {r['generate_one_step_s']:.0f} s "
               f"| {r['generate_peak_mb'] / 1024:.1f} GB | {r['bundle_tensor_bytes'] / 1e6:.2f} MB |")
 

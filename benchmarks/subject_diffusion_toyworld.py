@@ -115,8 +115,12 @@ def score_images(paths, subjects, places, bg, scorer, ref_emb) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Means, standard errors, and each unit's values for the paired differences between models."""
+    from multiconcept.metrics.stats import mean_sem
+
     own = np.array([r["own"] for r in rows])
     out = {k: float(np.mean([r[k] for r in rows])) for k in ("noun", "colour", "place", "background")}
+    out.update({f"{k}_sem": mean_sem([float(r[k]) for r in rows]).sem for k in ("noun", "colour", "place")})
     out["own"] = float(own.mean())
     if rows and rows[0]["other"] is not None:
         margin = own - np.array([r["other"] for r in rows])
@@ -128,7 +132,32 @@ def summary(rows: list[dict]) -> dict:
                    missing=float(np.mean([r["missing"] for r in rows])),
                    confused=float(np.mean([r["confused"] for r in rows])))
     out["n"] = len(rows)
+    out["units"] = {r["unit"]: {"place": float(r["place"]), "margin": None if r["other"] is None else r["own"] - r["other"],
+                                "fidelity": r.get("fidelity")} for r in rows if "unit" in r}
     return out
+
+
+# (model, model it is compared with): Subject-Diffusion vs FastComposer, each ablation vs the full model on its budget
+CLAIMS = [("full", "FastComposer")] + [(n, "full") for n in ("no location map", "no adapter", "no attention control")] \
+    + [(n, "full (20 min)") for n in ("no boxes", "no CLS embedding")]
+
+
+def claims(results: dict) -> list[str]:
+    """Paired differences over the units two models share, pooled over the one- or two-subject conditions."""
+    from multiconcept.metrics.stats import paired_difference
+
+    scores, lines = results["scores"], []
+    for a, b in CLAIMS:
+        if a not in scores or b not in scores:
+            continue
+        for kind, key in (("single", "place"), ("pair", "place"), ("pair", "margin"), ("pair", "fidelity")):
+            ua = {f"{c}/{u}": v[key] for c, s in scores[a].items() if c.startswith(kind) for u, v in s.get("units", {}).items()}
+            ub = {f"{c}/{u}": v[key] for c, s in scores[b].items() if c.startswith(kind) for u, v in s.get("units", {}).items()}
+            shared = sorted(u for u in set(ua) & set(ub) if ua[u] is not None and ub[u] is not None)
+            if len(shared) >= 2:
+                d = paired_difference([ua[u] for u in shared], [ub[u] for u in shared])
+                lines.append(f"- {kind} {key}: " + d.text(a, b))
+    return lines
 
 
 def evaluate(name: str, folder: Path, refs: dict, a, evaluator, out: Path) -> dict:
@@ -150,7 +179,11 @@ def evaluate(name: str, folder: Path, refs: dict, a, evaluator, out: Path) -> di
         locs = [] if is_fc else [",".join(f"{v:g}" for v in p) if p else "ref" for p in places]
         paths = compose_any(prompt, specs, folder, locations=locs, steps=a.steps, n=a.seeds, seed=0, out_dir=where)
         own_places = [p if p else (0.0, 0.0, 1.0, 1.0) for p in places]
-        return score_images(paths, [refs[c] for c in cs], own_places, bg, scorer, ref_embeddings(cs))
+        rows = score_images(paths, [refs[c] for c in cs], own_places, bg, scorer, ref_embeddings(cs))
+        # the unit every model shares: subjects, seed (the image's file), which subject
+        for r, (p, i) in zip(rows, ((p, i) for p in paths for i in range(len(cs)))):
+            r["unit"] = f"{'+'.join(cs)}/{Path(p).stem}/{i}"
+        return rows
 
     result = {}
     singles = list(refs)[: a.singles]
@@ -204,8 +237,11 @@ def table(results: dict) -> str:
             wins = f"{s['own_wins']:.0%}" if "own_wins" in s else "—"
             fid = (f"{s['fidelity']:.3f} ± {s['fidelity_sem']:.3f}, {s['missing']:.0%} / {s['confused']:.0%}"
                    if "fidelity" in s else "—")
-            lines.append(f"| {model} | {cond} | {margin} | {wins} | {fid} | {s['noun']:.0%} | {s['colour']:.0%} | "
-                         f"{s['place']:.0%} | {s['background']:.0%} | {s['n']} |")
+            pct = {k: f"{s[k]:.0%}" + (f" ± {s[k + '_sem']:.0%}" if s.get(k + "_sem") is not None else "")
+                   for k in ("noun", "colour", "place")}
+            lines.append(f"| {model} | {cond} | {margin} | {wins} | {fid} | {pct['noun']} | {pct['colour']} | "
+                         f"{pct['place']} | {s['background']:.0%} | {s['n']} |")
+    lines += ["", "Paired differences (same subjects, seeds and places; 95% t interval):"] + claims(results)
     return "\n".join(lines)
 
 

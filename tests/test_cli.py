@@ -180,7 +180,7 @@ def test_regularisation_folder_and_generated(scene, run_cli, tmp_path):
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(reg / "r0.png")
     (reg / "r0.txt").write_text("photo of a cat")
     out = tmp_path / "r.safetensors"
-    code, _, err = run_cli(*learn_args(scene, out), "--reg-dir", reg, "--reg-generate", "2")
+    code, _, err = run_cli(*learn_args(scene, out), "--reg-dir", reg, "--reg-generate", "2", "--reg-steps", "2")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "r.reg").iterdir()) == ["reg_0000.png", "reg_0000.txt",
                                                                        "reg_0001.png", "reg_0001.txt"]

@@ -33,6 +33,8 @@ def learn(
     reg_dir: Optional[Path] = typer.Option(None, help="regularisation images, each with a .txt caption beside it"),
     reg_generate: int = number(0, "--reg-generate", help="draw this many class-prompt images with the base as regularisation",
                                minimum=0),
+    reg_steps: int = number(50, "--reg-steps", help="denoising steps per --reg-generate image (diffusers' scripts: 50)",
+                            minimum=1),
     param: List[str] = typer.Option([], "--param", "-p", help="method setting KEY=VALUE (see `multiconcept methods NAME`)"),
     resume: bool = typer.Option(False, help="continue from the checkpoint beside --out"),
     device: str = DeviceOpt,
@@ -48,7 +50,7 @@ def learn(
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
     path = run(method, concept, image, mask, output, base=base, overrides=overrides, reg_dir=reg_dir,
-               reg_generate=reg_generate, resume=resume, device=device, dtype=dtype, progress=progress,
+               reg_generate=reg_generate, reg_steps=reg_steps, resume=resume, device=device, dtype=dtype, progress=progress,
                overwrite=overwrite)
     out.print(f"wrote {path}")
 

@@ -14,6 +14,9 @@ from ..models import Base, load_base
 from ..prompts import parse_concept
 from ..training import Progress
 
+# diffusers' DreamBooth and Custom Diffusion scripts draw class images at the pipeline's default steps (SD: 50)
+REG_STEPS = 50
+
 
 def check_output(out: str | Path, *, overwrite: bool) -> None:
     """Refuse a bundle path that training could only fail to write, before training."""
@@ -37,7 +40,8 @@ def learn(method: str, concepts: list[str], images: list[str], masks: list[str],
 
 def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=None, settings: dict | None = None,
                    base: Base | str | None = None, reg_dir: str | Path | None = None, reg_generate: int = 0,
-                   resume: bool = False, device: str = "auto", dtype: str = "fp32", progress: bool = True,
+                   reg_steps: int = REG_STEPS, resume: bool = False, device: str = "auto", dtype: str = "fp32",
+                   progress: bool = True,
                    work_dir: str | Path | None = None, stop_after: int | None = None, overwrite: bool = True,
                    on_step: Callable[[Progress], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> Path | None:
@@ -54,6 +58,7 @@ def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=Non
         reg = load_regularisation(reg_dir)
     if reg_generate:
         folder = Path(out).with_name(Path(out).stem + ".reg")
-        reg += generate_regularisation(base.pipe, class_caption(data.concepts), reg_generate, folder, seed=cfg.seed)
+        reg += generate_regularisation(base.pipe, class_caption(data.concepts), reg_generate, folder, seed=cfg.seed,
+                                       steps=reg_steps)
     return train(cls, base, data, cfg, out, reg=reg, resume=resume, progress=progress, work_dir=work_dir,
                  stop_after=stop_after, on_step=on_step, cancel=cancel)

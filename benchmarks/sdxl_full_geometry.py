@@ -130,9 +130,7 @@ def one_method(method: str, small: bool, out: Path, train_resolution: int | None
     row["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in base.parts.items()}
     row["parameters"]["vae"] = sum(p.numel() for p in base.vae.parameters())
     row["resolution"] = base.resolution
-    if train_resolution:  # the setting that avoids an out-of-memory: fewer latent tokens in training only
-        base.resolution = train_resolution
-    row["train_resolution"] = base.resolution
+    row["train_resolution"] = train_resolution or base.resolution
     row["peak_after_build_mb"] = peak_mb()
     scene = write_scene(folder, base.resolution)
     two = method == "disendiff"
@@ -140,8 +138,9 @@ def one_method(method: str, small: bool, out: Path, train_resolution: int | None
     masks = [f"<a1>={scene['m1']}"] + ([f"<b1>={scene['m2']}"] if two else [])
     data = build_concept_set(concepts, [scene["image"]], masks)
     cls = get_method(method)
+    # train_resolution: the setting that avoids an out-of-memory, fewer latent tokens in training only
     cfg = cls.Config(steps=1, batch_size=1, grad_accum=1, scale_lr=False, checkpoint_every=0, augment=False,
-                     **SAVERS[method])
+                     resolution=train_resolution or 0, **SAVERS[method])
     times: list[float] = []
     reset_peak()
     t = time.time()

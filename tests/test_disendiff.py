@@ -53,16 +53,18 @@ def probe_each(m, tr, steps=range(100_000, 100_003)):
             sum(l["separation"] for l in logs) / len(logs))
 
 
-def run(pair, steps, lr, **flags):
+def run(pair, steps, lr, measure=probe, **flags):
+    """(measure before, measure after) `steps` AdamW steps; seeded, so two runs differ only by their flags."""
+    torch.manual_seed(0)
     m, tr, groups = make(pair, **flags)
-    before = probe(m, tr)
+    before = measure(m, tr)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     for step in range(steps):
         opt.zero_grad()
         loss, _ = tr.loss(tr.batch(step, 0), torch.Generator().manual_seed(step))
         loss.backward()
         opt.step()
-    after = probe(m, tr)
+    after = measure(m, tr)
     m.teardown()
     return before, after
 
@@ -85,18 +87,8 @@ def test_full_calibration_on_toyworld(pair):
     training moves the maps by itself, so only the difference says what the calibration did."""
 
     def trained(weight):
-        torch.manual_seed(0)
-        m, tr, groups = make(pair, base="toyworld", templates=("a {} on a black background",), attention_resolution=0,
-                             attention_weight=weight)
-        opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)
-        for step in range(30):
-            opt.zero_grad()
-            loss, _ = tr.loss(tr.batch(step, 0), torch.Generator().manual_seed(step))
-            loss.backward()
-            opt.step()
-        after = probe_each(m, tr)
-        m.teardown()
-        return after
+        return run(pair, 30, 1e-4, measure=probe_each, base="toyworld", templates=("a {} on a black background",),
+                   attention_resolution=0, attention_weight=weight)[1]
 
     (bind, sep), (bind_control, sep_control) = trained(0.01), trained(0.0)
     assert all(bind[t] < bind_control[t] for t in bind), (bind, bind_control)  # modifier maps nearer their class maps

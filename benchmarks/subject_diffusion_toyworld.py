@@ -314,11 +314,12 @@ def main() -> None:
                  "--model", str(folders["full"]), "--location", "0.05,0.05,0.4,0.4", "--steps", str(a.steps),
                  "--out", str(work / "first")]
         results["first_image"] = measured(first, a.threads)
-    if (a.out / "results.json").is_file():  # another run of the script may have scored other models meanwhile
-        done = json.loads((a.out / "results.json").read_text())
+    if (a.out / "results.json").is_file():  # another run of the script may have scored other models meanwhile:
+        done = json.loads((a.out / "results.json").read_text())  # keep theirs, overlay only what this run made
         for key in ("scores", "training"):
-            results[key] = {**done.get(key, {}), **results[key]}
-        results.setdefault("first_image", done.get("first_image"))
+            results[key] = {**done.get(key, {}), **{n: v for n, v in results[key].items() if n in scored or n in folders}}
+        if "full" not in folders:
+            results["first_image"] = done.get("first_image")
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {contact_sheet(refs, a.out / 'images', list(results['scores']), a.out / 'sheet.png', a)}")
     print(table(results))

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 MISSING, CONFUSED, MATCHED = "missing", "confused", "matched"
-# the exhaustive assignment looks at the largest few detections: speckles beyond them never win a match
+# the exhaustive assignment looks at the first few detections (largest, or most confident): the rest never win a match
 EXTRA_DETECTIONS = 4
 # no-detection rows score below any cosine, so a real detection is always preferred
 _NONE = -10.0
@@ -41,8 +41,8 @@ class SubjectScore:
 
 
 def match_subjects(similarity) -> list[SubjectScore]:
-    """One score per subject (column) from a detections × subjects similarity matrix,
-    detections ordered by size (largest first)."""
+    """One score per subject (column) from a detections × subjects similarity matrix, detections
+    ordered largest (ToyWorld's checker) or most confident (a detector) first."""
     s = np.asarray(similarity, dtype=np.float64)
     n_sub = s.shape[1] if s.ndim == 2 else 0
     if n_sub == 0:

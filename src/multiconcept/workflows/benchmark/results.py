@@ -44,8 +44,8 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
     from ...metrics import SCALES
 
     out_cells = []
-    for cell, digests in cells:
-        scores = json.loads(cell.scores.read_text())
+    scored = [(cell, json.loads(cell.scores.read_text())) for cell, _ in cells]  # each file read once
+    for cell, scores in scored:
         names = column_names(cell.source)
         summary = {names.get(k, k): v for k, v in scores["summary"].items() if k != "columns"}
         out_cells.append({"source": cell.source.name, "method": cell.method, "protocol_file": cell.protocol_file,
@@ -61,7 +61,7 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
                                       f"CLIP-T, {SCALES[settings.scale][0]}"),) + ALIGNMENT_ROWS[4:]
     else:
         rows = ALIGNMENT_ROWS
-    values = _unit_values(cells, rows)
+    values = _unit_values(scored, rows)
     table: dict = {}
     sem: dict = {}
     units: dict = {}
@@ -97,12 +97,12 @@ def collect_results(cells: list[tuple[Cell, dict]], settings: BenchmarkSettings,
     }
 
 
-def _unit_values(cells: list[tuple[Cell, dict]], rows) -> dict:
+def _unit_values(scored: list[tuple[Cell, dict]], rows) -> dict:
     """method → metric key → column → "source/seed" → the values of that unit's images."""
     out: dict = {}
-    for cell, _ in cells:
+    for cell, scores in scored:
         names = column_names(cell.source)
-        for r in json.loads(cell.scores.read_text())["images"]:
+        for r in scores["images"]:
             if r["kind"] == "none":
                 continue
             unit = f"{cell.source.name}/seed {r['seed']}"

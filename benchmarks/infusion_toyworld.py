@@ -101,6 +101,26 @@ def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer) -> dict:
     }
 
 
+def contact_sheet(out: Path, concepts: list[str], methods: tuple[str, ...], size: int = 64) -> Path:
+    """One row per (concept, method): its first reference, then the first seed's image of each context prompt."""
+    from PIL import Image, ImageDraw
+
+    rows = [(c, m) for c in concepts for m in methods]
+    label_w, n = 150, 8
+    sheet = Image.new("RGB", (label_w + (n + 1) * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y, (c, m) in enumerate(rows):
+        ref = sorted((out / "refs" / c).glob("*.png"))
+        cell = out / "cells" / c / m.replace(", ", "-").replace(" + ", "+").replace(" ", "-")
+        gens = sorted(cell.glob("overfitting/wasserstein/*/custom/*_000000.png"))[:n]
+        for x, path in enumerate([p for p in ref if "mask" not in p.name][:1] + gens):
+            sheet.paste(Image.open(path).convert("RGB").resize((size, size)), (label_w + x * size, y * size))
+        draw.text((4, y * size + size // 2 - 6), f"{c}\n{m}", fill="black")
+    path = out / "sheet.png"
+    sheet.save(path)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -200,6 +220,7 @@ def main():
     print(text)
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps({"per_concept": results, "mean": mean}, indent=1))
+    print(f"wrote {contact_sheet(args.out, concepts, METHODS)}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer) -> dict:
     }
 
 
+def cell_folder(out: Path, concept: str, label: str) -> Path:
+    return out / "cells" / concept / label.replace(", ", "-").replace(" + ", "+").replace(" ", "-")
+
+
 def contact_sheet(out: Path, concepts: list[str], methods: tuple[str, ...], size: int = 64) -> Path:
     """One row per (concept, method): its first reference, then the first seed's image of each context prompt."""
     from PIL import Image, ImageDraw
@@ -111,8 +115,7 @@ def contact_sheet(out: Path, concepts: list[str], methods: tuple[str, ...], size
     draw = ImageDraw.Draw(sheet)
     for y, (c, m) in enumerate(rows):
         ref = sorted((out / "refs" / c).glob("*.png"))
-        cell = out / "cells" / c / m.replace(", ", "-").replace(" + ", "+").replace(" ", "-")
-        gens = sorted(cell.glob("overfitting/wasserstein/*/custom/*_000000.png"))[:n]
+        gens = sorted(cell_folder(out, c, m).glob("overfitting/wasserstein/*/custom/*_000000.png"))[:n]
         for x, path in enumerate([p for p in ref if "mask" not in p.name][:1] + gens):
             sheet.paste(Image.open(path).convert("RGB").resize((size, size)), (label_w + x * size, y * size))
         draw.text((4, y * size + size // 2 - 6), f"{c}\n{m}", fill="black")
@@ -155,7 +158,7 @@ def main():
     for concept in concepts:
         refs = write_concept_folder(concept, args.out / "refs" / concept, n=args.images, seed=args.seed)
         for label, (method, extra) in VARIANTS.items():
-            cell = args.out / "cells" / concept / label.replace(", ", "-").replace(" + ", "+").replace(" ", "-")
+            cell = cell_folder(args.out, concept, label)
             scores_file = cell / "scores.json"
             if scores_file.exists() and "clip_i_images" in json.loads(scores_file.read_text()):
                 results.setdefault(label, {})[concept] = json.loads(scores_file.read_text())

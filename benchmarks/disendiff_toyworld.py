@@ -90,10 +90,11 @@ def row(label: str, entry: dict, sem: dict, columns: list[str]) -> list[str]:
 
 
 def claims(runs: dict) -> list[str]:
-    """DisenDiff vs Custom Diffusion and each ablation vs DisenDiff, paired over the units both ran."""
+    """DisenDiff (and its union/erase form) vs Custom Diffusion, each ablation vs DisenDiff, paired over the units both ran."""
     from multiconcept.workflows.benchmark.results import paired_units
 
-    pairs = [("disendiff", "custom-diffusion"), ("disendiff", "textual-inversion")]
+    pairs = [("disendiff", "custom-diffusion"), ("disendiff", "textual-inversion"),
+             ("disendiff + union/erase", "custom-diffusion")]
     pairs += [(a[0], "disendiff") for a in ABLATIONS]
     lines = []
     for a, b in pairs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -23,6 +24,9 @@ def quiet_libraries() -> None:
         os.environ.setdefault(var, value)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
+    # bitsandbytes, imported by peft and diffusers, warns at import on CPUs with AVX512-BF16 that its optional
+    # hub kernel (the `kernels` package) is missing; it falls back to its own CPU code, so nothing is lost
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _check_number(value, *, minimum=None, above=None):

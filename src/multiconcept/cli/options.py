@@ -24,7 +24,7 @@ def quiet_libraries() -> None:
         os.environ.setdefault(var, value)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
-    # bitsandbytes, imported by peft and diffusers, warns at import on CPUs with AVX512-BF16 that its optional
+    # bitsandbytes (in the lock for 8-bit AdamW) warns at import on CPUs with AVX512-BF16 that its optional
     # hub kernel (the `kernels` package) is missing; it falls back to its own CPU code, so nothing is lost
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -8,7 +8,8 @@ Tensors are named by what they are:
 - method-specific prefixes (``value_residual/...`` for Infusion, ...).
 The header (safetensors metadata, one JSON string) carries the method,
 tokens, class words, base fingerprint and architecture (sd1, sd2, sdxl; ""
-in bundles written before it was recorded), hyper-parameters and format version.
+in bundles written before it was recorded), the base's weights digest ({grid: digest},
+models/fingerprint.py; {} in bundles written before it), hyper-parameters and format version.
 An SDXL bundle holds each token's row for both text encoders:
 ``token_embedding/<tok>`` (the first, CLIP ViT-L) and ``token_embedding_2/<tok>``.
 Beside it, ``multiconcept_sha256`` holds `content_digest` of that header text
@@ -67,6 +68,7 @@ class Bundle:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     architecture: str = ""  # the base's (models.architecture_of); "" = not recorded (older bundles)
+    base_weights: dict = field(default_factory=dict)  # the base's weights_digest; {} = not recorded (older bundles)
 
     def header(self) -> dict:
         h = asdict(self)
@@ -190,6 +192,9 @@ def _parse_header(path: Path, meta: dict) -> dict:
                 f"{damaged} ({key!r} is missing or not a JSON {kind.__name__}): re-learn it or restore a copy")
     require(isinstance(header.get("architecture", ""), str),
             f"{damaged} ('architecture' is not a JSON string): re-learn it or restore a copy")
+    weights = header.get("base_weights", {})
+    require(isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values()),
+            f"{damaged} ('base_weights' is not a JSON object of strings): re-learn it or restore a copy")
     for key in ("tokens", "class_words"):
         require(all(isinstance(x, str) for x in header[key]),
                 f"{damaged} ({key!r} holds a non-string): re-learn it or restore a copy")
@@ -251,6 +256,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
 def check_base(bundle: Bundle, base, path: str = "") -> None:
     from .models import ARCHITECTURES
+    from .models.fingerprint import same_weights
 
     arch = bundle.architecture
     if arch and arch != base.architecture:
@@ -263,6 +269,10 @@ def check_base(bundle: Bundle, base, path: str = "") -> None:
         f"bundle {path or bundle.tokens} was learned on base {bundle.base_name!r} (fingerprint {bundle.base_fingerprint}) "
         f"but the loaded base is {base.name!r} ({base.fingerprint}): pass --base {bundle.base_name}",
     )
+    require(same_weights(bundle.base_weights, base.weights),
+            f"bundle {path or bundle.tokens} was learned on base {bundle.base_name!r}, whose weights differ from those of "
+            f"the loaded base {base.name!r} (same configs and statistics, other weights: a fine-tune of it?): "
+            f"pass --base {bundle.base_name}")
 
 
 def describe(path: str | Path) -> dict:

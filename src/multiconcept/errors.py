@@ -14,6 +14,14 @@ def require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def gist(e: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line: its first line, and the next when the first only introduces it
+    (torch's "Error(s) in loading state_dict for X:" says which tensor on the line after)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text[:limit]
+
+
 def is_file(path) -> bool:
     """pathlib's is_file, except that a name the OS refuses (longer than its limit, or holding NUL)
     is simply not there: pathlib raises OSError for ENAMETOOLONG, which would escape as a traceback."""

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import DeviceOpt, DtypeOpt, number, out
+from .options import BaseConfigOpt, DeviceOpt, DtypeOpt, base_source, number, out
 
 
 def compose(
@@ -36,6 +36,7 @@ def compose(
     output: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNGs"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace PNGs of the same seeds already in --out"),
     base: Optional[str] = typer.Option(None, "--base", help="base pipeline; default: the one the model names"),
+    base_config: Optional[str] = BaseConfigOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
@@ -50,5 +51,5 @@ def compose(
         raise UserError(f"{clash[0]} already exists: pass --overwrite to replace it, or pick another --out or --seed")
     for p in compose_any(prompt, subject, model, method=method, locations=location, alpha=alpha, guidance=guidance,
                          image_guidance=image_guidance, interpolation=interpolation, steps=steps, scheduler=scheduler,
-                         n=n, seed=seed, out_dir=output, base=base, device=device, dtype=dtype):
+                         n=n, seed=seed, out_dir=output, base=base_source(base, base_config), device=device, dtype=dtype):
         out.print(str(p))

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UserError
-from .options import BaseOpt, ClipOpt, DinoOpt, PrefixOpt, ScaleOpt, number, out
+from .options import BaseConfigOpt, BaseOpt, ClipOpt, DinoOpt, PrefixOpt, ScaleOpt, base_source, number, out
 
 
 def _summary_table(summary: dict, title: str) -> Table:
@@ -42,6 +42,7 @@ def evaluate(
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="bundle file for --overfitting (default: the ones the "
                                       "metadata names, found beside GEN_DIR)"),
     base: Optional[str] = BaseOpt,
+    base_config: Optional[str] = BaseConfigOpt,
     seed: int = number(0, help="seed for --overfitting's samples", minimum=0),
     detector: Optional[str] = typer.Option(None, "--detector", help="OWLv2 or Grounding DINO checkpoint (folder or hub "
                                            "id, e.g. google/owlv2-base-patch16-ensemble) that finds each subject for the "
@@ -56,7 +57,7 @@ def evaluate(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     result = run(gen_dir, reference, reference_mask, clip=clip, dino=dino, scale=scale, text_prefix=text_prefix,
                  out=output, device=device, batch_size=batch_size, overfitting=overfitting,
-                 bundles=[str(b) for b in bundle], base=base, seed=seed, detector=detector,
+                 bundles=[str(b) for b in bundle], base=base_source(base, base_config), seed=seed, detector=detector,
                  detector_threshold=detector_threshold)
     out.print(_summary_table(result["summary"], f"{len(result['images'])} images, CLIP {result['models']['clip']['name']}"))
     if "overfitting" in result:

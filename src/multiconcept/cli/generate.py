@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UserError, require
-from .options import BaseOpt, DeviceOpt, DtypeOpt, number, out
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, number, out
 
 
 def generate(
@@ -34,6 +34,7 @@ def generate(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="decode in overlapping tiles (large images on small GPUs; "
                                     "seams can show)"),
     base: Optional[str] = BaseOpt,
+    base_config: Optional[str] = BaseConfigOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
@@ -63,7 +64,7 @@ def generate(
         source = read_image(init_image, role="init image")
         inpaint = Inpaint(source, read_mask(inpaint_mask, source.size, role="inpainting mask"))
     check_prompt_tokens(prompt, [str(b) for b in bundle], embedding)
-    loaded = load_with_bundles(base, [str(b) for b in bundle], device=device, dtype=dtype)
+    loaded = load_with_bundles(base_source(base, base_config), [str(b) for b in bundle], device=device, dtype=dtype)
     for f in lora:
         add_lora(loaded, f, lora_scale)
     for e in embedding:

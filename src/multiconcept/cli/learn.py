@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import BaseOpt, DeviceOpt, DtypeOpt, key_values, number, out
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, number, out
 
 IMAGE_RULES = ("Images: PNG, JPEG, WebP or BMP, at least 32 and at most 8192 pixels on a side (--max-image-side); "
                "transparent pixels count as white in images and as black in masks; a mask is white on black.")
@@ -24,6 +24,7 @@ def learn(
                                                          "an existing one needs --overwrite"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
     base: Optional[str] = BaseOpt,
+    base_config: Optional[str] = BaseConfigOpt,
     steps: Optional[int] = number(None, "--steps", help="optimiser steps (default: the method's)", minimum=1),
     lr: Optional[float] = number(None, "--lr", help="learning rate (default: the method's)", above=0),
     batch_size: Optional[int] = number(None, "--batch-size", help="images per micro-batch", minimum=1),
@@ -49,9 +50,9 @@ def learn(
             overrides[k] = str(v)
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
-    path = run(method, concept, image, mask, output, base=base, overrides=overrides, reg_dir=reg_dir,
-               reg_generate=reg_generate, reg_steps=reg_steps, resume=resume, device=device, dtype=dtype, progress=progress,
-               overwrite=overwrite)
+    path = run(method, concept, image, mask, output, base=base_source(base, base_config), overrides=overrides,
+               reg_dir=reg_dir, reg_generate=reg_generate, reg_steps=reg_steps, resume=resume, device=device, dtype=dtype,
+               progress=progress, overwrite=overwrite)
     out.print(f"wrote {path}")
 
 

@@ -47,8 +47,26 @@ def number(default, *decls: str, help: str, minimum=None, above=None):
                         callback=lambda v: _check_number(v, minimum=minimum, above=above))
 
 
-BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD or SDXL), hub id, 'tiny' or 'tiny-sdxl' "
-                                             "(random SD- or SDXL-shaped test models) or 'toyworld' (default)")
+BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD or SDXL), single-file checkpoint (FILE.safetensors: SD 1.x, "
+                                             "2.x, SDXL), hub id, 'tiny' or 'tiny-sdxl' (random SD- or SDXL-shaped "
+                                             "test models) or 'toyworld' (default)")
+BaseConfigOpt = typer.Option(None, "--base-config", help="with --base FILE.safetensors: the diffusers pipeline folder or hub "
+                                                         "id whose configs fit it (default: the one diffusers picks for "
+                                                         "the file, from the hub)")
+
+
+def base_source(base: str | None, config: str | None):
+    """--base and --base-config as the one value the workflows take: the name, or a SingleFile with its configs."""
+    from pathlib import Path
+
+    from ..models import SingleFile, is_checkpoint_path
+
+    if config is None:
+        return base
+    if base is None or not is_checkpoint_path(base):
+        raise UserError("--base-config goes with a single-file checkpoint (--base FILE.safetensors): pass one, "
+                        "or leave --base-config out")
+    return SingleFile(Path(base), config)
 DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
 DtypeOpt = typer.Option("fp32", help="fp32 | fp16 | bf16 (weights of the frozen base)")
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import require
-from .options import BaseOpt, DeviceOpt, DtypeOpt, key_values, number, out
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, number, out
 
 ENCODER_METHODS = ("fastcomposer", "subject-diffusion")
 
@@ -22,6 +22,7 @@ def train_encoder(
                                                  "(one {image, caption, subjects: [{label, mask, box?}]} per line)"),
     output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
     base: Optional[str] = BaseOpt,
+    base_config: Optional[str] = BaseConfigOpt,
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="CLIP folder or hub id; default: ToyWorld's "
                                                                                "evaluator, or a tiny tower on --base tiny"),
     steps: Optional[int] = number(None, help="optimiser steps (default: the paper's; FastComposer 150k, "
@@ -64,7 +65,7 @@ def train_encoder(
         run, cfg = train_subject_diffusion, apply_overrides(SubjectDiffusionConfig(), overrides)
     else:
         cfg = apply_overrides(FastComposerConfig(), overrides)
-    path = run(data, output, base=base, cfg=cfg, image_encoder=image_encoder, resume=resume, progress=progress,
-               max_minutes=max_minutes, device=device, dtype=dtype)
+    path = run(data, output, base=base_source(base, base_config), cfg=cfg, image_encoder=image_encoder, resume=resume,
+               progress=progress, max_minutes=max_minutes, device=device, dtype=dtype)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks
         out.print(f"wrote {path}")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .options import BaseOpt, DeviceOpt, number
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, base_source, number
 
 
 def ui(
@@ -17,6 +17,7 @@ def ui(
     auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASS the page asks for (gradio's login)"),
     share: bool = typer.Option(False, "--share", help="also make a public share link (gradio's; needs --auth)"),
     base: Optional[str] = BaseOpt,
+    base_config: Optional[str] = BaseConfigOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="folder for the jobs' inputs, bundles and images "
                                                              "(default: a new temporary folder)"),
     max_upload_mb: int = number(100, "--max-upload-mb", help="largest upload accepted, in MB", minimum=1),
@@ -36,5 +37,5 @@ def ui(
         raise UserError("the web page needs gradio: pip install 'multiconcept[ui]'") from e
     from ..ui.launch import serve
 
-    serve(host=host, port=port, auth=auth, share=share, base=base, work=work, max_upload_mb=max_upload_mb,
-          compose_model=compose_model, device=device)
+    serve(host=host, port=port, auth=auth, share=share, base=base_source(base, base_config), work=work,
+          max_upload_mb=max_upload_mb, compose_model=compose_model, device=device)

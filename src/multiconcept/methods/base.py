@@ -180,6 +180,7 @@ class Method:
             class_words=[c.class_word for c in self.concepts],
             base_name=self.base.name,
             base_fingerprint=self.base.fingerprint,
+            base_weights=dict(self.base.weights),
             architecture=self.base.architecture,
             hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
             extra=self.bundle_extra(),

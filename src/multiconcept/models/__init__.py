@@ -8,7 +8,9 @@
   SDXL-shaped sibling;
 - a local folder holding a StableDiffusionPipeline or StableDiffusionXLPipeline
   (``model_index.json``) or a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
-  ``stabilityai/stable-diffusion-xl-base-1.0``), loaded by diffusers.
+  ``stabilityai/stable-diffusion-xl-base-1.0``), loaded by diffusers;
+- a single-file checkpoint ``FILE.safetensors`` (SD 1.x, SD 2.x, SDXL; A1111's, ComfyUI's and kohya's
+  format), or a `SingleFile` naming the diffusers configs that fit it (single_file.py).
 
 Every base has an architecture (`architecture_of`): ``"sdxl"`` when the UNet
 takes SDXL's size/crop micro-conditioning and pooled text (``addition_embed_type
@@ -22,7 +24,6 @@ not load it with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .fingerprint import fingerprint, weights_digest
+from .single_file import SingleFile, is_checkpoint_path, load_single_file
 
 TOYWORLD_DIR = Path(__file__).parent.parent / "toyworld" / "assets"
 
@@ -54,6 +57,7 @@ class Base:
     name: str
     fingerprint: str
     architecture: str = "sd1"  # a key of ARCHITECTURES, from architecture_of(pipe)
+    weights: dict[str, str] = field(default_factory=dict)  # weights_digest(pipe): {grid: digest}
     # what methods installed on the pipeline: peft LoRA adapters by name with their weights
     # (LoRA bundles, --lora files), and Infusion's class-word residuals (methods/infusion.py)
     lora_adapters: dict[str, float] = field(default_factory=dict)
@@ -136,33 +140,6 @@ def architecture_of(pipe) -> str:
     return "sd2" if cfg.get("cross_attention_dim") == 1024 else "sd1"
 
 
-def fingerprint(pipe) -> str:
-    """Identify a base by its configs, vocabulary and weight statistics.
-
-    Statistics (mean |w|, std at 3 significant digits) rather than raw bytes,
-    so the same checkpoint loaded in fp32, fp16 or bf16 gets the same print.
-    """
-    h = hashlib.sha256()
-    second = getattr(pipe, "text_encoder_2", None)  # SDXL's; an SD base's print is what it always was
-    for part in (pipe.unet, pipe.text_encoder, pipe.vae) + ((second,) if second is not None else ()):
-        raw = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
-        cfg = {k: v for k, v in raw.items()
-               if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
-        h.update(type(part).__name__.encode())
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(str(pipe.text_encoder.get_input_embeddings().weight.shape[0]).encode())
-    probes = [
-        pipe.unet.conv_in.weight,
-        pipe.unet.conv_out.weight,
-        pipe.text_encoder.get_input_embeddings().weight,
-        pipe.vae.decoder.conv_out.weight,
-    ]
-    for t in probes:
-        t = t.detach().float()
-        h.update(f"{t.abs().mean().item():.3g}/{t.std().item():.3g}".encode())
-    return h.hexdigest()[:16]
-
-
 def toyworld_available() -> bool:
     return (TOYWORLD_DIR / "base" / "model_index.json").is_file()
 
@@ -211,7 +188,7 @@ def pipeline_class(source: str):
     return getattr(diffusers, name)
 
 
-def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32") -> Base:
+def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype: str = "fp32") -> Base:
     from diffusers import StableDiffusionPipeline
 
     follow_progress_bar_setting()
@@ -237,6 +214,9 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
         pipe = tiny_sdxl_pipeline()
         if dt != torch.float32:
             pipe = pipe.to(dtype=dt)
+    elif is_checkpoint_path(name):
+        source = name if isinstance(name, SingleFile) else SingleFile(Path(name))
+        pipe = load_single_file(source, dt)
     else:
         path = Path(name)
         if path.exists():
@@ -266,10 +246,10 @@ def load_base(name: str | None = None, device: str = "auto", dtype: str = "fp32"
 def base_from_pipeline(pipe, name: str, device: torch.device | None = None) -> Base:
     """A Base of a pipeline already in memory (loaded above, or built from configs), frozen and on `device`."""
     pipe.set_progress_bar_config(disable=True)
-    fp = fingerprint(pipe)
+    fp, weights = fingerprint(pipe), weights_digest(pipe)
     if device is not None:
         pipe = pipe.to(device)
     for part in (pipe.unet, pipe.vae, *[te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te]):
         part.requires_grad_(False)
         part.eval()
-    return Base(pipe=pipe, name=name, fingerprint=fp, architecture=architecture_of(pipe))
+    return Base(pipe=pipe, name=name, fingerprint=fp, architecture=architecture_of(pipe), weights=weights)

@@ -125,11 +125,15 @@ def tiny_pipeline(seed: int = 0):
     return pipe
 
 
-def tiny_sdxl_pipeline(seed: int = 0):
+def tiny_sdxl_pipeline(seed: int = 0, second_width: int = 32):
     """A random SDXL-shaped pipeline, 32×32 images: two CLIP text encoders (the second with a
     projection, whose pooled output joins the time embedding), a UNet whose first level has no
     cross-attention (SDXL's DownBlock2D) and whose deeper level has two transformer layers, and
-    size/crop micro-conditioning (``addition_embed_type="text_time"``)."""
+    size/crop micro-conditioning (``addition_embed_type="text_time"``).
+
+    `second_width`: the second encoder's width. A real SDXL's is wider than its first (1280 vs 768), and
+    diffusers' single-file loader tells the two encoders apart by it; the default 32 (both alike) is
+    what `--base tiny-sdxl` has always been, so its fingerprint and bundles stay valid."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -140,7 +144,9 @@ def tiny_sdxl_pipeline(seed: int = 0):
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_cfg, "hidden_size": second_width,
+                                                                  "intermediate_size": 2 * second_width,
+                                                                  "projection_dim": second_width}))
     time_dim = 8
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32, 64),
@@ -153,10 +159,10 @@ def tiny_sdxl_pipeline(seed: int = 0):
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 8),
         use_linear_projection=True,
-        cross_attention_dim=64,  # the two encoders' hidden states side by side, as SDXL's 768 + 1280
+        cross_attention_dim=32 + second_width,  # the two encoders' hidden states side by side, as SDXL's 768 + 1280
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + 32,  # six size/crop numbers + the pooled text
+        projection_class_embeddings_input_dim=6 * time_dim + second_width,  # six size/crop numbers + the pooled text
         norm_num_groups=8,
     )
     vae = tiny_vae()

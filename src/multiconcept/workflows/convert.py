@@ -136,7 +136,7 @@ def convert_fastcomposer(ckpt: str | Path, out: str | Path, base: str | None = N
             "the fusion MLP's first layer does not read [text ; image] of equal widths: not the FastComposer layout")
     load_state_checked(FusionMLP(d, d), fusion, "fusion MLP", Path(ckpt), "not the FastComposer postfuse layout")
     require(vcfg["projection_dim"] == d, f"the image embedding is {vcfg['projection_dim']}-d but the fusion MLP reads {d}-d")
-    base_name, fingerprint = PAPER_BASE, None
+    base_name, fingerprint, weights = PAPER_BASE, None, {}
     if base is not None:
         from ..models import load_base
 
@@ -145,10 +145,10 @@ def convert_fastcomposer(ckpt: str | Path, out: str | Path, base: str | None = N
                 f"base {base!r} has a {b.text_encoder.config.hidden_size}-d text encoder but the checkpoint's fusion MLP is "
                 f"{d}-d: pass the base it was trained on (SD 1.5)")
         load_state_checked(b.unet, unet, "UNet", Path(ckpt), f"base {base!r} is not the one it was trained on (SD 1.5)")
-        base_name, fingerprint = b.name, b.fingerprint
+        base_name, fingerprint, weights = b.name, b.fingerprint, b.weights
     out = Path(out)
     save_model_folder(out, fusion=fusion, image_encoder=vision, unet=unet, config={
-        "base_name": base_name, "base_fingerprint": fingerprint, "text_dim": d, "image_dim": d,
+        "base_name": base_name, "base_fingerprint": fingerprint, "base_weights": weights, "text_dim": d, "image_dim": d,
         "vision_config": vcfg, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "method": "fastcomposer", "converted_from": Path(ckpt).name, "dropped": dropped,
     })

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, require
+from ..errors import UserError, gist, require
 
 
 def read_tensor_file(path: Path, role: str, fix: str) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def read_tensor_file(path: Path, role: str, fix: str) -> dict[str, torch.Tensor]
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{role} {path} is corrupt or not a safetensors file ({_gist(e)}): "
+        raise UserError(f"{role} {path} is corrupt or not a safetensors file ({gist(e)}): "
                         f"download it again, or pass {fix}") from e
     require(bool(tensors), f"{role} {path} holds no tensors: pass {fix}")
     bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
@@ -55,7 +55,7 @@ def add_lora(loaded, path: str | Path, scale: float = 1.0) -> None:
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers/peft raise means "does not fit"
-        raise UserError(f"LoRA {path} does not fit this base ({_gist(e)}): use a LoRA made for it") from e
+        raise UserError(f"LoRA {path} does not fit this base ({gist(e)}): use a LoRA made for it") from e
     finally:
         diffusers_logging.set_verbosity(verbosity)
     # keys diffusers does not recognise load as nothing, silently
@@ -143,16 +143,9 @@ def add_embedding(loaded, spec: str) -> str:
             for v, te, tokenizer in zip(vectors, base.text_encoders, base.tokenizers):
                 base.pipe.load_textual_inversion(v, token=token, text_encoder=te, tokenizer=tokenizer)
     except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers raises means "does not fit"
-        raise UserError(f"embedding {path} does not fit this base ({_gist(e)}): use an embedding made for it") from e
+        raise UserError(f"embedding {path} does not fit this base ({gist(e)}): use an embedding made for it") from e
     n = vectors[0].shape[0]
     loaded.extra_tokens.append(token)
     loaded.extra_embeddings.append(f"{path.name} ({token}, {n} vector{'s' if n > 1 else ''})")
     return token
 
-
-def _gist(e: BaseException, limit: int = 160) -> str:
-    """An exception's message on one line: its first line, and the next when the first only introduces it
-    (torch's "Error(s) in loading state_dict for X:" says which tensor on the line after)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return text[:limit]

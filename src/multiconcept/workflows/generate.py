@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..bundle import Bundle, atomic_write, check_base, load_bundle, read_header
 from ..errors import UserError, require
-from ..models import Base, load_base
+from ..models import Base, SingleFile, load_base
 from ..models.conditioning import pipeline_conditioning
 from ..prompts import Concept, concept_tokens_in, locate_concepts
 
@@ -62,7 +62,7 @@ class Loaded:
         return [Concept(t, c) for _, b in self.bundles for t, c in zip(b.tokens, b.class_words)]
 
 
-def load_with_bundles(base: Base | str | None, bundle_paths: list[str], device="auto", dtype="fp32") -> Loaded:
+def load_with_bundles(base: Base | str | SingleFile | None, bundle_paths: list[str], device="auto", dtype="fp32") -> Loaded:
     from ..methods import get_method
 
     if not isinstance(base, Base):

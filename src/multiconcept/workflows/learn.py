@@ -10,7 +10,7 @@ from ..errors import require
 from ..methods import get_method
 from ..methods.finetune import train
 from ..methods.settings import apply_overrides, apply_values
-from ..models import Base, load_base
+from ..models import Base, SingleFile, load_base
 from ..prompts import parse_concept
 from ..training import Progress
 
@@ -39,7 +39,7 @@ def learn(method: str, concepts: list[str], images: list[str], masks: list[str],
 
 
 def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=None, settings: dict | None = None,
-                   base: Base | str | None = None, reg_dir: str | Path | None = None, reg_generate: int = 0,
+                   base: Base | str | SingleFile | None = None, reg_dir: str | Path | None = None, reg_generate: int = 0,
                    reg_steps: int = REG_STEPS, resume: bool = False, device: str = "auto", dtype: str = "fp32",
                    progress: bool = True,
                    work_dir: str | Path | None = None, stop_after: int | None = None, overwrite: bool = True,

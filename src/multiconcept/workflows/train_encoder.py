@@ -66,7 +66,7 @@ from ..methods.fastcomposer import (
 )
 from ..methods.finetune import config_digest
 from ..methods.settings import config_dict
-from ..models import Base, load_base
+from ..models import Base, SingleFile, load_base
 from ..prompts import find_word_spans
 from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed
 
@@ -374,7 +374,7 @@ def train_encoder(
     data: str,
     out: str | Path,
     *,
-    base: Base | str | None = None,
+    base: Base | str | SingleFile | None = None,
     cfg: FastComposerConfig | None = None,
     image_encoder: str | None = None,
     resume: bool = False,

@@ -45,7 +45,7 @@ from ..methods.subject_diffusion import (
     location_map,
     place_mask,
 )
-from ..models import Base
+from ..models import Base, SingleFile
 from ..training import Progress, discard_checkpoint
 from .train_encoder import CHECKPOINT, EncoderTrainer, Record, fit, localisation, start
 
@@ -163,7 +163,7 @@ def train_subject_diffusion(
     data: str,
     out: str | Path,
     *,
-    base: Base | str | None = None,
+    base: Base | str | SingleFile | None = None,
     cfg: SubjectDiffusionConfig | None = None,
     image_encoder: str | None = None,
     resume: bool = False,

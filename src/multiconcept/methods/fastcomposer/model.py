@@ -10,7 +10,8 @@ from torch import nn
 
 from ...bundle import atomic_write
 from ...errors import UserError, require
-from ...models import Base, load_base
+from ...models import Base, SingleFile, load_base
+from ...models.fingerprint import same_weights
 from .config import CONFIG_FILE, MARKER, MODEL_FORMAT, MODEL_VERSION, FastComposerConfig, jsonable
 from .encoder import FusionMLP, SubjectImageEncoder, fuse_subjects
 from .markers import SubjectPrompt
@@ -104,7 +105,7 @@ class FastComposer(nn.Module):
             image_encoder=enc.vision.state_dict(),
             unet=self.base.unet.state_dict() if unet else None,
             config={
-                "base_name": self.base.name, "base_fingerprint": self.base.fingerprint,
+                "base_name": self.base.name, "base_fingerprint": self.base.fingerprint, "base_weights": self.base.weights,
                 "text_dim": self.fusion.text_dim, "image_dim": self.fusion.image_dim,
                 "vision_config": enc.vision.config.to_dict(),
                 "image_mean": enc.mean.flatten().tolist(), "image_std": enc.std.flatten().tolist(),
@@ -114,7 +115,7 @@ class FastComposer(nn.Module):
         return out
 
     @classmethod
-    def load(cls, folder: str | Path, base: Base | str | None = None, device: str = "auto",
+    def load(cls, folder: str | Path, base: Base | str | SingleFile | None = None, device: str = "auto",
              dtype: str = "fp32") -> "FastComposer":
         """A model folder on its base; the base's fingerprint must match the recorded one."""
         folder = Path(folder)
@@ -145,7 +146,7 @@ def read_model_config(folder: Path, name: str, fmt: str, version: int, what: str
     return config
 
 
-def base_for(folder: Path, config: dict, base: Base | str | None, device: str, dtype: str) -> Base:
+def base_for(folder: Path, config: dict, base: Base | str | SingleFile | None, device: str, dtype: str) -> Base:
     """The base a model folder names (or the one given), checked against its recorded fingerprint."""
     if not isinstance(base, Base):
         base = load_base(base if base is not None else config["base_name"], device=device, dtype=dtype)
@@ -153,6 +154,9 @@ def base_for(folder: Path, config: dict, base: Base | str | None, device: str, d
     require(want is None or want == base.fingerprint,
             f"model {folder} was trained on base {config['base_name']!r} (fingerprint {want}) but the loaded base is "
             f"{base.name!r} ({base.fingerprint}): pass --base {config['base_name']}")
+    require(same_weights(config.get("base_weights") or {}, base.weights),
+            f"model {folder} was trained on base {config['base_name']!r}, whose weights differ from those of the loaded "
+            f"base {base.name!r} (same configs and statistics, other weights): pass --base {config['base_name']}")
     return base
 
 

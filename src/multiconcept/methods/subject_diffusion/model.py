@@ -18,7 +18,7 @@ from torch import nn
 
 from ...bundle import atomic_write
 from ...errors import require
-from ...models import Base
+from ...models import Base, SingleFile
 from ..fastcomposer import SubjectImageEncoder, read_tensors
 from ..fastcomposer.model import base_for, read_model_config, saved_image_encoder
 from ..settings import apply_values, config_dict
@@ -150,7 +150,7 @@ class SubjectDiffusion(nn.Module):
         atomic_write(out / "image_encoder.safetensors", lambda tmp: save_file(vision, tmp))
         enc = self.encoder
         body = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "method": "subject-diffusion",
-                "base_name": self.base.name, "base_fingerprint": self.base.fingerprint,
+                "base_name": self.base.name, "base_fingerprint": self.base.fingerprint, "base_weights": self.base.weights,
                 "vision_config": enc.vision.config.to_dict(), "image_mean": enc.mean.flatten().tolist(),
                 "image_std": enc.std.flatten().tolist(), "settings": config_dict(self.cfg), **meta}
         text = json.dumps(body, indent=1, sort_keys=True, default=str)
@@ -158,7 +158,7 @@ class SubjectDiffusion(nn.Module):
         return out
 
     @classmethod
-    def load(cls, folder: str | Path, base: Base | str | None = None, device: str = "auto",
+    def load(cls, folder: str | Path, base: Base | str | SingleFile | None = None, device: str = "auto",
              dtype: str = "fp32") -> "SubjectDiffusion":
         """A model folder on its base; the base's fingerprint must match the recorded one."""
         folder = Path(folder)

@@ -1,0 +1,177 @@
+"""Single-file checkpoints as a base (`--base FILE.safetensors`): SD 1.x, SD 2.x and SDXL as AUTOMATIC1111,
+ComfyUI and kohya's sd-scripts hold them, loaded by diffusers' `from_single_file` of the family's pipeline.
+
+What the file is comes from its safetensors header alone, before any tensor is read: the length-prefixed
+JSON naming every tensor's dtype, shape and byte range (a file shorter than its last range is truncated).
+The family comes from the text encoders' keys (the original layouts: export/original_layout.py):
+``cond_stage_model.transformer.`` is SD 1.x's CLIP, ``cond_stage_model.model.`` SD 2.x's OpenCLIP,
+``conditioner.embedders.1.model.`` SDXL's second encoder. diffusers then takes the configs from `config`
+(a diffusers folder or hub id: `--base-config`) or, without one, from the hub repository it picks for the
+file (which needs the network or its cache). Nothing is ever unpickled: `.ckpt`, `.pt`, `.pth` and `.bin`
+files, and pickles renamed `.safetensors`, are refused before they are opened as anything but bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError, gist, is_dir, is_file, require
+
+SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+FAMILIES = {  # a text encoder key prefix -> the architecture (models.ARCHITECTURES) it belongs to
+    "conditioner.embedders.1.model.": "sdxl",
+    "cond_stage_model.model.": "sd2",
+    "cond_stage_model.transformer.": "sd1",
+}
+PIPELINE_OF = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+HEADER_LIMIT = 100 * 2 ** 20  # safetensors' own cap on the JSON header
+CONVERT = ("download the model's .safetensors version, or convert this file once, somewhere you trust it "
+           "(torch.load(f, weights_only=True), then safetensors.torch.save_file), and pass that")
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """A single-file checkpoint and, optionally, the diffusers configs that fit it (`--base-config`)."""
+
+    path: Path
+    config: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def is_checkpoint_path(name) -> bool:
+    """Whether a --base names a file by its suffix (.safetensors, or a pickle format refused when loaded)."""
+    if isinstance(name, SingleFile):
+        return True
+    return isinstance(name, str) and Path(name).suffix.lower() in (SUFFIX, *PICKLE_SUFFIXES) and not is_dir(name)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, dict]:
+    """({tensor name: {dtype, shape, data_offsets}}, metadata) of a safetensors file, checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+        not_safetensors = f"{path} is not a safetensors file (its first bytes are no safetensors header): pass a " \
+                          f"single-file SD 1.x, SD 2.x or SDXL checkpoint (.safetensors), or a diffusers folder"
+        # safetensors: an 8-byte length, then the JSON header's "{"; PyTorch's formats: a zip, or a raw pickle
+        if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+            raise UserError(f"{path} is a PyTorch pickle (zip or pickle bytes), not safetensors, whatever its name says; "
+                            f"multiconcept never unpickles a file (loading one can run any code inside it): {CONVERT}")
+        require(len(head) == 9 and head[8:9] == b"{", not_safetensors)
+        (n,) = struct.unpack("<Q", head[:8])
+        require(0 < n <= HEADER_LIMIT, not_safetensors)
+        require(8 + n <= size, f"{path} is truncated ({size:,} bytes, but its header alone claims {8 + n:,}): "
+                               "download it again")
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(not_safetensors) from e
+    require(isinstance(header, dict), not_safetensors)
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise UserError(not_safetensors) from e
+    require(8 + n + end <= size, f"{path} is truncated ({size:,} bytes of the {8 + n + end:,} its header describes): "
+                                 "download it again")
+    return header, meta
+
+
+def checkpoint_family(path: Path, header: dict, meta: dict) -> str | None:
+    """"sd1", "sd2" or "sdxl" from the text encoders' keys; None when the file holds a UNet but no text
+    encoder to tell; a UserError naming what the file is when it is no SD / SDXL checkpoint."""
+    keys = set(header)
+    require("multiconcept" not in meta, f"{path} is a multiconcept bundle, not a base checkpoint: pass it with -b, "
+                                        "and the checkpoint it was learned on as --base")
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or ".lora." in k for k in keys):
+        raise UserError(f"{path} is a LoRA, not a checkpoint: add it with `generate --lora {path}`, "
+                        "and pass the checkpoint it was made for as --base")
+    if keys & {"emb_params", "string_to_param", "clip_l", "clip_g"} or (keys and len(keys) <= 2 and UNET_IN not in keys):
+        raise UserError(f"{path} is a textual-inversion embedding, not a checkpoint: add it with "
+                        f"`generate --embedding {path}`, and pass a checkpoint as --base")
+    if UNET_IN not in keys:
+        if any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.double_blocks.",
+                             "model.diffusion_model.joint_blocks.")) for k in keys):
+            raise UserError(f"{path} is a FLUX or SD3 checkpoint, which --base does not load yet: "
+                            "pass an SD 1.x, SD 2.x or SDXL checkpoint")
+        if any(k.startswith(("down_blocks.", "conv_in.", "encoder.down_blocks.", "text_model.")) for k in keys):
+            raise UserError(f"{path} holds one diffusers model (its keys are diffusers' names), not a whole checkpoint: "
+                            "pass the diffusers pipeline folder it belongs to, or a single-file checkpoint")
+        raise UserError(f"{path} is not a Stable Diffusion checkpoint (it has no {UNET_IN}): pass a single-file "
+                        "SD 1.x, SD 2.x or SDXL checkpoint, or a diffusers folder")
+    channels = header[UNET_IN].get("shape", [0, 0])[1]
+    require(channels == 4, f"{path}'s UNet takes {channels} input channels (an inpainting or instruct-pix2pix model), "
+                           "not a text-to-image model's 4: pass a text-to-image checkpoint")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise UserError(f"{path} is an SDXL refiner (one OpenCLIP encoder, no CLIP ViT-L), which learns no concepts: "
+                        "pass an SDXL base checkpoint")
+    return next((arch for prefix, arch in FAMILIES.items() if any(k.startswith(prefix) for k in keys)), None)
+
+
+def pipeline_for(src: SingleFile, family: str | None):
+    """The diffusers pipeline class for the file: its family's, checked against --base-config's when that is a folder."""
+    import diffusers
+
+    from . import pipeline_class
+
+    config_class = None
+    if src.config is not None:
+        looks_local = is_dir(src.config) or Path(src.config).exists() or src.config.startswith((".", "/", "~"))
+        if looks_local:
+            require(is_dir(src.config) and is_file(Path(src.config) / "model_index.json"),
+                    f"--base-config {src.config} is not a diffusers pipeline folder (no model_index.json): pass the "
+                    "folder (save_pretrained) or hub id of a pipeline of the checkpoint's family")
+            config_class = pipeline_class(src.config).__name__
+    if family is None:
+        require(config_class is not None,
+                f"{src.path} holds a UNet but no text encoder by which its family (SD 1.x, SD 2.x or SDXL) can be told: "
+                "pass --base-config DIR, a diffusers pipeline folder of the same family (it also supplies the parts "
+                "the file lacks)")
+        return getattr(diffusers, config_class)
+    want = PIPELINE_OF[family]
+    require(config_class in (None, want),
+            f"{src.path} is an {NAMES[family]} checkpoint but --base-config {src.config} holds a {config_class}: "
+            f"pass the configs of an {NAMES[family]} pipeline")
+    return getattr(diffusers, want)
+
+
+def load_single_file(src: SingleFile, dtype: torch.dtype):
+    """The pipeline in a single-file checkpoint, every weight loaded (see the module's docstring)."""
+    path = src.path
+    suffix = path.suffix.lower()
+    require(suffix not in PICKLE_SUFFIXES,
+            f"{path} is a pickle checkpoint ({suffix}); multiconcept never unpickles a file (loading one can run any "
+            f"code inside it): {CONVERT}")
+    require(suffix == SUFFIX, f"{path} is not a .safetensors file: pass a single-file checkpoint (.safetensors)")
+    require(is_file(path), f"base {path} does not exist: check the path")
+    header, meta = read_safetensors_header(path)
+    family = checkpoint_family(path, header, meta)
+    cls = pipeline_for(src, family)
+    extra = {} if cls.__name__ == "StableDiffusionXLPipeline" else dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_single_file(str(path), config=src.config, dtype=dtype, **extra)
+    except Exception as e:  # noqa: BLE001 - a user's file and configs: whatever diffusers raises means "does not fit"
+        why = gist(e)
+        if src.config is None:
+            raise UserError(f"could not load {path} as an {NAMES[family]} checkpoint with the configs diffusers picks for it "
+                            f"from the hub ({why}): offline, or the file has unusual shapes; pass --base-config "
+                            f"DIR_OR_HUB_ID, a diffusers pipeline of the same model") from e
+        raise UserError(f"{path} does not fit the configs of --base-config {src.config} ({why}): pass the diffusers "
+                        f"pipeline this checkpoint was made from, or one of the same shapes") from e
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, part, None)
+        missing = [n for n, p in model.named_parameters() if p.is_meta] if model is not None else []
+        require(not missing, f"{path} lacks {len(missing)} of the {part}'s weights (e.g. {missing[0] if missing else ''}): "
+                             "it is incomplete, or --base-config describes another model")
+    return pipe
+

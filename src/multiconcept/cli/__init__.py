@@ -12,6 +12,7 @@ import typer
 
 from ..errors import UserError
 from . import (
+    bake,
     benchmark,
     compose,
     convert,
@@ -32,7 +33,7 @@ from .options import err
 
 for verb in (learn.learn, generate.generate, inspect.inspect, export.export, methods.methods, demo.demo,
              evaluate.evaluate, benchmark.benchmark, train_encoder.train_encoder, compose.compose,
-             convert.convert_fastcomposer, ui.ui):
+             convert.convert_fastcomposer, bake.bake, ui.ui):
     app.command()(verb)
 app.add_typer(toyworld.app, name="toyworld")
 app.add_typer(dataset.app, name="dataset")

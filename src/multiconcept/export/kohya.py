@@ -12,13 +12,12 @@ SDXL LoRAs name the UNet's modules as the original (SGM) model does, as kohya's 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..bundle import Bundle, check_base, load_bundle
 from ..errors import UserError, require
 from .files import check_out_dir
+from .original_layout import unet_module
 
 # component -> key prefix, by how many text encoders the base has. SD 1.x and 2.x: one, `lora_te`.
 # SDXL (two) is `lora_te1` / `lora_te2`, which is what diffusers' converter writes for every base.
@@ -43,21 +42,12 @@ def kohya_path(key: str) -> str:
 
 
 def sgm_module(module: str, layers_per_block: int) -> str:
-    """diffusers' path of an SDXL UNet attention module -> the original model's. The original numbers its
-    blocks in one row: input_blocks.0 is conv_in, then per level `layers_per_block` layers and a
-    downsampler; output blocks have one layer more per level and no separate upsampler; [1] is a
-    layer's transformer (its [0] the resnet). Only attention modules are mapped: those are what LoRA
-    and Custom Diffusion train."""
-    step = layers_per_block + 1
-    for pattern, index in ((r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda i, j: f"input_blocks.{1 + i * step + j}"),
-                           (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda i, j: f"output_blocks.{i * step + j}"),
-                           (r"mid_block\.attentions\.(0)\.(.+)", lambda i: "middle_block")):
-        m = re.fullmatch(pattern, module)
-        if m:
-            *ids, rest = m.groups()
-            return f"{index(*map(int, ids))}.1.{rest}"
-    raise UserError(f"the UNet module {module} is not in an attention block, which the SDXL LoRA names cannot place: "
-                    f"export to diffusers' layout instead (--format diffusers)")
+    """diffusers' path of an SDXL UNet attention module -> the original model's (original_layout.unet_module
+    numbers the blocks). Only attention modules are mapped: those are what LoRA and Custom Diffusion train."""
+    if ".attentions." not in module:
+        raise UserError(f"the UNet module {module} is not in an attention block, which the SDXL LoRA names cannot place: "
+                        f"export to diffusers' layout instead (--format diffusers)")
+    return unet_module(module, layers_per_block)
 
 
 def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None, text_encoders: int = 1,
@@ -106,8 +96,8 @@ def sdxl_embedding_file_tensors(rows: list[torch.Tensor]) -> dict[str, torch.Ten
     return {key: row.detach().reshape(1, -1).contiguous() for key, row in zip(SDXL_EMBEDDING_KEYS, rows)}
 
 
-def refuse_infusion(bundle: Bundle, path) -> None:
-    if bundle.method == "infusion":
+def refuse_infusion(method: str, path) -> None:
+    if method == "infusion":
         raise UserError(f"bundle {path} is Infusion: its value residuals are added only at the class word's positions, "
                         f"so they depend on the prompt's tokens and no weight delta or LoRA can carry them; "
                         f"generate with `multiconcept generate -b {path}`")
@@ -119,5 +109,5 @@ def exportable_bundle(bundle_path, base, out) -> Bundle:
     check_out_dir(out)
     bundle = load_bundle(bundle_path)
     check_base(bundle, base, str(bundle_path))
-    refuse_infusion(bundle, bundle_path)
+    refuse_infusion(bundle.method, bundle_path)
     return bundle

@@ -1,4 +1,5 @@
-"""The README of an export for A1111 / ComfyUI / kohya: where each file goes, the prompt each tool types."""
+"""The READMEs of an export for A1111 / ComfyUI / kohya and of a baked checkpoint: where each file goes,
+the prompt each tool types."""
 
 from __future__ import annotations
 
@@ -8,20 +9,33 @@ from .kohya import sdxl_embedding_loading_code
 TOOL_NAMES = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "kohya": "kohya's sd-scripts"}
 
 
-def prompts(bundle: Bundle, words: dict[str, str], lora: str | None) -> dict[str, str]:
-    """The bundle's concepts in one prompt, as each tool types them."""
+def prompts(bundles: list[Bundle], words: dict[str, str], lora: str | None) -> dict[str, str]:
+    """The bundles' concepts in one prompt, as each tool types them."""
+    concepts = [(t, c) for b in bundles for t, c in zip(b.tokens, b.class_words)]
+
     def phrase(fmt: str) -> str:
-        return "photo of a " + " and ".join(f"{fmt.format(words.get(t, t))} {c}"
-                                            for t, c in zip(bundle.tokens, bundle.class_words))
+        return "photo of a " + " and ".join(f"{fmt.format(words.get(t, t))} {c}" for t, c in concepts)
     return {"a1111": phrase("{}") + (f" <lora:{lora}:1>" if lora else ""), "comfyui": phrase("embedding:{}"),
-            "kohya": phrase("{}"),
-            "diffusers": "photo of a " + " and ".join(f"{t} {c}" for t, c in zip(bundle.tokens, bundle.class_words))}
+            "kohya": phrase("{}"), "diffusers": "photo of a " + " and ".join(f"{t} {c}" for t, c in concepts)}
+
+
+def diffusers_loading(load: str, words: dict[str, str], sdxl: bool) -> list[str]:
+    """The diffusers lines that make the pipeline (`pipe = Pipeline.<load>`) and load every embedding file."""
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    code = ["import torch", *(["from safetensors.torch import load_file"] if sdxl and words else []),
+            f"from diffusers import {pipeline}", "", f"pipe = {pipeline}.{load}"]
+    for t, w in words.items():
+        if sdxl:  # diffusers reads each encoder's row on its own
+            code += sdxl_embedding_loading_code(f"embeddings/{w}.safetensors", t)
+        else:
+            code.append(f'pipe.load_textual_inversion("embeddings/{w}.safetensors", token="{t}")')
+    return code
 
 
 def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, result) -> str:
     words, lora = result.embeddings, result.lora
     sdxl = bundle.architecture == "sdxl"
-    p = prompts(bundle, words, lora)
+    p = prompts([bundle], words, lora)
     emb = [f"embeddings/{w}.safetensors" for w in words.values()]
     lora_file = f"loras/{lora}.safetensors" if lora else None
     lines = [f"# {bundle_name} for {TOOL_NAMES[tool]} (the same files load in AUTOMATIC1111, ComfyUI and kohya's sd-scripts)",
@@ -58,14 +72,7 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
     order = [tool] + [t for t in sections if t != tool]
     for t in order:
         lines += [""] + sections[t]
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    code = ["import torch", *(["from safetensors.torch import load_file"] if sdxl and words else []),
-            f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base_name}")']
-    for t, w in words.items():
-        if sdxl:  # diffusers reads each encoder's row on its own
-            code += sdxl_embedding_loading_code(f"embeddings/{w}.safetensors", t)
-        else:
-            code.append(f'pipe.load_textual_inversion("embeddings/{w}.safetensors", token="{t}")')
+    code = diffusers_loading(f'from_pretrained("{base_name}")', words, sdxl)
     if lora:
         code.append(f'pipe.load_lora_weights("loras", weight_name="{lora}.safetensors")')
     code += [f'image = pipe("{p["diffusers"]}", num_inference_steps=50, guidance_scale=6.0).images[0]']
@@ -81,3 +88,32 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
 
 def _list(files: list[str]) -> str:
     return ", ".join(f"`{f}`" for f in files)
+
+
+def baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, str], base) -> str:
+    """The README beside a baked checkpoint (export/checkpoint.py)."""
+    sdxl = base.is_sdxl
+    p = prompts(bundles, words, None)
+    emb = [f"embeddings/{w}.safetensors" for w in words.values()]
+    methods = ", ".join(sorted({b.method for b in bundles}))
+    lines = [f"# {checkpoint}: the base `{base.name}` with {methods} concepts baked in", "",
+             f"A single-file {'SDXL' if sdxl else 'Stable Diffusion'} checkpoint in the original layout, the concepts' "
+             "weight changes added; a checkpoint's vocabulary cannot grow, so each learned token is an embedding file "
+             "beside it, named after the word the prompt types.", "", "| file | what | in the prompt |", "|---|---|---|",
+             f"| `{checkpoint}` | the checkpoint | (select it as the model) |"]
+    lines += [f"| `embeddings/{w}.safetensors` | the token `{t}` | `{w}` (ComfyUI: `embedding:{w}`) |" for t, w in words.items()]
+    lines += ["", "## AUTOMATIC1111", "", f"Copy `{checkpoint}` into `stable-diffusion-webui/models/Stable-diffusion/`"
+              + (f" and {_list(emb)} into `stable-diffusion-webui/embeddings/`" if emb else "")
+              + ", refresh, select the checkpoint. Prompt:", "", f"    {p['a1111']}",
+              "", "## ComfyUI", "", f"Copy `{checkpoint}` into `ComfyUI/models/checkpoints/`"
+              + (f" and {_list(emb)} into `ComfyUI/models/embeddings/`" if emb else "")
+              + "; pick it in **Load Checkpoint**. Prompt in **CLIP Text Encode**:", "", f"    {p['comfyui']}",
+              "", "## kohya's sd-scripts", "", "```bash",
+              f"python {'sdxl_gen_img.py' if sdxl else 'gen_img.py'} --ckpt {checkpoint}"
+              + (f" \\\n    --textual_inversion_embeddings {' '.join(emb)}" if emb else "")
+              + f" \\\n    --prompt \"{p['kohya']}\"", "```", "", "## multiconcept", "", "```bash",
+              f"multiconcept generate '{p['diffusers']}' --base {checkpoint}"
+              + "".join(f" --embedding {e}" for e in emb), "```"]
+    code = diffusers_loading(f'from_single_file("{checkpoint}")', words, sdxl)
+    code += [f'image = pipe("{p["diffusers"]}", num_inference_steps=50, guidance_scale=6.0).images[0]']
+    return "\n".join(lines + ["", "## diffusers", "", "```python", *code, "```"]) + "\n"

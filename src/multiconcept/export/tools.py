@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..bundle import Bundle
 from ..errors import UserError, require
 from ..models import Base
 from .diffusers import check_deltas, lora_parts, token_rows
@@ -41,6 +42,19 @@ class ToolExport:
     svd: Factorisation | None = None  # Custom Diffusion / DisenDiff: how well the LoRA carries the deltas
     rank: int | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def add_embedding_files(files: dict, words: dict[str, str], bundle_path, bundle: Bundle, base: Base) -> None:
+    """Add `embeddings/<word>.safetensors` writers to `files` for the bundle's tokens, and each token's word to
+    `words`; a word already taken (by this bundle or one added before) is refused."""
+    for token, rows in token_rows(bundle_path, bundle, base).items():
+        word = token_name(token)
+        require(word and word not in words.values(),
+                f"bundle {bundle_path}'s token {token} exports to the file name {word!r}, which another token takes: "
+                "re-learn one of them under another name")
+        words[token] = word
+        tensors = sdxl_embedding_file_tensors(rows) if base.is_sdxl else embedding_file_tensors(rows[0])
+        files[f"embeddings/{word}.safetensors"] = lambda f, tensors=tensors: save_file(tensors, f)
 
 
 def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base,
@@ -76,13 +90,7 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
             "export to diffusers' layout instead (--format diffusers)")
     files: dict[str, callable] = {}
     words: dict[str, str] = {}
-    for token, rows in token_rows(bundle_path, bundle, base).items():
-        word = token_name(token)
-        require(word and word not in words.values(),
-                f"bundle {bundle_path} has tokens that export to the same file name {word!r}: re-learn one under another name")
-        words[token] = word
-        tensors = sdxl_embedding_file_tensors(rows) if base.is_sdxl else embedding_file_tensors(rows[0])
-        files[f"embeddings/{word}.safetensors"] = lambda f, tensors=tensors: save_file(tensors, f)
+    add_embedding_files(files, words, bundle_path, bundle, base)
 
     lora, deltas = bundle.with_prefix("lora/"), bundle.with_prefix("unet_delta/")
     require(not (lora and deltas), f"bundle {bundle_path} holds both LoRA factors and weight deltas: re-learn it")

@@ -8,7 +8,7 @@ from ..bundle import load_bundle
 from ..errors import require
 from ..export import DEFAULT_RANK, FORMATS, ToolExport, check_out_dir, export_diffusers, export_for_tools
 from ..export.kohya import refuse_infusion
-from ..models import Base, load_base
+from ..models import Base, SingleFile, load_base
 
 
 def parse_rank(text: str | int) -> int | None:
@@ -24,14 +24,14 @@ def parse_rank(text: str | int) -> int | None:
 
 
 def export_bundle(bundle_path: str | Path, out_dir: str | Path, format: str = "diffusers", *,
-                  rank: int | str = DEFAULT_RANK, base: Base | str | None = None) -> ToolExport:
+                  rank: int | str = DEFAULT_RANK, base: Base | str | SingleFile | None = None) -> ToolExport:
     """Write `bundle_path` for `format` (diffusers | a1111 | comfyui | kohya) into `out_dir`. Bad input is refused
     before the base loads where it can be known then (format, rank, output path, a corrupt or Infusion bundle)."""
     require(format in FORMATS, f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     rank = parse_rank(rank)
     check_out_dir(Path(out_dir))
     bundle = load_bundle(bundle_path)
-    refuse_infusion(bundle, bundle_path)
+    refuse_infusion(bundle.method, bundle_path)
     if not isinstance(base, Base):
         base = load_base(base if base is not None else bundle.base_name)
     if format == "diffusers":

@@ -19,6 +19,8 @@ def build_cmd(
                                           "(default: inside the package, where `--base toyworld` finds them)"),
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
     seed: int = number(0, help="the whole build is seeded"),
+    world: str = typer.Option("shapes", help="shapes (the shipped world) | creatures (subjects of one kind "
+                              "told apart by parts no word names; two CLIPs)"),
     steps: Optional[int] = number(None, help="UNet training steps (default 12000)"),
     text_encoder: str = typer.Option("evaluator-tuned", help="evaluator-tuned (the evaluator's text tower, trained with "
                                      "the UNet) | evaluator (that tower, frozen) | scratch (random init, trained)"),
@@ -45,7 +47,7 @@ def build_cmd(
     from ..models import TOYWORLD_DIR  # here, not at the top: torch loads on first use, not for --help
     from ..workflows.toyworld_build import BuildConfig, build
 
-    extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
+    extra = {"world": world, "threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
              "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std,
              "easy_share": easy_share, "base_layout": base_layout, "caption_colour_p": caption_colour_p,

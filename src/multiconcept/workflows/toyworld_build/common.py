@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from ...bundle import atomic_write
-from ...toyworld.render import Appearance, SceneObject
 from ...training import LoopSettings, Progress, make_accelerator, run
 
 
@@ -53,14 +52,9 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def objects_from_dicts(objs: list[dict]) -> list[SceneObject]:
-    return [SceneObject(o["noun"], Appearance(o["colour"], o["pattern"], o["second_colour"]),
-                        o["size"], o["position"], tuple(o["box"]), None, o["concept"]) for o in objs]
-
-
-def render_pool(n: int, rng_key: list[int], sampler, masks: bool = False):
-    """n scenes as uint8 images plus JSON metadata (what captions need), and with
-    masks=True the union of each scene's object masks."""
+def render_pool(n: int, rng_key: list[int], sampler, world, masks: bool = False):
+    """n scenes of `world` (worlds.WORLDS) as uint8 images plus JSON metadata (what captions need),
+    and with masks=True the union of each scene's object masks."""
     rng = np.random.default_rng(rng_key)
     images = np.empty((n, 64, 64, 3), dtype=np.uint8)
     foreground = np.zeros((n, 64, 64), dtype=bool) if masks else None
@@ -69,9 +63,8 @@ def render_pool(n: int, rng_key: list[int], sampler, masks: bool = False):
         s = sampler(rng)
         images[i] = s.image
         if masks:
-            for o in s.objects:
-                foreground[i] |= o.mask
-        meta.append({"background": s.background, "objects": [o.to_dict() for o in s.objects]})
+            foreground[i] = world.foreground(s)
+        meta.append(world.meta(s))
     return (images, meta, foreground) if masks else (images, meta)
 
 

@@ -1,4 +1,6 @@
-"""Stage 3: the evaluator, a small transformers CLIPModel trained contrastively on renders and captions."""
+"""Stage 3: the CLIPs (transformers CLIPModel) trained contrastively on renders and captions: the
+evaluator, and in the creatures world a second one by the same recipe (another seed, the other half of
+the world pool), the encoder the base's text tower and the tuning-free methods start from."""
 
 from __future__ import annotations
 
@@ -8,19 +10,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...toyworld.render import describe
 from ...training import discard_checkpoint
 from .common import (
     Log,
     StageJob,
-    objects_from_dicts,
     replace_dir,
     stage_loop,
     to_pixels,
     write_json,
 )
-from .settings import CHECKPOINTS, BuildConfig, stage_digest
+from .settings import CHECKPOINTS, BuildConfig, clip_names, stage_digest
 from .vae import world_pool
+from .worlds import WORLDS
 
 
 def make_evaluator(tokenizer):
@@ -49,41 +50,43 @@ def _augment_like_generations(x: torch.Tensor, rng: np.random.Generator) -> torc
     return x + noisy * torch.from_numpy(rng.normal(0, 0.06, x.shape).astype(np.float32))
 
 
-def _evaluator_captions(meta: list[dict], rng: np.random.Generator) -> list[str]:
-    """Full captions half the time (retrieval is measured on those), short ones otherwise."""
-    return [describe(objects_from_dicts(m["objects"]), m["background"], None if rng.random() < 0.5 else rng)
-            for m in meta]
+def train_clips(cfg: BuildConfig, work: Path, tokenizer, log: Log) -> dict:
+    """Every CLIP the build needs (settings.clip_names), each trained once and then reloaded."""
+    return {name: train_evaluator(cfg, work, tokenizer, log, name) for name in clip_names(cfg)}
 
 
-def train_evaluator(cfg: BuildConfig, work: Path, tokenizer, log: Log):
+def train_evaluator(cfg: BuildConfig, work: Path, tokenizer, log: Log, name: str = "evaluator"):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    folder = work / "evaluator"
+    folder = work / name
     if (folder / "config.json").exists():
         return CLIPModel.from_pretrained(folder).eval()
     images, meta, _ = world_pool(cfg, log)
-    torch.manual_seed(cfg.seed + 3)
+    k, n_clips = clip_names(cfg).index(name), len(clip_names(cfg))
+    own = np.arange(k, len(images), n_clips)  # the CLIPs see disjoint halves of the pool
+    world = WORLDS[cfg.world]
+    torch.manual_seed(cfg.seed + 3 + 10 * k)
     model = make_evaluator(tokenizer)
-    log(f"evaluator: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
+    log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.evaluator_lr, weight_decay=0.1)
     model.train()
 
     def loss_of(step: int) -> torch.Tensor:
-        rng = np.random.default_rng([cfg.seed, 30, step])
-        idx = rng.integers(len(images), size=cfg.evaluator_batch)
+        rng = np.random.default_rng([cfg.seed, 30 + k, step])
+        idx = own[rng.integers(len(own), size=cfg.evaluator_batch)]
         pixels = _augment_like_generations(to_pixels(images[idx]), rng)
         # Padding to the longest caption, not to 77: with CLIP's causal mask the pooled
         # (end-of-text) feature never sees the padding, so this is exact and ~3x cheaper.
-        ids = tokenizer(_evaluator_captions([meta[i] for i in idx], rng), padding=True,
+        ids = tokenizer([world.clip_caption(meta[i], rng) for i in idx], padding=True,
                         truncation=True, return_tensors="pt").input_ids
         return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 
-    info, _ = stage_loop("evaluator", StageJob(loss_of, {"clip": model}), opt, steps=cfg.evaluator_steps,
+    info, _ = stage_loop(name, StageJob(loss_of, {"clip": model}), opt, steps=cfg.evaluator_steps,
                          max_minutes=cfg.evaluator_max_minutes, peak_lr=cfg.evaluator_lr,
-                         warmup=min(100, cfg.evaluator_steps // 10 + 1), checkpoint=work / CHECKPOINTS["evaluator"],
-                         digest=stage_digest(cfg, "evaluator"), checkpoint_minutes=cfg.checkpoint_minutes, log=log)
+                         warmup=min(100, cfg.evaluator_steps // 10 + 1), checkpoint=work / CHECKPOINTS[name],
+                         digest=stage_digest(cfg, name), checkpoint_minutes=cfg.checkpoint_minutes, log=log)
     model.eval()
-    tmp = folder.with_name("evaluator.tmp")
+    tmp = folder.with_name(f"{name}.tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     # Same [-1, 1] normalisation as training; 64 px in, so resize and crop are identities.
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(
@@ -92,7 +95,7 @@ def train_evaluator(cfg: BuildConfig, work: Path, tokenizer, log: Log):
     processor.save_pretrained(tmp)
     write_json(tmp / "training.json", info)
     replace_dir(tmp, folder)
-    discard_checkpoint(work / CHECKPOINTS["evaluator"])
+    discard_checkpoint(work / CHECKPOINTS[name])
     return CLIPModel.from_pretrained(folder).eval()
 
 

@@ -12,22 +12,15 @@ from ...metrics.frechet import frechet_distance
 from ...toyworld.check import check
 from ...toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS, Appearance, ObjectSpec, describe, render_scene
 from ...toyworld.scenes import world_scene
-from .common import Log, grid, objects_from_dicts, render_pool, write_json
+from .common import Log, grid, render_pool, write_json
 from .evaluator import image_features, retrieval_top1
 from .settings import BuildConfig
+from .worlds import WORLDS, objects_from_dicts
 
 
 def single_object_prompts(n: int, seed: int) -> list[tuple[str, str, str, str]]:
     """(prompt, noun, colour, background), cycling through every class x colour."""
-    rng = np.random.default_rng(seed)
-    combos = [(noun, colour) for noun in CLASS_NOUNS for colour in COLOURS]
-    order = rng.permutation(len(combos))
-    out = []
-    for i in range(n):
-        noun, colour = combos[order[i % len(combos)]]
-        bg = str(rng.choice(list(BACKGROUNDS)))
-        out.append((f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {noun} on a {bg} background", noun, colour, bg))
-    return out
+    return [(p, e["noun"], e["colour"], e["background"]) for p, e in WORLDS["shapes"].quick_prompts(n, seed)]
 
 
 def two_object_prompts(n: int, seed: int) -> list[tuple[str, tuple, tuple, str]]:
@@ -68,15 +61,11 @@ def generate(pipe, prompts: list[str], cfg: BuildConfig, seed: int, batch: int =
 
 def quick_score(pipe, cfg: BuildConfig, n: int) -> dict:
     """Checker scores on n held-out single-object prompts (seeded, so comparable across steps)."""
-    prompts = single_object_prompts(n, seed=cfg.seed + 777)
-    images = generate(pipe, [p[0] for p in prompts], cfg, seed=10_000)
-    results = []
-    for img, (_, noun, colour, bg) in zip(images, prompts):
-        r = check(img, noun, colour)
-        results.append(r | {"bg_ok": r["background"] == bg})
-    keys = ("class_present", "largest_is_class", "colour_present", "match")
-    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in keys},
-            "background": float(np.mean([r["bg_ok"] for r in results]))}
+    world = WORLDS[cfg.world]
+    prompts = world.quick_prompts(n, seed=cfg.seed + 777)
+    images = generate(pipe, [p for p, _ in prompts], cfg, seed=10_000)
+    results = [world.quick_check(img, expected) for img, (_, expected) in zip(images, prompts)]
+    return {"n": n, **{k: float(np.mean([r[k] for r in results])) for k in results[0]}}
 
 
 def _render_like(noun: str, colour: str, bg: str, seed: int) -> np.ndarray:
@@ -100,7 +89,7 @@ def quality_report(cfg: BuildConfig, out: Path, evaluator, tokenizer, log: Log) 
     pair = [(check(img, *a), check(img, *b)) for img, (_, a, b, _) in zip(gen_pair, pairs)]
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
 
-    held_out, held_meta = render_pool(200, [cfg.seed, 1003], world_scene)
+    held_out, held_meta = render_pool(200, [cfg.seed, 1003], world_scene, WORLDS["shapes"])
     full = [describe(objects_from_dicts(m["objects"]), m["background"]) for m in held_meta]
     # class and appearance words only: what a prompt without layout words says
     short = [" and ".join(o.phrase(size=False, position=False) for o in objects_from_dicts(m["objects"]))

@@ -12,10 +12,17 @@ from ...errors import UserError
 from ...toyworld.scenes import BASE_LAYOUTS
 from .common import write_json
 
+WORLD_NAMES = ("shapes", "creatures")
+
 
 @dataclass
 class BuildConfig:
     seed: int = 0
+    # Which world (worlds.WORLDS): "shapes", the shipped one, or "creatures", subjects of one kind told
+    # apart by parts no word names (toyworld/creatures). A creatures build trains two CLIPs by one
+    # recipe: the evaluator, which no method uses, and the encoder, whose text tower becomes the base's
+    # and whose image tower the tuning-free methods start from.
+    world: str = "shapes"
     # tokenizer
     bpe_vocab_size: int = 1600  # learned tokens incl. the byte alphabet; 256 end-of-word bytes are added after
     # The text context. SD's 77 left 64 padding tokens after a ToyWorld caption, and the
@@ -174,7 +181,7 @@ def check_state(work: Path, cfg: BuildConfig, resume: bool) -> None:
             raise UserError(f"{work} holds a build with other settings {diff}: "
                             f"pass --no-resume (resume=False) or another --work folder")
     if not resume:
-        for name in ("tokenizer", "vae", "evaluator", "unet_final", *CHECKPOINTS.values(), "base_pool.safetensors",
+        for name in ("tokenizer", "vae", "evaluator", "encoder", "unet_final", *CHECKPOINTS.values(), "base_pool.safetensors",
                      "base_pool.json", "state.json"):
             p = work / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -197,6 +204,7 @@ def validate(cfg: BuildConfig) -> None:
 
     for name in ("unet_steps", "vae_steps", "evaluator_steps", "threads", "unet_batch", "vae_batch", "evaluator_batch"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
+    choose("world", WORLD_NAMES)
     choose("text_encoder", TEXT_ENCODERS)
     choose("prediction_type", ("v_prediction", "epsilon"))
     choose("noise_schedule", sorted(NOISE_SCHEDULES))
@@ -213,7 +221,13 @@ def validate(cfg: BuildConfig) -> None:
     need(cfg.max_unet_hours is None or cfg.max_unet_hours > 0, "max_unet_hours", "must be positive")
 
 
-CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "evaluator": "ckpt_evaluator.safetensors", "unet": "ckpt_unet.safetensors"}
+CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "evaluator": "ckpt_evaluator.safetensors",
+               "encoder": "ckpt_encoder.safetensors", "unet": "ckpt_unet.safetensors"}
+
+
+def clip_names(cfg: BuildConfig) -> tuple[str, ...]:
+    """The CLIPs a build trains, by one recipe; the last one's text tower starts the base's text encoder."""
+    return ("evaluator", "encoder") if cfg.world == "creatures" else ("evaluator",)
 
 
 def stage_digest(cfg: BuildConfig, stage: str) -> str:

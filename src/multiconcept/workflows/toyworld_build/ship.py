@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ...toyworld.render import CLASS_NOUNS, COLOURS
 from .common import Log, replace_dir
 from .quality import quick_score
-from .settings import BuildConfig
+from .settings import BuildConfig, clip_names
 from .unet import make_pipeline
+from .worlds import WORLDS
 
 
 def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
@@ -24,7 +24,7 @@ def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
 
 def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
     """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
-    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=len(CLASS_NOUNS) * len(COLOURS))
+    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=WORLDS[cfg.world].quick_n)
               for kind, (te, un) in trained.items()}
     choice = max(scores, key=lambda k: (scores[k]["match"], k == "raw"))
     log(f"ship: raw {scores['raw']} / ema {scores['ema']} -> shipping {choice}")
@@ -35,23 +35,24 @@ def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict,
     pipe.save_pretrained(tmp, safe_serialization=True)
     _add_vocab_files(tmp / "tokenizer", work / "tokenizer")
     replace_dir(tmp, out / "base")
-    ship_evaluator(out, work)
+    for name in clip_names(cfg):
+        ship_evaluator(out, work, name)
     return choice, scores
 
 
-def ship_evaluator(out: Path, work: Path) -> Path:
-    """OUT/evaluator: the trained CLIPModel in fp16 (loaders upcast to fp32), its
-    tokenizer (+ vocab.json/merges.txt) and image recipe. The evaluator is final
+def ship_evaluator(out: Path, work: Path, name: str = "evaluator") -> Path:
+    """OUT/NAME: a trained CLIPModel in fp16 (loaders upcast to fp32), its
+    tokenizer (+ vocab.json/merges.txt) and image recipe. A CLIP is final
     once its stage ends, so it can ship before the base does."""
     from transformers import CLIPModel
 
-    src, tmp = work / "evaluator", out / "evaluator.tmp"
+    src, tmp = work / name, out / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
     CLIPModel.from_pretrained(src, dtype=torch.float32).half().save_pretrained(tmp, safe_serialization=True)
     _add_vocab_files(tmp, work / "tokenizer")
-    replace_dir(tmp, out / "evaluator")
-    return out / "evaluator"
+    replace_dir(tmp, out / name)
+    return out / name
 
 
 # ---------------------------------------------------------------- entry point

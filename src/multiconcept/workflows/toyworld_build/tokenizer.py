@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...toyworld.render import CLASS_NOUNS, PERSONAL_CONCEPTS, describe
-from ...toyworld.scenes import world_scene
 from .common import Log, replace_dir
 from .settings import BuildConfig
+from .worlds import WORLDS
 
 COMMON_WORDS = """
 a an the of on in at to with and or for from by as is are be this that it its one two three
@@ -56,13 +55,9 @@ def train_tokenizer(cfg: BuildConfig, folder: Path, log: Log):
     )
     from transformers import CLIPTokenizer
 
-    rng = np.random.default_rng([cfg.seed, 1])
-    corpus = []
-    for _ in range(3000):
-        s = world_scene(rng)
-        corpus += [s.caption, describe(s.objects, s.background)]
-    corpus += [f"a {c.description()}" for c in PERSONAL_CONCEPTS.values()]
-    corpus += [" ".join(COMMON_WORDS)] * 3 + [t.replace("{}", n) for t in PROMPT_TEMPLATES for n in CLASS_NOUNS]
+    world = WORLDS[cfg.world]
+    corpus = world.corpus(np.random.default_rng([cfg.seed, 1]))
+    corpus += [" ".join(COMMON_WORDS)] * 3 + [t.replace("{}", n) for t in PROMPT_TEMPLATES for n in world.nouns]
 
     bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -93,7 +88,7 @@ def train_tokenizer(cfg: BuildConfig, folder: Path, log: Log):
     tok.save_pretrained(tmp)
     replace_dir(tmp, folder)
     tok = CLIPTokenizer.from_pretrained(folder)
-    probe = "a photo of a small red striped star on the beach"
+    probe = world.probe
     log(f"tokenizer: {len(tok)} tokens; {probe!r} -> {tok.tokenize(probe)}")
     return tok
 

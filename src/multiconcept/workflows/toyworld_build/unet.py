@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,10 @@ from safetensors.torch import save_file
 
 from ...errors import UserError
 from ...losses import diffusion_target, min_snr_weights
-from ...toyworld.render import describe
-from ...toyworld.scenes import base_training_scene
 from ...training import discard_checkpoint
 from .common import (
     Log,
     StageJob,
-    objects_from_dicts,
     render_pool,
     replace_dir,
     stage_loop,
@@ -32,7 +28,8 @@ from .common import (
     write_json,
 )
 from .quality import quick_score
-from .settings import CHECKPOINTS, NOISE_SCHEDULES, BuildConfig, stage_digest
+from .settings import CHECKPOINTS, NOISE_SCHEDULES, BuildConfig, clip_names, stage_digest
+from .worlds import WORLDS
 
 
 def latent_pool(cfg: BuildConfig, work: Path, vae, log: Log):
@@ -43,7 +40,8 @@ def latent_pool(cfg: BuildConfig, work: Path, vae, log: Log):
         if len(mean) == cfg.base_pool:
             return mean, std, json.loads(meta_path.read_text())
     t = time.time()
-    images, meta = render_pool(cfg.base_pool, [cfg.seed, 4], partial(base_training_scene, layout=cfg.base_layout))
+    world = WORLDS[cfg.world]
+    images, meta = render_pool(cfg.base_pool, [cfg.seed, 4], lambda rng: world.base_scene(rng, cfg), world)
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), 256):
@@ -156,7 +154,9 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     if cfg.text_encoder.startswith("evaluator"):  # "evaluator" (frozen) or "evaluator-tuned"
         from transformers import CLIPModel
 
-        text_encoder.load_state_dict(CLIPModel.from_pretrained(work / "evaluator", dtype=torch.float32).text_model.state_dict())
+        # the last CLIP trained: the evaluator itself in the shapes world, the encoder in the creatures one
+        tower = CLIPModel.from_pretrained(work / clip_names(cfg)[-1], dtype=torch.float32).text_model
+        text_encoder.load_state_dict(tower.state_dict())
     if cfg.text_encoder == "evaluator":
         text_encoder.requires_grad_(False).eval()
         modules = {"unet": unet}  # what trains (and is checkpointed / averaged)
@@ -172,7 +172,8 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     for m in modules.values():
         m.train()
 
-    singles = np.array([i for i, m in enumerate(meta) if len(m["objects"]) == 1])
+    world = WORLDS[cfg.world]
+    singles = np.array([i for i, m in enumerate(meta) if world.is_single(m)])
     if cfg.easy_share and not len(singles):
         raise UserError("easy_share needs single-object scenes in the base pool; it has none: raise base_pool")
 
@@ -180,8 +181,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         rng = np.random.default_rng([cfg.seed, 50, step])
         idx, easy = batch_indices(cfg, len(mean), singles, rng)
         captions = ["" if rng.random() < cfg.caption_dropout else
-                    describe(objects_from_dicts(meta[i]["objects"]), meta[i]["background"], None if e else rng,
-                             colour_p=cfg.caption_colour_p)
+                    world.base_caption(meta[i], None if e else rng, cfg)
                     for i, e in zip(idx, easy)]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         # Posterior means, not samples: the tiny KL weight still let one VAE channel

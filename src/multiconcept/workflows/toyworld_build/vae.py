@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...toyworld.scenes import world_scene
 from ...training import discard_checkpoint
 from .common import (
     Log,
@@ -21,6 +20,7 @@ from .common import (
     write_json,
 )
 from .settings import CHECKPOINTS, BuildConfig, stage_digest
+from .worlds import WORLDS
 
 
 def make_vae():
@@ -92,7 +92,8 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
         return AutoencoderKL.from_pretrained(folder).eval()
     images, _, foreground = world_pool(cfg, log)
     vae, train_info = train_vae(cfg, work, images, foreground, log)
-    held_out, _ = render_pool(256, [cfg.seed, 21], world_scene)
+    world = WORLDS[cfg.world]
+    held_out, held_meta = render_pool(256, [cfg.seed, 21], world.world_scene, world)
     psnr_raw = vae_psnr(vae, held_out)
     mean, std = latent_stats(vae, images[:2048])
     log(f"vae: PSNR {psnr_raw:.2f} dB on held-out renders; latent channel means {mean.tolist()} stds {std.tolist()}")
@@ -108,7 +109,10 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
         rec = vae.decode(vae.encode(to_pixels(held_out[:8])).latent_dist.mean).sample.clamp(-1, 1)
     rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     grid(np.concatenate([held_out[:8], rec])).save(tmp / "reconstructions.png")
-    write_json(tmp / "metrics.json", {"psnr_db": psnr, "raw_latent_std": overall_std,
+    parts = reconstruction_parts(vae, held_out, held_meta, world)
+    if parts:
+        log(f"vae: checker on reconstructions of held-out renders: {parts}")
+    write_json(tmp / "metrics.json", {"psnr_db": psnr, "checker_on_reconstructions": parts, "raw_latent_std": overall_std,
                                        "raw_channel_mean": mean.tolist(), "raw_channel_std": std.tolist(),
                                        "scaling_factor": 1.0, "training": train_info})
     replace_dir(tmp, folder)
@@ -116,15 +120,25 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
     return vae
 
 
+@torch.no_grad()
+def reconstruction_parts(vae, images: np.ndarray, metas: list[dict], world) -> dict:
+    """What survives the latents: the checker's per-part accuracy on reconstructions (worlds with parts)."""
+    if not hasattr(world, "part_accuracy"):
+        return {}
+    rec = vae.decode(vae.encode(to_pixels(images)).latent_dist.mean).sample.clamp(-1, 1)
+    return world.part_accuracy(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), metas)
+
+
 WORLD_POOL_CACHE: dict = {}
 
 
 def world_pool(cfg: BuildConfig, log: Log):
-    key = (cfg.seed, cfg.world_pool)
+    key = (cfg.world, cfg.seed, cfg.world_pool)
     if key not in WORLD_POOL_CACHE:
         t = time.time()
         WORLD_POOL_CACHE.clear()
-        WORLD_POOL_CACHE[key] = render_pool(cfg.world_pool, [cfg.seed, 2], world_scene, masks=True)
+        WORLD_POOL_CACHE[key] = render_pool(cfg.world_pool, [cfg.seed, 2], WORLDS[cfg.world].world_scene,
+                                                WORLDS[cfg.world], masks=True)
         log(f"world pool: {cfg.world_pool} renders in {time.time() - t:.0f} s")
     return WORLD_POOL_CACHE[key]
 

@@ -1,0 +1,50 @@
+"""ToyWorld's creatures: subjects of three kinds whose identity is a combination of five parts.
+
+`render` draws them with exact ground truth, `scenes` says which scenes the base, the world pool and
+the methods' data are made of (and the personal concepts), `check` reads every part back from pixels.
+"""
+
+from .check import Analysis, Reading, analyse
+from .render import (
+    BACKGROUNDS,
+    BODY_COLOURS,
+    HATS,
+    HEAD_COLOURS,
+    IMAGE_SIZE,
+    KINDS,
+    MARKING_COLOURS,
+    MARKINGS,
+    NAMED_PARTS,
+    PART_VALUES,
+    PARTS,
+    UNNAMED_PARTS,
+    Creature,
+    Placed,
+    Scene,
+    Spec,
+    article,
+    render,
+)
+from .scenes import (
+    EVIDENCE_CONCEPTS,
+    PERSONAL_CONCEPTS,
+    PILOT_CONCEPTS,
+    PersonalConcept,
+    base_training_scene,
+    caption,
+    concept,
+    differ_in_every_part,
+    free_specs,
+    full_caption,
+    layout_specs,
+    random_creature,
+    world_scene,
+)
+
+__all__ = [
+    "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
+    "KINDS", "MARKINGS", "MARKING_COLOURS", "NAMED_PARTS", "PARTS", "PART_VALUES", "PERSONAL_CONCEPTS",
+    "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "UNNAMED_PARTS", "analyse",
+    "article", "base_training_scene", "caption", "concept", "differ_in_every_part", "free_specs", "full_caption",
+    "layout_specs", "random_creature", "render", "world_scene",
+]

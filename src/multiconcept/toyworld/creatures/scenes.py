@@ -1,0 +1,204 @@
+"""Which creature scenes are drawn: the base's, the world's, the tuning-free data, the concepts' sources.
+
+The base's layouts are fixed (one subject in the centre; two on the left and right; two on the left
+and right overlapping), because on this recipe free layouts kept the base from learning shapes
+(docs/toyworld.md, How the recipe was found). Free placement (any place, a range of sizes) goes into
+the tuning-free training data and the world pool only. Two-subject scenes are of one kind in
+`SAME_KIND_SHARE` of cases: "a robot and a robot" is the case FastComposer and Subject-Diffusion are
+about. Captions say where subjects stand in about half the scenes, so a method's placement cannot come
+from the words alone (../../shared/spec/toyworld2.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .render import (
+    BACKGROUNDS,
+    BODY_COLOURS,
+    HATS,
+    HEAD_COLOURS,
+    IMAGE_SIZE,
+    KINDS,
+    MARKING_COLOURS,
+    MARKINGS,
+    PART_VALUES,
+    Creature,
+    Scene,
+    Spec,
+    article,
+    render,
+)
+
+BASE_LAYOUTS = {"center": 0.4, "pair": 0.35, "overlap": 0.25}  # share of the base's scenes
+SAME_KIND_SHARE = 0.4  # of two-subject scenes
+POSITION_SAID = 0.5  # share of captions that say where subjects stand
+COLOUR_SAID = 0.75  # share of subjects whose body colour a caption says (class prompts have none)
+BACKGROUND_SAID = 0.75
+# Centres (x) of the fixed layouts; y is the image centre. Overlapping subjects share 8 of their 24 px.
+LAYOUT_X = {"center": (32,), "pair": (16, 48), "overlap": (24, 40)}
+JITTER = 1.5  # px around a layout's centre
+SCALES = (0.92, 1.08)  # the base's subjects: a little size variation, never small
+FREE_SCALES = (0.6, 1.0)  # free placement: the tuning-free data's range
+
+
+@dataclass(frozen=True)
+class PersonalConcept:
+    name: str
+    creature: Creature
+
+
+def _c(kind, body, head, hat, marking, mcol) -> Creature:
+    return Creature(kind, body, head, hat, marking, mcol)
+
+
+# Personal concepts: combinations the base never sees. Listed in pairs that differ in every part, of one
+# kind (the tuning-free pilots) and of two kinds (DisenDiff's sources); the first eight are for pilots,
+# the rest for the evidence, so claims are measured on concepts the world was not tuned on.
+PERSONAL_CONCEPTS: dict[str, PersonalConcept] = {p.name: p for p in [
+    PersonalConcept("robot_a", _c("robot", "red", "cyan", "cone", "band", "white")),
+    PersonalConcept("robot_b", _c("robot", "blue", "orange", "horns", "spot", "black")),
+    PersonalConcept("owl_a", _c("owl", "green", "pink", "block", "stripe", "gray")),
+    PersonalConcept("owl_b", _c("owl", "yellow", "purple", "cone", "band", "black")),
+    PersonalConcept("ghost_a", _c("ghost", "blue", "pink", "horns", "band", "white")),
+    PersonalConcept("ghost_b", _c("ghost", "red", "purple", "block", "stripe", "black")),
+    PersonalConcept("robot_c", _c("robot", "green", "purple", "block", "stripe", "white")),
+    PersonalConcept("owl_c", _c("owl", "red", "cyan", "horns", "spot", "white")),
+    # evidence
+    PersonalConcept("robot_d", _c("robot", "yellow", "pink", "horns", "stripe", "gray")),
+    PersonalConcept("robot_e", _c("robot", "green", "cyan", "block", "band", "black")),
+    PersonalConcept("owl_d", _c("owl", "blue", "cyan", "cone", "spot", "white")),
+    PersonalConcept("owl_e", _c("owl", "red", "orange", "horns", "band", "gray")),
+    PersonalConcept("ghost_d", _c("ghost", "yellow", "orange", "cone", "spot", "gray")),
+    PersonalConcept("ghost_e", _c("ghost", "green", "cyan", "horns", "band", "black")),
+    PersonalConcept("ghost_c", _c("ghost", "green", "orange", "cone", "spot", "gray")),
+    PersonalConcept("robot_f", _c("robot", "blue", "pink", "cone", "spot", "gray")),
+]}
+PILOT_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[:8])
+EVIDENCE_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[8:])
+_PERSONAL = {p.creature for p in PERSONAL_CONCEPTS.values()}
+
+
+def concept(name: str) -> PersonalConcept:
+    if name not in PERSONAL_CONCEPTS:
+        raise ValueError(f"unknown concept {name!r}; choose from {sorted(PERSONAL_CONCEPTS)}")
+    return PERSONAL_CONCEPTS[name]
+
+
+def differ_in_every_part(a: Creature, b: Creature) -> bool:
+    return all(getattr(a, p) != getattr(b, p) for p in PART_VALUES)
+
+
+def random_creature(rng: np.random.Generator, kind: str | None = None, personal: bool = False) -> Creature:
+    """Every part drawn uniformly; personal=False never returns a personal concept."""
+    while True:
+        c = Creature(kind or str(rng.choice(KINDS)), str(rng.choice(list(BODY_COLOURS))),
+                     str(rng.choice(list(HEAD_COLOURS))), str(rng.choice(HATS)), str(rng.choice(MARKINGS)),
+                     str(rng.choice(list(MARKING_COLOURS))))
+        if personal or c not in _PERSONAL:
+            return c
+
+
+def _pick(rng: np.random.Generator, shares: dict[str, float]) -> str:
+    keys = list(shares)
+    return str(rng.choice(keys, p=np.asarray([shares[k] for k in keys]) / sum(shares.values())))
+
+
+def layout_specs(creatures: list[Creature], layout: str, rng: np.random.Generator,
+                 concepts: list[str | None] | None = None) -> list[Spec]:
+    """Frames for one fixed layout. Two subjects come left, right; with "overlap" either may be in front
+    (drawn last)."""
+    xs = LAYOUT_X[layout]
+    if len(xs) != len(creatures):
+        raise ValueError(f"layout {layout!r} holds {len(xs)} subjects, not {len(creatures)}")
+    concepts = concepts or [None] * len(creatures)
+    names = ["center"] if layout == "center" else ["left", "right"]
+    specs = [Spec(c, x + rng.uniform(-JITTER, JITTER), IMAGE_SIZE / 2 + rng.uniform(-JITTER, JITTER),
+                  float(rng.uniform(*SCALES)), pos, k) for c, x, pos, k in zip(creatures, xs, names, concepts)]
+    return specs[::-1] if layout == "overlap" and rng.random() < 0.5 else specs
+
+
+def free_specs(creatures: list[Creature], rng: np.random.Generator, concepts: list[str | None] | None = None,
+               tries: int = 50) -> list[Spec]:
+    """Anywhere, any size in FREE_SCALES, with at most a third of a subject's width hidden."""
+    concepts = concepts or [None] * len(creatures)
+    for _ in range(tries):
+        specs = []
+        for c, name in zip(creatures, concepts):
+            s = float(rng.uniform(*FREE_SCALES))
+            x = rng.uniform(12 * s + 1, IMAGE_SIZE - 12 * s - 1)
+            y = rng.uniform(22 * s + 1, IMAGE_SIZE - 21 * s - 1)
+            specs.append(Spec(c, float(x), float(y), s, "free", name))
+        if all(abs(a.cx - b.cx) >= 16 * min(a.scale, b.scale) or abs(a.cy - b.cy) >= 30 * min(a.scale, b.scale)
+               for i, a in enumerate(specs) for b in specs[i + 1:]):
+            return specs
+    raise RuntimeError("no free layout found")  # not reached for two subjects at these sizes
+
+
+def caption(scene: dict, rng: np.random.Generator | None = None, colour_p: float = COLOUR_SAID,
+            position_p: float = POSITION_SAID, background_p: float = BACKGROUND_SAID, tokens=None) -> str:
+    """The base's caption of a scene (its `to_dict()`): each subject by kind (and, with probability
+    colour_p, body colour), positions said for all subjects or none, the background sometimes.
+    rng=None: the most detailed caption the vocabulary allows. tokens: per subject, words put
+    before the kind ('<s1>')."""
+    def keep(p):
+        return rng is None or rng.random() < p
+    subjects = scene["subjects"]
+    order = sorted(range(len(subjects)), key=lambda i: subjects[i]["cx"])  # named left to right
+    say_position = scene["layout"] != "free" and keep(position_p)
+    if not say_position and rng is not None and len(order) > 1 and rng.random() < 0.5:
+        order = order[::-1]  # without positions, the order says nothing either
+    phrases = []
+    for i in order:
+        s = subjects[i]
+        words = f"{s['body_colour']} {s['kind']}" if keep(colour_p) else s["kind"]
+        if tokens is not None:
+            words = f"{tokens[i]} {words}"
+        phrase = f"{article(words)} {words}"
+        if say_position:
+            phrase += {"center": " in the center", "left": " on the left", "right": " on the right"}[s["position"]]
+        phrases.append(phrase)
+    text = " and ".join(phrases)
+    bg = scene["background"]
+    return f"{text} on {article(bg)} {bg} background" if keep(background_p) else text
+
+
+def full_caption(scene: dict) -> str:
+    """Every part of every subject in words, left to right: the CLIPs' captions (the base never reads them)."""
+    subjects = sorted(scene["subjects"], key=lambda s: s["cx"])
+    text = " and ".join(f"{article(s['body_colour'])} {Creature.from_dict(s).full_description()}" for s in subjects)
+    return f"{text} on {article(scene['background'])} {scene['background']} background"
+
+
+def base_training_scene(rng: np.random.Generator) -> Scene:
+    """A scene for the base model: a fixed layout, never a personal concept."""
+    layout = _pick(rng, BASE_LAYOUTS)
+    n = 1 if layout == "center" else 2
+    first = random_creature(rng)
+    creatures = [first] if n == 1 else [first, random_creature(
+        rng, kind=first.kind if rng.random() < SAME_KIND_SHARE else None)]
+    scene = render(layout_specs(creatures, layout, rng), str(rng.choice(list(BACKGROUNDS))), layout)
+    scene.caption = caption(scene.to_dict(), rng)
+    return scene
+
+
+def world_scene(rng: np.random.Generator, free_share: float = 0.3) -> Scene:
+    """Any creature, personal concepts included (a quarter of subjects), fixed or free layouts: the
+    VAE's and the evaluators' data, which never see the base's prompts."""
+    layout = "free" if rng.random() < free_share else _pick(rng, BASE_LAYOUTS)
+    n = 1 if layout == "center" else 2 if layout != "free" else int(rng.integers(1, 3))
+    creatures, names = [], []
+    for _ in range(n):
+        if rng.random() < 0.25:
+            p = PERSONAL_CONCEPTS[str(rng.choice(list(PERSONAL_CONCEPTS)))]
+            creatures.append(p.creature)
+            names.append(p.name)
+        else:
+            creatures.append(random_creature(rng, personal=True))
+            names.append(None)
+    specs = free_specs(creatures, rng, names) if layout == "free" else layout_specs(creatures, layout, rng, names)
+    scene = render(specs, str(rng.choice(list(BACKGROUNDS))), layout)
+    scene.caption = full_caption(scene.to_dict())
+    return scene

@@ -1,0 +1,157 @@
+"""Stage 6a for the creatures world: the thresholds a world that poses the problems must meet.
+
+- The checker reads every part (≥ 95% on renders; ≥ 90% on VAE reconstructions and on overlapping
+  same-kind pairs, visible parts only).
+- Given the most detailed caption the base's words allow ("a red robot in the center on a gray
+  background"), the named parts come out right (≥ 0.8) and each part words cannot name comes out at
+  chance: every one of its k values between 0.5/k and 1.5/k of the time, the 95% interval's half-width
+  ≤ 0.05 (../../shared/spec/toyworld2.md, "Identity beyond words" measured, not assumed).
+- Both CLIPs retrieve their renders' full captions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...metrics.frechet import frechet_distance
+from ...toyworld import creatures as cw
+from .common import Log, grid, render_pool, to_pixels, write_json
+from .evaluator import image_features, retrieval_top1
+from .quality import generate
+from .settings import BuildConfig, clip_names
+from .worlds import WORLDS
+
+
+def detailed_prompts(seeds: int, seed: int) -> list[tuple[str, dict]]:
+    """Every kind x body colour x background, `seeds` times: one subject, said as fully as the base's words allow."""
+    out = []
+    for kind in cw.KINDS:
+        for colour in cw.BODY_COLOURS:
+            for bg in cw.BACKGROUNDS:
+                out += [(f"a {colour} {kind} in the center on {cw.article(bg)} {bg} background",
+                         {"kind": kind, "body_colour": colour, "background": bg})] * seeds
+    return [out[i] for i in np.random.default_rng(seed).permutation(len(out))]
+
+
+def pair_prompts(n: int, seed: int) -> list[tuple[str, list[dict]]]:
+    """Two subjects, with positions said in half of them and of one kind in half."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kinds = [str(rng.choice(cw.KINDS))] * 2 if i % 2 else [str(k) for k in rng.choice(cw.KINDS, 2, replace=False)]
+        colours = [str(c) for c in rng.choice(list(cw.BODY_COLOURS), 2, replace=False)]
+        where = (" on the left", " on the right") if (i // 2) % 2 else ("", "")
+        bg = str(rng.choice(list(cw.BACKGROUNDS)))
+        text = " and ".join(f"a {c} {k}{w}" for c, k, w in zip(colours, kinds, where))
+        out.append((f"{text} on {cw.article(bg)} {bg} background",
+                    [{"kind": k, "body_colour": c} for k, c in zip(kinds, colours)]))
+    return out
+
+
+def chance_report(values: list[str | None], k_values: tuple[str, ...]) -> dict:
+    """Each value's share among readings, its 95% half-width, and whether all lie in [0.5/k, 1.5/k]."""
+    read = [v for v in values if v is not None]
+    n, k = len(read), len(k_values)
+    shares = {v: read.count(v) / max(1, n) for v in k_values}
+    half = {v: 1.96 * float(np.sqrt(p * (1 - p) / max(1, n))) for v, p in shares.items()}
+    return {"n": n, "k": k, "shares": shares, "half_widths": half,
+            "at_chance": bool(n and all(0.5 / k <= p <= 1.5 / k for p in shares.values())),
+            "half_width_ok": bool(n and max(half.values()) <= 0.05)}
+
+
+def overlap_pairs(n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Same-kind pairs that differ in every part, overlapping: the checker's hardest renders."""
+    rng = np.random.default_rng(seed)
+    images, metas = [], []
+    while len(images) < n:
+        a = cw.random_creature(rng, personal=True)
+        b = cw.random_creature(rng, kind=a.kind, personal=True)
+        if not cw.differ_in_every_part(a, b):
+            continue
+        scene = cw.render(cw.layout_specs([a, b], "overlap", rng), str(rng.choice(list(cw.BACKGROUNDS))), "overlap")
+        images.append(scene.image)
+        metas.append(scene.to_dict())
+    return np.stack(images), metas
+
+
+def _render_like(expected: dict, key: list[int]) -> np.ndarray:
+    """A render of what a detailed prompt asks for; the parts it cannot say drawn at random."""
+    rng = np.random.default_rng(key)
+    c = cw.random_creature(rng, kind=expected["kind"], personal=True)
+    c = cw.Creature(**{**c.parts(), "kind": c.kind, "body_colour": expected["body_colour"]})
+    return cw.render(cw.layout_specs([c], "center", rng), expected["background"], "center").image
+
+
+def quality_report_creatures(cfg: BuildConfig, out: Path, evaluator, tokenizer, log: Log) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    world = WORLDS["creatures"]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    t = time.time()
+    singles = detailed_prompts(max(1, 4 * cfg.eval_seeds), seed=cfg.seed + 1001)
+    pairs = pair_prompts(24 * cfg.eval_seeds, seed=cfg.seed + 1002)
+    gen_single = generate(pipe, [p for p, _ in singles], cfg, seed=50_000)
+    gen_pair = generate(pipe, [p for p, _ in pairs], cfg, seed=60_000)
+    gen_seconds = time.time() - t
+
+    readings = [cw.analyse(img).subjects for img in gen_single]
+    one = [r[0] if len(r) == 1 else None for r in readings]
+    right = lambda key: float(np.mean([r is not None and (r.kind if key == "kind" else r.parts[key]) == e[key]  # noqa: E731
+                                       for r, (_, e) in zip(one, singles)]))
+    unnamed = {p: chance_report([r.parts[p] if r is not None else None for r in one], cw.PART_VALUES[p])
+               for p in cw.UNNAMED_PARTS}
+    pair_found = []
+    for img, (_, expected) in zip(gen_pair, pairs):
+        found = cw.analyse(img).subjects
+        wanted = sorted((e["kind"], e["body_colour"]) for e in expected)
+        pair_found.append((len(found) == 2, sorted((r.kind, r.parts["body_colour"]) for r in found) == wanted))
+
+    renders, render_meta = render_pool(300, [cfg.seed, 1003], cw.world_scene, world)
+    overlaps, overlap_meta = overlap_pairs(100, cfg.seed + 1004)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "base" / "vae", dtype=torch.float32).eval()
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_pixels(renders)).latent_dist.mean).sample.clamp(-1, 1)
+    rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    full = [world.full_caption(m) for m in render_meta]
+    short = [cw.caption(m) for m in render_meta]
+    clips = {name: evaluator if name == "evaluator" else CLIPModel.from_pretrained(out / name, dtype=torch.float32).eval()
+             for name in clip_names(cfg)}
+    like, like2 = ([_render_like(e, [i, k]) for i, (_, e) in enumerate(singles)] for k in (7, 8))
+    feats = lambda imgs: image_features(evaluator, np.stack(imgs))  # noqa: E731
+    report = {
+        "world": "creatures",
+        "sampling": {"scheduler": "DDIMScheduler", "steps": cfg.sample_steps, "guidance": cfg.guidance,
+                     "seeds": "50000+i single, 60000+i pairs"},
+        "checker": {"renders": world.part_accuracy(renders, render_meta),
+                    "vae_reconstructions": world.part_accuracy(rec, render_meta),
+                    "overlapping_same_kind_pairs": world.part_accuracy(overlaps, overlap_meta)},
+        "single_object": {"prompts": len(singles),
+                          "one_subject_found": float(np.mean([r is not None for r in one])),
+                          "class_present": right("kind"), "colour_present": right("body_colour"),
+                          "background": float(np.mean([cw.analyse(img).background == e["background"]
+                                                       for img, (_, e) in zip(gen_single, singles)])),
+                          "unnamed_parts": unnamed},
+        "two_subjects": {"prompts": len(pairs), "two_found": float(np.mean([a for a, _ in pair_found])),
+                         "both_kinds_and_colours": float(np.mean([b for _, b in pair_found]))},
+        "evaluator": {"top1_caption_retrieval_full": retrieval_top1(evaluator, tokenizer, renders, full),
+                      "top1_caption_retrieval_short": retrieval_top1(evaluator, tokenizer, renders, short),
+                      "retrieval_candidates": len(full),
+                      "frechet_generated_vs_rendered": frechet_distance(feats(list(gen_single)), feats(like)),
+                      "frechet_rendered_vs_rendered": frechet_distance(feats(like), feats(like2))},
+        "clips": {name: {"top1_caption_retrieval_full": retrieval_top1(m, tokenizer, renders, full)}
+                  for name, m in clips.items()},
+        "seconds_per_image": gen_seconds / (len(singles) + len(pairs)),
+    }
+    log(f"quality: checker on reconstructions {report['checker']['vae_reconstructions']}; unnamed parts at chance "
+        f"{ {p: u['at_chance'] for p, u in unnamed.items()} }")
+    grid(np.concatenate([gen_single[:48], gen_pair[:16]])).save(out / "samples.png")
+    write_json(out / "samples.json", [p for p, _ in singles[:48]] + [p for p, _ in pairs[:16]])
+    return report

@@ -1,0 +1,120 @@
+"""ToyWorld's creatures: parts drawn where the renderer says, read back by the checker, and scenes and
+captions that pose the problems (same-kind pairs, overlaps, positions said in only part of the captions)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from multiconcept.toyworld import creatures as cw
+
+
+def _read_right(scene) -> dict:
+    """Per part, how many visible parts of the scene's subjects the checker reads right / reads at all."""
+    found = cw.analyse(scene.image).subjects
+    right = {}
+    for s in scene.subjects:
+        near = [r for r in found if abs(r.cx - s.cx) <= 4 and abs(r.cy - s.cy) <= 4]
+        assert len(near) == 1, (s.to_dict(), [(r.cx, r.cy) for r in found])
+        for part, visible in s.visible_parts().items():
+            if visible:
+                right.setdefault(part, []).append(near[0].parts[part] == getattr(s.creature, part))
+        right.setdefault("kind", []).append(near[0].kind == s.creature.kind)
+    return right
+
+
+def test_the_checker_reads_every_part_of_every_layout():
+    rng = np.random.default_rng(5)
+    right: dict = {}
+    layouts = []
+    for _ in range(60):
+        scene = cw.base_training_scene(rng)
+        layouts.append(scene.layout)
+        for part, hits in _read_right(scene).items():
+            right.setdefault(part, []).extend(hits)
+    assert set(layouts) == {"center", "pair", "overlap"}
+    assert {p: np.mean(v) for p, v in right.items()} == {p: 1.0 for p in right}
+
+
+def test_the_checker_reads_an_overlapping_same_kind_pair_that_differs_in_every_part():
+    a, b = cw.concept("robot_a").creature, cw.concept("robot_b").creature
+    assert cw.differ_in_every_part(a, b) and a.kind == b.kind
+    for front_first in (False, True):
+        specs = cw.layout_specs([a, b], "overlap", np.random.default_rng(0))
+        specs = specs[::-1] if front_first else specs
+        scene = cw.render(specs, "beige", "overlap")
+        hidden = [s for s in scene.subjects if not all(s.visible_parts().values())]
+        back = scene.subjects[0]
+        assert back.masks["body"].sum() < back.full_masks["body"].sum()  # the first drawn is partly hidden
+        assert all(all(v) for v in _read_right(scene).values()), hidden
+
+
+def test_a_wrong_part_is_read_as_that_part():
+    """The checker says what is drawn, not what was asked: change one part, the reading follows."""
+    base = cw.concept("owl_a").creature
+    for part, values in cw.PART_VALUES.items():
+        for value in values:
+            c = cw.Creature(**{**base.parts(), "kind": base.kind, part: value})
+            scene = cw.render(cw.layout_specs([c], "center", np.random.default_rng(1)), "gray", "center")
+            assert cw.analyse(scene.image).subjects[0].parts[part] == value
+
+
+def test_a_blank_image_holds_no_subject_and_a_wrong_size_is_refused():
+    assert cw.analyse(np.full((64, 64, 3), 128, np.uint8)).subjects == []
+    with pytest.raises(ValueError, match="64x64"):
+        cw.analyse(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="unknown hat"):
+        cw.Creature("robot", "red", "cyan", "crown", "band", "white")
+
+
+def test_personal_concepts_are_never_base_scenes_and_their_pairs_differ_in_every_part():
+    personal = {p.creature for p in cw.PERSONAL_CONCEPTS.values()}
+    assert len(personal) == len(cw.PERSONAL_CONCEPTS)
+    assert not set(cw.PILOT_CONCEPTS) & set(cw.EVIDENCE_CONCEPTS)
+    rng = np.random.default_rng(2)
+    seen = [s.creature for _ in range(400) for s in cw.base_training_scene(rng).subjects]
+    assert not personal & set(seen)
+    # every kind has a same-kind pair and a cross-kind pair that differ in every part, among pilots and evidence
+    for group in (cw.PILOT_CONCEPTS, cw.EVIDENCE_CONCEPTS):
+        pairs = [(cw.concept(a).creature, cw.concept(b).creature) for a, b in itertools.combinations(group, 2)]
+        full = [(a, b) for a, b in pairs if cw.differ_in_every_part(a, b)]
+        assert {a.kind for a, b in full if a.kind == b.kind} >= {"robot", "owl"}
+        assert any(a.kind != b.kind for a, b in full)
+
+
+def test_base_scenes_pose_the_problems_and_captions_never_name_the_unnamed_parts():
+    rng = np.random.default_rng(3)
+    scenes = [cw.base_training_scene(rng) for _ in range(600)]
+    twos = [s for s in scenes if len(s.subjects) == 2]
+    same = np.mean([s.subjects[0].creature.kind == s.subjects[1].creature.kind for s in twos])
+    assert same >= 0.3
+    assert 0.15 < np.mean([s.layout == "overlap" for s in scenes]) < 0.35
+    said = np.mean([(" on the left" in s.caption or " in the center" in s.caption) for s in scenes])
+    assert 0.4 < said < 0.6
+    # (marking colours share their names with backgrounds: the base hears them only as backgrounds)
+    unnamed = {v for p in cw.UNNAMED_PARTS for v in cw.PART_VALUES[p]} - set(cw.BACKGROUNDS) | {"head", "hat"}
+    assert not unnamed & {w for s in scenes for w in s.caption.split()}
+    assert all(s.caption.count(b) <= 1 for s in scenes for b in cw.BACKGROUNDS)
+    # the most detailed caption says every subject's kind and body colour, left to right
+    scene = next(s for s in twos if s.layout == "pair")
+    left, right = sorted(scene.subjects, key=lambda s: s.cx)
+    assert cw.caption(scene.to_dict()) == (f"{cw.article(left.creature.body_colour)} {left.creature.words()} on the left "
+                                           f"and {cw.article(right.creature.body_colour)} {right.creature.words()} "
+                                           f"on the right on {cw.article(scene.background)} {scene.background} background")
+
+
+def test_the_world_pool_places_subjects_freely_and_names_every_part_for_the_clips():
+    rng = np.random.default_rng(4)
+    scenes = [cw.world_scene(rng) for _ in range(200)]
+    free = [s for s in scenes if s.layout == "free"]
+    assert len(free) > 30 and min(s.scale for f in free for s in f.subjects) < 0.8
+    assert any(s.concept for f in scenes for s in f.subjects)
+    c = scenes[0].subjects[0].creature
+    assert all(getattr(c, p) in scenes[0].caption for p in cw.PARTS)
+    right = {}
+    for s in free:
+        for part, hits in _read_right(s).items():
+            right.setdefault(part, []).extend(hits)
+    assert min(np.mean(v) for v in right.values()) >= 0.95

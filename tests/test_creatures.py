@@ -53,7 +53,7 @@ def test_the_checker_reads_an_overlapping_same_kind_pair_that_differs_in_every_p
 
 def test_a_wrong_part_is_read_as_that_part():
     """The checker says what is drawn, not what was asked: change one part, the reading follows."""
-    base = cw.concept("owl_a").creature
+    base = cw.concept("bird_a").creature
     for part, values in cw.PART_VALUES.items():
         for value in values:
             c = cw.Creature(**{**base.parts(), "kind": base.kind, part: value})
@@ -80,7 +80,7 @@ def test_personal_concepts_are_never_base_scenes_and_their_pairs_differ_in_every
     for group in (cw.PILOT_CONCEPTS, cw.EVIDENCE_CONCEPTS):
         pairs = [(cw.concept(a).creature, cw.concept(b).creature) for a, b in itertools.combinations(group, 2)]
         full = [(a, b) for a, b in pairs if cw.differ_in_every_part(a, b)]
-        assert {a.kind for a, b in full if a.kind == b.kind} >= {"robot", "owl"}
+        assert {a.kind for a, b in full if a.kind == b.kind} >= {"robot", "bird"}
         assert any(a.kind != b.kind for a, b in full)
 
 
@@ -118,3 +118,36 @@ def test_the_world_pool_places_subjects_freely_and_names_every_part_for_the_clip
         for part, hits in _read_right(s).items():
             right.setdefault(part, []).extend(hits)
     assert min(np.mean(v) for v in right.values()) >= 0.95
+
+
+def test_swaps_and_blends_are_counted_against_the_best_assignment():
+    a, b = cw.concept("robot_a").creature, cw.concept("robot_b").creature
+    scene = cw.render(cw.layout_specs([b, a], "pair", np.random.default_rng(0)), "gray", "pair")  # places swapped
+    out = cw.pair_outcomes(cw.analyse(scene.image).subjects, a, b)
+    assert out == {"own": 1.0, "other": 0.0, "neither": 0.0, "unread": 0.0, "found": 2}
+    # a subject that wears the other's hat and marking colour: 2 of 5 parts swapped on that subject
+    mixed = cw.Creature(**{**a.parts(), "kind": a.kind, "hat": b.hat, "marking_colour": b.marking_colour})
+    scene = cw.render(cw.layout_specs([mixed, b], "pair", np.random.default_rng(0)), "gray", "pair")
+    out = cw.pair_outcomes(cw.analyse(scene.image).subjects, a, b)
+    assert out["other"] == pytest.approx(0.2) and out["own"] == pytest.approx(0.8)
+    # one subject missing: its parts are unread, and identity counts them as wrong
+    scene = cw.render(cw.layout_specs([a], "center", np.random.default_rng(0)), "gray", "center")
+    readings = cw.analyse(scene.image).subjects
+    assert cw.pair_outcomes(readings, a, b)["found"] == 1 and cw.identity(readings[0], a) == 1.0
+    assert cw.identity(None, a) == 0.0
+
+
+def test_the_methods_scenes_hold_their_concepts_and_say_no_part():
+    scene = cw.two_concept_scene("robot_a", "bird_a", seed=3)
+    assert [s.concept for s in scene.subjects] == ["robot_a", "bird_a"]
+    assert scene.caption_parts["template"].format(a="<s1> robot", b="<s2> bird").startswith("a <s1> robot on the ")
+    refs = cw.concept_reference_set("ghost_a", 3, seed=0)
+    assert {r.subjects[0].creature for r in refs} == {cw.concept("ghost_a").creature}
+    rng = np.random.default_rng(1)
+    parts = {v for p in cw.UNNAMED_PARTS for v in cw.PART_VALUES[p]} - set(cw.BACKGROUNDS)
+    for _ in range(50):
+        scene, order = cw.subject_scene(rng)
+        words = scene.caption.split()
+        assert not parts & set(words) and not set(cw.BODY_COLOURS) & set(words)
+        kinds = [w for w in words if w in cw.KINDS]
+        assert kinds == [scene.subjects[i].creature.kind for i in order]

@@ -32,19 +32,25 @@ from .scenes import (
     PersonalConcept,
     base_training_scene,
     caption,
+    caption_in_order,
     concept,
+    concept_reference_set,
     differ_in_every_part,
     free_specs,
     full_caption,
     layout_specs,
     random_creature,
+    subject_scene,
+    two_concept_scene,
     world_scene,
 )
+from .score import identity, match, pair_outcomes, part_outcomes
 
 __all__ = [
     "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
     "KINDS", "MARKINGS", "MARKING_COLOURS", "NAMED_PARTS", "PARTS", "PART_VALUES", "PERSONAL_CONCEPTS",
-    "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "UNNAMED_PARTS", "analyse",
-    "article", "base_training_scene", "caption", "concept", "differ_in_every_part", "free_specs", "full_caption",
-    "layout_specs", "random_creature", "render", "world_scene",
+    "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "UNNAMED_PARTS", "analyse", "article",
+    "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set", "differ_in_every_part",
+    "free_specs", "full_caption", "identity", "layout_specs", "match", "pair_outcomes", "part_outcomes",
+    "random_creature", "render", "subject_scene", "two_concept_scene", "world_scene",
 ]

@@ -1,6 +1,6 @@
 """ToyWorld creatures: 64×64 renders of subjects whose identity is a combination of parts.
 
-A creature is a kind (the class noun: robot, owl, ghost — the body's silhouette) and five parts, each
+A creature is a kind (the class noun: robot, bird, ghost — the body's silhouette) and five parts, each
 with a few known values: body colour, head colour, hat, marking and marking colour. Prompts can name
 the kind and the body colour; the other four parts have no words in the base's captions, so a
 personal concept ("my robot") is a combination no prompt can say, as a real subject is
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
-KINDS = ("robot", "owl", "ghost")
+KINDS = ("robot", "bird", "ghost")
 BODY_COLOURS = {"red": (220, 30, 40), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (245, 225, 20)}
 HEAD_COLOURS = {"orange": (250, 130, 0), "cyan": (0, 200, 210), "purple": (140, 40, 210), "pink": (255, 120, 200)}
 HATS = ("cone", "block", "horns")
@@ -88,7 +88,7 @@ def _polygons(kind: str) -> list[tuple[str, list]]:
     """The body silhouette of a kind as (shape, points) in frame units, y down."""
     if kind == "robot":  # a box on two legs
         return [("rect", [(-11, 0), (11, 16)]), ("rect", [(-8.5, 15), (-3.5, 21)]), ("rect", [(3.5, 15), (8.5, 21)])]
-    if kind == "owl":  # an egg
+    if kind == "bird":  # an egg-shaped body
         return [("ellipse", [(-12, -1), (12, 20)])]
     if kind == "ghost":  # a bell widening downwards, with a toothed hem
         hem = [(12, 17), (9, 21), (6, 17), (3, 21), (0, 17), (-3, 21), (-6, 17), (-9, 21), (-12, 17)]

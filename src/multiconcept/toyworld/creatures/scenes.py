@@ -60,17 +60,17 @@ def _c(kind, body, head, hat, marking, mcol) -> Creature:
 PERSONAL_CONCEPTS: dict[str, PersonalConcept] = {p.name: p for p in [
     PersonalConcept("robot_a", _c("robot", "red", "cyan", "cone", "band", "white")),
     PersonalConcept("robot_b", _c("robot", "blue", "orange", "horns", "spot", "black")),
-    PersonalConcept("owl_a", _c("owl", "green", "pink", "block", "stripe", "gray")),
-    PersonalConcept("owl_b", _c("owl", "yellow", "purple", "cone", "band", "black")),
+    PersonalConcept("bird_a", _c("bird", "green", "pink", "block", "stripe", "gray")),
+    PersonalConcept("bird_b", _c("bird", "yellow", "purple", "cone", "band", "black")),
     PersonalConcept("ghost_a", _c("ghost", "blue", "pink", "horns", "band", "white")),
     PersonalConcept("ghost_b", _c("ghost", "red", "purple", "block", "stripe", "black")),
     PersonalConcept("robot_c", _c("robot", "green", "purple", "block", "stripe", "white")),
-    PersonalConcept("owl_c", _c("owl", "red", "cyan", "horns", "spot", "white")),
+    PersonalConcept("bird_c", _c("bird", "red", "cyan", "horns", "spot", "white")),
     # evidence
     PersonalConcept("robot_d", _c("robot", "yellow", "pink", "horns", "stripe", "gray")),
     PersonalConcept("robot_e", _c("robot", "green", "cyan", "block", "band", "black")),
-    PersonalConcept("owl_d", _c("owl", "blue", "cyan", "cone", "spot", "white")),
-    PersonalConcept("owl_e", _c("owl", "red", "orange", "horns", "band", "gray")),
+    PersonalConcept("bird_d", _c("bird", "blue", "cyan", "cone", "spot", "white")),
+    PersonalConcept("bird_e", _c("bird", "red", "orange", "horns", "band", "gray")),
     PersonalConcept("ghost_d", _c("ghost", "yellow", "orange", "cone", "spot", "gray")),
     PersonalConcept("ghost_e", _c("ghost", "green", "cyan", "horns", "band", "black")),
     PersonalConcept("ghost_c", _c("ghost", "green", "orange", "cone", "spot", "gray")),
@@ -143,6 +143,13 @@ def caption(scene: dict, rng: np.random.Generator | None = None, colour_p: float
     colour_p, body colour), positions said for all subjects or none, the background sometimes.
     rng=None: the most detailed caption the vocabulary allows. tokens: per subject, words put
     before the kind ('<s1>')."""
+    return caption_in_order(scene, rng, colour_p, position_p, background_p, tokens)[0]
+
+
+def caption_in_order(scene: dict, rng: np.random.Generator | None = None, colour_p: float = COLOUR_SAID,
+                     position_p: float = POSITION_SAID, background_p: float = BACKGROUND_SAID,
+                     tokens=None) -> tuple[str, list[int]]:
+    """`caption`, and the indices of the subjects in the order it names them."""
     def keep(p):
         return rng is None or rng.random() < p
     subjects = scene["subjects"]
@@ -162,7 +169,7 @@ def caption(scene: dict, rng: np.random.Generator | None = None, colour_p: float
         phrases.append(phrase)
     text = " and ".join(phrases)
     bg = scene["background"]
-    return f"{text} on {article(bg)} {bg} background" if keep(background_p) else text
+    return (f"{text} on {article(bg)} {bg} background" if keep(background_p) else text), order
 
 
 def full_caption(scene: dict) -> str:
@@ -202,3 +209,58 @@ def world_scene(rng: np.random.Generator, free_share: float = 0.3) -> Scene:
     scene = render(specs, str(rng.choice(list(BACKGROUNDS))), layout)
     scene.caption = full_caption(scene.to_dict())
     return scene
+
+
+# ---------------------------------------------------------------- the methods' data
+
+def two_concept_scene(concept_a: str, concept_b: str, seed: int) -> Scene:
+    """One image holding two personal concepts side by side (DisenDiff's and Break-A-Scene's input);
+    subjects[0] is concept_a. caption_parts' template has {a}/{b} for the kind (class prompt) or
+    '<token> kind' (concept prompt)."""
+    a, b = concept(concept_a), concept(concept_b)
+    if concept_a == concept_b:
+        raise ValueError("two_concept_scene needs two different concepts")
+    rng = np.random.default_rng(seed)
+    specs = layout_specs([a.creature, b.creature], "pair", rng, [a.name, b.name])
+    if rng.random() < 0.5:  # which concept stands on the left
+        specs = [Spec(s.creature, other.cx, s.cy, s.scale, other.position, s.concept) for s, other in zip(specs, specs[::-1])]
+    background = str(rng.choice(list(BACKGROUNDS)))
+    scene = render(specs, background, "pair")
+    where = {s.concept: s.position for s in scene.subjects}
+    scene.caption_parts = {"template": f"a {{a}} on the {where[a.name]} and a {{b}} on the {where[b.name]} "
+                                       f"on {article(background)} {background} background",
+                           "a": a.creature.kind, "b": b.creature.kind}
+    scene.caption = scene.caption_parts["template"].format(a=a.creature.kind, b=b.creature.kind)
+    return scene
+
+
+def concept_reference_set(name: str, n: int, seed: int) -> list[Scene]:
+    """n images of one personal concept, centred, on varied backgrounds."""
+    c = concept(name)
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(n):
+        background = str(rng.choice(list(BACKGROUNDS)))
+        scene = render(layout_specs([c.creature], "center", rng, [c.name]), background, "center")
+        scene.caption_parts = {"template": f"a {{a}} in the center on {article(background)} {background} background",
+                               "a": c.creature.kind}
+        scene.caption = scene.caption_parts["template"].format(a=c.creature.kind)
+        scenes.append(scene)
+    return scenes
+
+
+def subject_scene(rng: np.random.Generator, free_share: float = 0.5) -> tuple[Scene, list[int]]:
+    """A tuning-free training scene (FastComposer, Subject-Diffusion) and the order its caption names the
+    subjects: 1 or 2 subjects (of one kind in SAME_KIND_SHARE of pairs), free placement in `free_share` of
+    scenes, the base's layouts otherwise. The caption says kinds and, in the base's layouts half the time,
+    places, never a part: only the subject images can say whose robot it is."""
+    free = rng.random() < free_share
+    layout = "free" if free else _pick(rng, BASE_LAYOUTS)
+    n = int(rng.integers(1, 3)) if free else 1 if layout == "center" else 2
+    first = random_creature(rng)
+    creatures = [first] if n == 1 else [first, random_creature(
+        rng, kind=first.kind if rng.random() < SAME_KIND_SHARE else None)]
+    specs = free_specs(creatures, rng) if free else layout_specs(creatures, layout, rng)
+    scene = render(specs, str(rng.choice(list(BACKGROUNDS))), layout)
+    scene.caption, order = caption_in_order(scene.to_dict(), rng, colour_p=0.0)
+    return scene, order

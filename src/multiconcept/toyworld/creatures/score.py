@@ -1,0 +1,56 @@
+"""Exact identity scores from the checker's readings: parts right, swapped, blended.
+
+A subject's identity is the share of its parts drawn with its own values. With two subjects A and B that
+differ in every part, each part read on a subject is one of three things: its own value, the other's
+(a swap: identity blending, the failure FastComposer and Subject-Diffusion address; or leakage, when the
+other concept was not even asked for: DisenDiff's) or neither (a blend or a drawing error). Readings are
+matched to subjects by the assignment that maximises own values, so a drawing that merely swaps places is
+not a swap. These are counts, not claims: a claim is the excess over a control with no reason to swap
+(../../shared/spec/toyworld2.md, "Scoring against chance and controls").
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+
+from .check import Reading
+from .render import PARTS, Creature
+
+
+def part_outcomes(reading: Reading | None, own: Creature, other: Creature | None = None,
+                  parts: tuple[str, ...] = PARTS) -> dict[str, float]:
+    """Shares of `parts` read as own value, as `other`'s value, as neither, or unread (None or missing)."""
+    counts = {"own": 0, "other": 0, "neither": 0, "unread": 0}
+    for p in parts:
+        value = None if reading is None else reading.parts.get(p)
+        if value is None:
+            counts["unread"] += 1
+        elif value == getattr(own, p):
+            counts["own"] += 1
+        elif other is not None and value == getattr(other, p):
+            counts["other"] += 1
+        else:
+            counts["neither"] += 1
+    return {k: v / len(parts) for k, v in counts.items()}
+
+
+def identity(reading: Reading | None, own: Creature, parts: tuple[str, ...] = PARTS) -> float:
+    """Share of parts drawn with the subject's own values (a missing subject scores 0)."""
+    return part_outcomes(reading, own, None, parts)["own"]
+
+
+def match(readings: list[Reading], subjects: list[Creature], parts: tuple[str, ...] = PARTS) -> list[Reading | None]:
+    """For each subject, the reading assigned to it (None when fewer readings than subjects): the
+    assignment with the most own values, ties broken by left-to-right order."""
+    slots = readings + [None] * max(0, len(subjects) - len(readings))
+    best = max(permutations(range(len(slots)), len(subjects)),
+               key=lambda order: sum(identity(slots[i], s, parts) for i, s in zip(order, subjects)))
+    return [slots[i] for i in best]
+
+
+def pair_outcomes(readings: list[Reading], a: Creature, b: Creature, parts: tuple[str, ...] = PARTS) -> dict:
+    """Two subjects asked for: per subject own / other / neither / unread shares, averaged over both,
+    and how many subjects were found."""
+    ra, rb = match(readings, [a, b], parts)
+    oa, ob = part_outcomes(ra, a, b, parts), part_outcomes(rb, b, a, parts)
+    return {k: (oa[k] + ob[k]) / 2 for k in oa} | {"found": sum(r is not None for r in (ra, rb))}

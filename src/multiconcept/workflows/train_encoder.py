@@ -111,6 +111,27 @@ class ToyWorldSubjects:
                 for r in subject_dataset(n, seed, layout=self.layout, appearance=False)]
 
 
+class CreatureSubjects:
+    """Fresh ToyWorld creature scenes on every draw (`toyworld.creatures.subject_scene`): one or two
+    subjects, of one kind in a good share of pairs, placed freely in half the scenes (the base's layouts
+    otherwise, overlaps included); captions name kinds, and places in only part of the base-layout scenes,
+    never a part: whose robot it is, only the subject images can say."""
+
+    name = "toyworld creatures (captions name kinds only)"
+
+    def draw(self, n: int, seed: int) -> list[Record]:
+        from ..toyworld import creatures
+
+        rng = np.random.default_rng(seed)
+        records = []
+        for _ in range(n):
+            scene, order = creatures.subject_scene(rng)
+            subjects = [scene.subjects[i] for i in order]
+            records.append(Record(scene.image, scene.caption,
+                                  [Annotation(s.creature.kind, s.mask, tuple(s.box)) for s in subjects]))
+        return records
+
+
 class FolderSubjects:
     """The `subjects.jsonl` folder format (module docstring); images load when drawn."""
 
@@ -181,10 +202,13 @@ class ShardSubjects:
         return [self.load(rng.randrange(len(self.samples))) for _ in range(n)]
 
 
-def open_data(spec: str, toyworld_layout: str = "fixed") -> ToyWorldSubjects | FolderSubjects | ShardSubjects:
-    """'toyworld', a folder `multiconcept dataset build` wrote (shards/), or a subjects.jsonl folder."""
+def open_data(spec: str, toyworld_layout: str = "fixed"):
+    """'toyworld', 'toyworld:creatures', a folder `multiconcept dataset build` wrote (shards/), or a
+    subjects.jsonl folder."""
     if spec == "toyworld":
         return ToyWorldSubjects(toyworld_layout)
+    if spec == "toyworld:creatures":
+        return CreatureSubjects()
     return ShardSubjects(spec) if (Path(spec) / "shards").is_dir() else FolderSubjects(spec)
 
 

@@ -31,7 +31,6 @@ from multiconcept.workflows.train_encoder import (
     ToyWorldSubjects,
     middle_resolutions,
     train_encoder,
-    write_subject_folder,
 )
 
 
@@ -293,20 +292,6 @@ def test_alpha_zero_is_exactly_the_plain_pipeline(composer, scheduler):
 
 
 # ---------------------------------------------------------------- training, resume, CLI
-
-
-@pytest.fixture(scope="module")
-def subject_folder(tmp_path_factory):
-    from multiconcept.toyworld.render import render_scene
-
-    folder = tmp_path_factory.mktemp("subjects")
-    recs = []
-    for i, (a, b) in enumerate([("star", "circle"), ("square", "heart")]):
-        scene = render_scene([ObjectSpec(a, Appearance("red"), "large", "left"),
-                              ObjectSpec(b, Appearance("blue"), "large", "right")], "gray", rng=np.random.default_rng(i))
-        recs.append(Record(scene.image, f"a red {a} and a blue {b} on a gray background",
-                           [Annotation(o.noun, o.mask, o.box) for o in scene.objects]))
-    return write_subject_folder(recs, folder)
 
 
 def fusion_state(folder):

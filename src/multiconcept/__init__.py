@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
 
-_API = ("Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "SubjectComposeSettings", "compose",
-        "evaluate", "generate", "learn", "load_bundle")
+_API = ("Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "SingleFile", "Source", "SubjectComposeSettings",
+        "bake", "compose", "evaluate", "generate", "learn", "load_bundle")
 __all__ = ["UserError", "__version__", *_API]
 
 

@@ -8,6 +8,8 @@
     images = generate("photo of a <cat1> cat and a <dog1> dog on the beach", ["pets.safetensors"],
                       n=4, base="stable-diffusion-v1-5/stable-diffusion-v1-5", sampling=SampleSettings(steps=50))
 
+A `base` is a name as `--base` takes it (a folder, hub id, FILE.safetensors, 'tiny', 'toyworld') or a
+`SingleFile(path, config)`: a single-file checkpoint with the diffusers configs that fit it (`--base-config`).
 Images and masks are paths or PIL images, read under the command line's rules
 (multiconcept.images); bad input raises `UserError` with the problem and the
 fix. The command line calls the same workflows.
@@ -26,15 +28,15 @@ from .data import Source, concept_set
 from .errors import UserError
 from .export import DEFAULT_RANK, ToolExport
 from .images import read_image, read_mask
+from .models import SingleFile
 from .prompts import Concept
 from .training import Progress
 from .workflows.compose import ComposeSettings
 from .workflows.compose_subject_diffusion import SubjectComposeSettings
 from .workflows.generate import SampleSettings
 
-__all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "Source", "SubjectComposeSettings",
-           "UserError", "compose",
-           "evaluate", "export", "generate", "learn", "load_bundle"]
+__all__ = ["Bundle", "ComposeSettings", "Concept", "Progress", "SampleSettings", "SingleFile", "Source",
+           "SubjectComposeSettings", "UserError", "bake", "compose", "evaluate", "export", "generate", "learn", "load_bundle"]
 
 
 __all__ += ["Generation", "Setting", "attention_images", "generate_files", "method_settings", "methods",
@@ -92,7 +94,7 @@ def parse_settings(method: str, values: Mapping[str, str]) -> dict[str, object]:
 
 
 def learn(method: str, concepts: Sequence[Concept], sources: Sequence[Source], out: str | Path, *,
-          base: str | None = None, settings: dict | None = None, resume: bool = False, overwrite: bool = True,
+          base: str | SingleFile | None = None, settings: dict | None = None, resume: bool = False, overwrite: bool = True,
           progress: bool = False, on_step: Callable[[Progress], None] | None = None,
           cancel: Callable[[], bool] | None = None, device: str = "auto", dtype: str = "fp32") -> Bundle | None:
     """Learn `concepts` from `sources` with `method` (see `multiconcept methods`); `settings` are the
@@ -107,7 +109,7 @@ def learn(method: str, concepts: Sequence[Concept], sources: Sequence[Source], o
 
 
 def generate(prompt: str, bundles: Sequence[str | Path] = (), *, n: int = 1, seed: int = 0,
-             sampling: SampleSettings = SampleSettings(), base: str | None = None, device: str = "auto",
+             sampling: SampleSettings = SampleSettings(), base: str | SingleFile | None = None, device: str = "auto",
              dtype: str = "fp32", loras: Sequence[str | Path] = (), embeddings: Sequence[str] = ()) -> list[Image.Image]:
     """n images of `prompt` (seeds seed .. seed+n-1) with the bundles' concepts, plus LoRA and embedding
     files of other tools (kohya / A1111 / ComfyUI / diffusers; an embedding 'FILE' is the token <FILE's
@@ -125,7 +127,7 @@ def generate(prompt: str, bundles: Sequence[str | Path] = (), *, n: int = 1, see
 
 
 def export(bundle: str | Path, out: str | Path, format: str = "diffusers", *, rank: int | str = DEFAULT_RANK,
-           base: str | None = None) -> ToolExport:
+           base: str | SingleFile | None = None) -> ToolExport:
     """Write a bundle as files `format` loads: diffusers | a1111 | comfyui | kohya (the last three share
     their files: embeddings, a kohya LoRA; Custom Diffusion / DisenDiff deltas by truncated SVD at `rank`,
     or "full"). Returns the paths written and, for an SVD LoRA, its error per layer and in total."""
@@ -134,9 +136,19 @@ def export(bundle: str | Path, out: str | Path, format: str = "diffusers", *, ra
     return export_bundle(bundle, out, format, rank=rank, base=base)
 
 
+def bake(bundles: Sequence[str | Path], out: str | Path, *, base: str | SingleFile | None = None, dtype: str = "fp32",
+         save_dtype: str | None = None, overwrite: bool = False):
+    """Write `out`, a single-file checkpoint (A1111 / ComfyUI / kohya / diffusers' from_single_file) of `base` with
+    the bundles' weight changes added, the learned tokens as `embeddings/<word>.safetensors` beside it and a
+    README; returns the paths, the tokens' words and how many weight tensors changed."""
+    from .workflows.bake import bake as bake_bundles
+
+    return bake_bundles(list(bundles), out, base=base, dtype=dtype, save_dtype=save_dtype, overwrite=overwrite)
+
+
 def generate_files(prompt: str, bundles: Sequence[str | Path], out: str | Path, *, n: int = 1, seed: int = 0,
                    sampling: SampleSettings = SampleSettings(), attention_maps: bool = False, overwrite: bool = False,
-                   base: str | None = None, device: str = "auto", dtype: str = "fp32") -> list[Generation]:
+                   base: str | SingleFile | None = None, device: str = "auto", dtype: str = "fp32") -> list[Generation]:
     """`generate`, written the way `multiconcept generate --out OUT` writes it: PNGs with their settings
     in the metadata and, with `attention_maps`, each prompt token's heatmap in OUT/attention."""
     from .workflows.generate import check_prompt_tokens, generate, load_with_bundles, planned_paths, read_png_metadata
@@ -173,7 +185,7 @@ def attention_images(progress: Progress, image: Image.Image | None = None) -> li
 
 def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int = 1, seed: int = 0,
             settings: ComposeSettings | SubjectComposeSettings | None = None, locations: Sequence[str | None] = (),
-            base: str | None = None, device: str = "auto", dtype: str = "fp32") -> list[Image.Image]:
+            base: str | SingleFile | None = None, device: str = "auto", dtype: str = "fp32") -> list[Image.Image]:
     """Tuning-free: n images of `prompt`, whose `<img>` markers follow the subjects ('IMG' or 'IMG:MASK').
     The model folder says the method: FastComposer (ComposeSettings) or Subject-Diffusion
     (SubjectComposeSettings; `locations`: where each subject goes, 'x0,y0,x1,y1' fractions or None)."""

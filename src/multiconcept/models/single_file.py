@@ -135,14 +135,37 @@ def pipeline_for(src: SingleFile, family: str | None):
     if family is None:
         require(config_class is not None,
                 f"{src.path} holds a UNet but no text encoder by which its family (SD 1.x, SD 2.x or SDXL) can be told: "
-                "pass --base-config DIR, a diffusers pipeline folder of the same family (it also supplies the parts "
-                "the file lacks)")
+                "pass --base-config DIR, a diffusers pipeline folder of the same family (it also supplies the text "
+                "encoders and VAE the file lacks)")
         return getattr(diffusers, config_class)
     want = PIPELINE_OF[family]
     require(config_class in (None, want),
             f"{src.path} is an {NAMES[family]} checkpoint but --base-config {src.config} holds a {config_class}: "
             f"pass the configs of an {NAMES[family]} pipeline")
     return getattr(diffusers, want)
+
+
+def parts_from_config(src: SingleFile, header: dict, dtype: torch.dtype) -> dict:
+    """{component: model} for the text encoders and VAE a file lacks, from the --base-config folder. diffusers'
+    from_single_file would look for them there under diffusers' own weight file names only, which a folder's
+    transformers models (model.safetensors) do not use; the family was told from the text encoders, so a file
+    without them comes here only with a folder."""
+    import diffusers
+    import transformers
+
+    has = {"text_encoder": any(k.startswith(("cond_stage_model.", "conditioner.embedders.0.")) for k in header),
+           "text_encoder_2": any(k.startswith("conditioner.embedders.1.") for k in header),
+           "vae": any(k.startswith("first_stage_model.") for k in header)}
+    if all(has.values()) or src.config is None or not is_dir(src.config):
+        return {}
+    index = json.loads((Path(src.config) / "model_index.json").read_text())
+    parts = {}
+    for name, present in has.items():
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if not present and library in ("diffusers", "transformers"):
+            model_class = getattr(diffusers if library == "diffusers" else transformers, class_name)
+            parts[name] = model_class.from_pretrained(src.config, subfolder=name, dtype=dtype)
+    return parts
 
 
 def load_single_file(src: SingleFile, dtype: torch.dtype):
@@ -159,6 +182,7 @@ def load_single_file(src: SingleFile, dtype: torch.dtype):
     cls = pipeline_for(src, family)
     extra = {} if cls.__name__ == "StableDiffusionXLPipeline" else dict(safety_checker=None, requires_safety_checker=False)
     try:
+        extra.update(parts_from_config(src, header, dtype))
         pipe = cls.from_single_file(str(path), config=src.config, dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001 - a user's file and configs: whatever diffusers raises means "does not fit"
         why = gist(e)

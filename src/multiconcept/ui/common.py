@@ -8,13 +8,14 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..models import SingleFile
 from .jobs import Cancels
 
 
 @dataclass
 class Page:
     work: Path  # jobs' inputs and outputs (bundles, images), served to the page
-    base: str | None = None  # None: the embedded ToyWorld base
+    base: str | SingleFile | None = None  # as --base (and --base-config) give it; None: the embedded ToyWorld base
     device: str = "auto"
     compose_model: str = "models/fastcomposer-toyworld"
     cancels: Cancels = field(default_factory=Cancels)

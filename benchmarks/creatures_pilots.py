@@ -1,7 +1,8 @@
 """Pilots: does the creatures world pose the fine-tuning methods' problems? (issue: a ToyWorld that poses them)
 
-    .venv/bin/python benchmarks/creatures_pilots.py --base BASE_FOLDER --out runs/pilots [--pilot identity|leakage|all]
-        [--units 8] [--train-seeds 1] [--images 16] [--sample-steps 30]
+    .venv/bin/python benchmarks/creatures_pilots.py --base OUT/base --encoder OUT/encoder --out runs/pilots
+        [--pilot identity|leakage|fastcomposer|subject-diffusion|all] [--units 8] [--train-seeds 1] [--images 16]
+        [--sample-steps 30] [--encoder-minutes 30]
     .venv/bin/python benchmarks/creatures_pilots.py --base tiny --out /tmp/p --quick     # every code path, minutes
 
 identity  Textual Inversion vs Custom Diffusion on each pilot concept (4 centred references): per-part identity
@@ -12,6 +13,14 @@ leakage   Custom Diffusion learned from ONE image holding two concepts (two kind
           "a <c1> KIND" generations, the share of parts drawn with the OTHER concept's values. The world poses
           DisenDiff's problem when the excess (two-concept - control) is measurably above zero and above the
           checker's own rate on renders of the same layout.
+fastcomposer, subject-diffusion
+          Each tuning-free model trained WITHOUT its remedy (FastComposer without L_loc; Subject-Diffusion without
+          attention control) on `--data toyworld:creatures`, image encoder the world's encoder CLIP. Two subjects
+          of one kind ("a robot <img> and a robot <img>", Subject-Diffusion with left and right boxes): the share
+          of parts drawn with the other subject's values, against the control (each subject composed alone,
+          scored against the other's values). The world poses the problem when the excess is measurably above
+          zero and above the checker's own swap rate on renders of the same two subjects side by side and
+          overlapping.
 
 Units are concepts (identity) or pairs (leakage), training seeds averaged within a unit; every cell is cached
 in OUT, so a killed run resumes. Concepts are the pilot set (toyworld.creatures.PILOT_CONCEPTS), disjoint from
@@ -59,8 +68,19 @@ def readings(bundle: Path, prompt: str, base: str, n: int, sample_steps: int, se
     return [cw.analyse(np.asarray(img.convert("RGB").resize((64, 64)))).subjects for img in images], images
 
 
-def single(found):
-    return found[0] if len(found) == 1 else None
+def asked(found, creature):
+    """The reading that stands for the subject asked for: the best match among those found (None if none)."""
+    from multiconcept.toyworld import creatures as cw
+
+    return cw.match(found, [creature])[0]
+
+
+def most_of(found, own, other) -> float:
+    """Leakage in one image: the largest share of `other`'s parts on any subject found (a whole second
+    subject counts as well as a part on the asked one)."""
+    from multiconcept.toyworld import creatures as cw
+
+    return max((cw.part_outcomes(r, own, other)["other"] for r in found), default=0.0)
 
 
 def identity_pilot(args, out: Path) -> dict:
@@ -80,8 +100,8 @@ def identity_pilot(args, out: Path) -> dict:
                                     sources, args.base, seed, args.quick)
                 found, _ = readings(bundle, f"a <c1> {c.kind} on a gray background", args.base, args.images,
                                     args.sample_steps)
-                scores += [cw.identity(single(f), c) for f in found]
-                unnamed += [cw.identity(single(f), c, cw.UNNAMED_PARTS) for f in found]
+                scores += [cw.identity(asked(f, c), c) for f in found]
+                unnamed += [cw.identity(asked(f, c), c, cw.UNNAMED_PARTS) for f in found]
             unit[method] = {"identity": float(np.mean(scores)), "identity_unnamed": float(np.mean(unnamed))}
         rows[name] = unit
         print(name, json.dumps(unit), flush=True)
@@ -124,12 +144,92 @@ def leakage_pilot(args, out: Path) -> dict:
                                     tokens, sources, args.base, seed, args.quick)
                 found, _ = readings(bundle, f"a <c1> {ca.kind} on a gray background", args.base, args.images,
                                     args.sample_steps)
-                other += [cw.part_outcomes(single(f), ca, cb)["other"] for f in found]
+                other += [most_of(f, ca, cb) for f in found]
             unit[label] = float(np.mean(other))
         renders = cw.analyse(alone.image).subjects
-        unit["checker_on_render"] = cw.part_outcomes(single(renders), ca, cb)["other"]
+        unit["checker_on_render"] = most_of(renders, ca, cb)
         rows[f"{a}+{b}"] = unit
         print(a, b, json.dumps(unit), flush=True)
+    return rows
+
+
+def same_kind_pairs(units: int) -> list[tuple[str, str]]:
+    from multiconcept.toyworld import creatures as cw
+
+    pairs = [(a, b) for a, b in itertools.combinations(cw.PILOT_CONCEPTS, 2)
+             if cw.concept(a).creature.kind == cw.concept(b).creature.kind
+             and cw.differ_in_every_part(cw.concept(a).creature, cw.concept(b).creature)]
+    return pairs[:units]
+
+
+# Without each paper's remedy; ToyWorld settings as benchmarks/fastcomposer_toyworld.py and
+# subject_diffusion_toyworld.py train them (lr 1e-4, no grayscale crops: colour is identity here).
+ENCODERS = {"fastcomposer": ["--loc-weight", "0", "--batch-size", "16", "--param", "aug_grayscale_p=0"],
+            "subject-diffusion": ["--param", "attention_control=false", "--batch-size", "8",
+                                  "--param", "warmup_steps=100"]}
+
+
+def train_encoder(args, method: str, out: Path) -> Path:
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "multiconcept"), "train-encoder", "--method", method, "--data",
+           "toyworld:creatures", "--base", args.base, "--out", str(out), "--lr", "1e-4", "--steps",
+           "3" if args.quick else "100000", "--max-minutes", str(args.encoder_minutes), "--param", "checkpoint_every=100",
+           "--resume", "--no-progress", *ENCODERS[method]]
+    if args.encoder:
+        cmd += ["--image-encoder", args.encoder]
+    if not (out / "model_index.json").exists() and not (out / "config.json").exists() or args.encoder_minutes:
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def _reference(name: str, folder: Path) -> str:
+    """A centred render of the concept and its mask, as 'IMG:MASK' for compose."""
+    from multiconcept.toyworld import creatures as cw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scene = cw.concept_reference_set(name, 1, seed=31)[0]
+    image, mask = folder / f"{name}.png", folder / f"{name}_mask.png"
+    scene.pil().save(image)
+    _mask(scene.subjects[0].mask).save(mask)
+    return f"{image}:{mask}"
+
+
+def tuning_free_pilot(args, out: Path, method: str) -> dict:
+    from multiconcept.api import ComposeSettings, SubjectComposeSettings, compose
+    from multiconcept.toyworld import creatures as cw
+
+    model = train_encoder(args, method, out / "models" / method)
+    settings = (ComposeSettings(steps=args.sample_steps) if method == "fastcomposer"
+                else SubjectComposeSettings(steps=args.sample_steps))
+    where = {"left": "0.0,0.1,0.5,0.95", "right": "0.5,0.1,1.0,0.95", "center": "0.25,0.1,0.75,0.95"}
+
+    def read(prompt, subjects, boxes):
+        images = compose(prompt, subjects, model, n=args.images, seed=2000, settings=settings, base=args.base,
+                         **({"locations": boxes} if method == "subject-diffusion" else {}))
+        return [cw.analyse(np.asarray(img.convert("RGB").resize((64, 64)))).subjects for img in images]
+
+    rows = {}
+    for a, b in same_kind_pairs(args.units):
+        ca, cb = cw.concept(a).creature, cw.concept(b).creature
+        ra, rb = _reference(a, out / "refs"), _reference(b, out / "refs")
+        pair = read(f"a {ca.kind} <img> and a {cb.kind} <img> on a gray background", [ra, rb],
+                    [where["left"], where["right"]])
+        swapped = [cw.pair_outcomes(f, ca, cb) for f in pair]
+        alone = [cw.part_outcomes(asked(f, ca), ca, cb)["other"]
+                 for f in read(f"a {ca.kind} <img> on a gray background", [ra], [where["center"]])]
+        alone += [cw.part_outcomes(asked(f, cb), cb, ca)["other"]
+                  for f in read(f"a {cb.kind} <img> on a gray background", [rb], [where["center"]])]
+        on_renders = [cw.pair_outcomes(cw.analyse(cw.render(cw.layout_specs([ca, cb], layout, np.random.default_rng(s)),
+                                                            "gray", layout).image).subjects, ca, cb)["other"]
+                      for layout in ("pair", "overlap") for s in range(4)]
+        unit = {"pair_other": float(np.mean([o["other"] for o in swapped])),
+                "pair_own": float(np.mean([o["own"] for o in swapped])),
+                "pair_found": float(np.mean([o["found"] for o in swapped])),
+                "control_other": float(np.mean(alone)), "checker_on_renders": float(np.mean(on_renders))}
+        rows[f"{a}+{b}"] = unit
+        print(method, a, b, json.dumps(unit), flush=True)
     return rows
 
 
@@ -151,13 +251,25 @@ def summarise(results: dict) -> None:
         print(f"leakage (other's parts in a one-concept prompt): two-concept {mean_sem(two).text()}  control "
               f"{mean_sem(ctl).text()}  excess {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (n = {d.n}); checker on "
               f"renders {np.mean([r['checker_on_render'] for r in rows]):.3f}")
+    for method in ("fastcomposer", "subject-diffusion"):
+        if method in results:
+            rows = list(results[method].values())
+            pair, ctl = [r["pair_other"] for r in rows], [r["control_other"] for r in rows]
+            d = paired_difference(pair, ctl)
+            print(f"{method} without its remedy, same-kind pairs: swapped parts {mean_sem(pair).text()}  control "
+                  f"{mean_sem(ctl).text()}  excess {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (n = {d.n}); own parts "
+                  f"{np.mean([r['pair_own'] for r in rows]):.3f}; checker on renders "
+                  f"{np.mean([r['checker_on_renders'] for r in rows]):.3f}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", required=True, help="the creatures base: its built folder (OUT/base), or 'tiny'")
-    ap.add_argument("--pilot", choices=("identity", "leakage", "all"), default="all")
+    ap.add_argument("--pilot", choices=("identity", "leakage", "fastcomposer", "subject-diffusion", "all"), default="all")
+    ap.add_argument("--encoder", default=None, help="the world's encoder CLIP (OUT/encoder): the tuning-free image encoder")
+    ap.add_argument("--encoder-minutes", type=float, default=30.0, help="training minutes of each tuning-free model "
+                    "(resumed up to this total; 0: use the trained model as it is)")
     ap.add_argument("--units", type=int, default=8)
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--images", type=int, default=16)
@@ -165,7 +277,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 training steps, 2 units, 2 images: code paths only")
     args = ap.parse_args()
     if args.quick:
-        args.units, args.images, args.sample_steps = 2, 2, 2
+        args.units, args.images, args.sample_steps, args.encoder_minutes = 2, 2, 2, 0.2
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -173,6 +285,9 @@ def main():
         results["identity"] = identity_pilot(args, args.out)
     if args.pilot in ("leakage", "all"):
         results["leakage"] = leakage_pilot(args, args.out)
+    for method in ("fastcomposer", "subject-diffusion"):
+        if args.pilot in (method, "all"):
+            results[method] = tuning_free_pilot(args, args.out, method)
     results_path.write_text(json.dumps(results, indent=1))
     summarise(results)
 

@@ -54,30 +54,34 @@ def _c(kind, body, head, hat, marking, mcol) -> Creature:
     return Creature(kind, body, head, hat, marking, mcol)
 
 
-# Personal concepts: combinations the base never sees. Listed in pairs that differ in every part, of one
-# kind (the tuning-free pilots) and of two kinds (DisenDiff's sources); the first eight are for pilots,
-# the rest for the evidence, so claims are measured on concepts the world was not tuned on.
+# Personal concepts: combinations the base never sees, 3 per kind in each set, the 3 of a kind differing in
+# every part (so a swap between two subjects of one kind is unambiguous). The pilot set is for tuning the
+# world; the evidence set, disjoint, for the claims (../../shared/spec/toyworld2.md: tune on pilot units,
+# measure on others). Drawn once by a seeded design (each 3-valued part a permutation within a kind), with at
+# least 8 pairs of two kinds differing in every part in each set (DisenDiff's sources).
 PERSONAL_CONCEPTS: dict[str, PersonalConcept] = {p.name: p for p in [
-    PersonalConcept("robot_a", _c("robot", "red", "cyan", "cone", "band", "white")),
-    PersonalConcept("robot_b", _c("robot", "blue", "orange", "horns", "spot", "black")),
-    PersonalConcept("bird_a", _c("bird", "green", "pink", "block", "stripe", "gray")),
-    PersonalConcept("bird_b", _c("bird", "yellow", "purple", "cone", "band", "black")),
-    PersonalConcept("ghost_a", _c("ghost", "blue", "pink", "horns", "band", "white")),
-    PersonalConcept("ghost_b", _c("ghost", "red", "purple", "block", "stripe", "black")),
-    PersonalConcept("robot_c", _c("robot", "green", "purple", "block", "stripe", "white")),
-    PersonalConcept("bird_c", _c("bird", "red", "cyan", "horns", "spot", "white")),
+    PersonalConcept("robot_a", _c("robot", "blue", "orange", "block", "spot", "black")),
+    PersonalConcept("robot_b", _c("robot", "red", "purple", "cone", "band", "gray")),
+    PersonalConcept("robot_c", _c("robot", "green", "pink", "horns", "stripe", "white")),
+    PersonalConcept("bird_a", _c("bird", "blue", "orange", "block", "stripe", "white")),
+    PersonalConcept("bird_b", _c("bird", "yellow", "cyan", "cone", "band", "gray")),
+    PersonalConcept("bird_c", _c("bird", "green", "pink", "horns", "spot", "black")),
+    PersonalConcept("ghost_a", _c("ghost", "green", "pink", "horns", "spot", "black")),
+    PersonalConcept("ghost_b", _c("ghost", "red", "cyan", "cone", "stripe", "gray")),
+    PersonalConcept("ghost_c", _c("ghost", "yellow", "purple", "block", "band", "white")),
     # evidence
-    PersonalConcept("robot_d", _c("robot", "yellow", "pink", "horns", "stripe", "gray")),
-    PersonalConcept("robot_e", _c("robot", "green", "cyan", "block", "band", "black")),
-    PersonalConcept("bird_d", _c("bird", "blue", "cyan", "cone", "spot", "white")),
-    PersonalConcept("bird_e", _c("bird", "red", "orange", "horns", "band", "gray")),
-    PersonalConcept("ghost_d", _c("ghost", "yellow", "orange", "cone", "spot", "gray")),
-    PersonalConcept("ghost_e", _c("ghost", "green", "cyan", "horns", "band", "black")),
-    PersonalConcept("ghost_c", _c("ghost", "green", "orange", "cone", "spot", "gray")),
-    PersonalConcept("robot_f", _c("robot", "blue", "pink", "cone", "spot", "gray")),
+    PersonalConcept("robot_d", _c("robot", "blue", "purple", "horns", "stripe", "white")),
+    PersonalConcept("robot_e", _c("robot", "yellow", "orange", "cone", "band", "black")),
+    PersonalConcept("robot_f", _c("robot", "red", "cyan", "block", "spot", "gray")),
+    PersonalConcept("bird_d", _c("bird", "yellow", "orange", "block", "stripe", "gray")),
+    PersonalConcept("bird_e", _c("bird", "blue", "purple", "horns", "spot", "white")),
+    PersonalConcept("bird_f", _c("bird", "green", "pink", "cone", "band", "black")),
+    PersonalConcept("ghost_d", _c("ghost", "yellow", "cyan", "cone", "band", "black")),
+    PersonalConcept("ghost_e", _c("ghost", "red", "purple", "horns", "spot", "white")),
+    PersonalConcept("ghost_f", _c("ghost", "green", "pink", "block", "stripe", "gray")),
 ]}
-PILOT_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[:8])
-EVIDENCE_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[8:])
+PILOT_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[:9])
+EVIDENCE_CONCEPTS = tuple(list(PERSONAL_CONCEPTS)[9:])
 _PERSONAL = {p.creature for p in PERSONAL_CONCEPTS.values()}
 
 

@@ -196,6 +196,7 @@ def test_the_web_page_learns_on_a_single_file(tiny, scene, tmp_path):
 
 # Custom Diffusion's deltas are added in fp32 exactly as generation adds them: the same pixels. A LoRA merged
 # into its weights (W + alpha/r·BA) differs from peft's unmerged x·W + alpha/r·(x·A)·B by float rounding only.
+# Measured (4 seeds, 10 DDIM steps): Custom Diffusion and DisenDiff 0 levels on both; LoRA 0 on SD, at most 1 on SDXL.
 BAKE_TOLERANCE = {"sd": 0, "sdxl": 2}
 
 
@@ -222,6 +223,10 @@ def test_a_baked_checkpoint_with_its_embeddings_draws_what_the_bundle_draws(tiny
     assert np.abs(plain - bundle).max() > 10  # the weight changes are in the checkpoint, not only in the tokens
     # the baked file is another model: its weights digest differs from the base's
     assert load_base(SingleFile(out, folder)).weights != load_base(folder).weights
+    half = tmp_path / "half" / "pets.safetensors"
+    assert run_cli("bake", learned[kind], "-o", half, "--save-dtype", "fp16", *base)[0] == 0
+    assert {t.dtype for t in load_file(str(half)).values()} == {torch.float16}
+    assert abs(half.stat().st_size / out.stat().st_size - 0.5) < 0.01
 
 
 # ---------------------------------------------------------------- refusals: one line, exit 2, nothing written

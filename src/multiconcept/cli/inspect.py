@@ -24,7 +24,9 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle file"),
     out.print(f"[bold]{bundle}[/bold]  method={h['method']}  format={h['format_version']}")
     out.print(f"tokens: {', '.join(f'{t} ({c})' for t, c in zip(h['tokens'], h['class_words']))}")
     arch = f"  architecture {h['architecture']}" if h.get("architecture") else ""
-    out.print(f"base: {h['base_name']}  fingerprint {h['base_fingerprint']}{arch}")
+    weights = ", ".join(f"{g} {v}" for g, v in sorted(h.get("base_weights", {}).items()))
+    out.print(f"base: {h['base_name']}  fingerprint {h['base_fingerprint']}{arch}"
+              + (f"  weights {weights}" if weights else ""), highlight=False)
     out.print("integrity: " + ("verified (content sha256 matches)" if d["integrity"] == "verified"
                                else "unchecked (written before bundles carried a digest)"))
     out.print("hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(h["hyperparameters"].items())))

@@ -177,6 +177,26 @@ def test_train_encoder_and_compose_on_a_single_file(tiny, subject_folder, run_cl
     assert (tmp_path / "out" / "000000.png").is_file()
 
 
+def test_evaluate_overfitting_on_a_single_file(tiny, learned, scene, run_cli, tmp_path, monkeypatch):
+    import json
+
+    import multiconcept.workflows.overfitting as of
+    from multiconcept.models.tiny_evaluators import save_tiny_clip
+
+    monkeypatch.setattr(of, "PROTOCOL", of.OverfittingProtocol(fisher_prompts=1, fisher_seeds=1, fisher_timesteps=(500,),
+                                                                fisher_steps=2, wasserstein_contexts=2,
+                                                                wasserstein_seeds=1, sample_steps=2))
+    folder, file = tiny["sd"]
+    base = ["--base", file, "--base-config", folder]
+    image(run_cli, tmp_path / "gens", "-b", learned["sd"], *base)
+    clip = save_tiny_clip(tmp_path / "clip", image_size=32)
+    code, _, err = run_cli("evaluate", tmp_path / "gens", "-r", scene["image"], "--clip", clip, "--overfitting",
+                           "-b", learned["sd"], "-o", tmp_path / "results.json", *base)
+    assert code == 0, err
+    report = json.loads((tmp_path / "results.json").read_text())["overfitting"]
+    assert report["base"] == file and report["latent_fisher_divergence"]["value"] > 0
+
+
 def test_the_web_page_learns_on_a_single_file(tiny, scene, tmp_path):
     from multiconcept.bundle import read_header
     from multiconcept.ui.common import Page

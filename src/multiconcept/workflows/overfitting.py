@@ -225,8 +225,9 @@ def concept_wasserstein(custom, base, phrase: str, class_word: str, scorer, out_
 
 # ---------------------------------------------------------------- the report
 
-def overfitting_report(base: str | None, bundles: list[str], out_dir: Path, evaluator: str | None, seed: int) -> dict:
-    """Both metrics for a base + bundles; the entry point of `multiconcept evaluate --overfitting`.
+def overfitting_report(base, bundles: list[str], out_dir: Path, evaluator: str | None, seed: int) -> dict:
+    """Both metrics for a base (a --base name or a SingleFile; None: the first bundle's) + bundles; the entry
+    point of `multiconcept evaluate --overfitting`.
 
     The latent Fisher divergence is of the base with ALL `bundles` loaded
     together, on prompts naming none of their concepts; the Wasserstein
@@ -266,7 +267,7 @@ def overfitting_report(base: str | None, bundles: list[str], out_dir: Path, eval
         }
     return {
         "note": RECONSTRUCTION_NOTE,
-        "base": base_name, "bundles": [p for p, _ in headers], "evaluator": scorer.describe(),
+        "base": str(base_name), "bundles": [p for p, _ in headers], "evaluator": scorer.describe(),
         "latent_fisher_divergence": fisher,
         "wasserstein": wasserstein,
         "protocol": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(proto).items()},

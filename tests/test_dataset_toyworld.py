@@ -184,15 +184,16 @@ def test_cli_ray_runs_locally_or_on_the_named_cluster(run_cli, monkeypatch, sour
 
 
 def test_train_encoder_trains_on_a_folder_the_builder_wrote(source, tmp_path):
-    """Issue's consumer: FastComposer trains a few steps on the shards, their captions and true masks."""
+    """Issue's consumer: FastComposer trains a few steps on the shards, their captions and true masks, streamed."""
     from multiconcept.methods.fastcomposer import FastComposerConfig
-    from multiconcept.workflows.train_encoder import ShardSubjects, open_data, train_encoder
+    from multiconcept.workflows.train_encoder import StreamSubjects, open_data, train_encoder
 
     build(source, tmp_path / "ds", settings(PROFILES["toyworld"]))
+    table = json.loads((tmp_path / "ds" / "shards.json").read_text())
+    assert table["samples"] == N and [s["samples"] for s in table["shards"]] == [PER_SHARD] * (N // PER_SHARD)
+    assert all(s["bytes"] == (tmp_path / "ds" / "shards" / f"{s['name']}.tar").stat().st_size for s in table["shards"])
     data = open_data(str(tmp_path / "ds"))
-    assert isinstance(data, ShardSubjects) and len(data.samples) == N
-    record = data.draw(1, seed=0)[0]
-    assert record.subjects and all(s.mask.any() and s.label in record.caption for s in record.subjects)
+    assert isinstance(data, StreamSubjects) and data.stream.total == N
     model = train_encoder(str(tmp_path / "ds"), tmp_path / "fc", base="tiny", progress=False,
                           cfg=FastComposerConfig(steps=3, batch_size=2, lr=1e-3, checkpoint_every=0))
     info = json.loads((model / "fastcomposer.json").read_text())

@@ -41,7 +41,12 @@ def train_encoder(
                                                               "SubjectDiffusionConfig for these)"),
     max_minutes: Optional[float] = number(None, help="stop after this many minutes of training (summed over resumed runs) "
                                                       "and write the model so far", above=0),
-    resume: bool = typer.Option(False, help="continue from the checkpoint in --out"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --out (a streamed dataset from the same "
+                                            "sample)"),
+    workers: int = number(0, help="DataLoader processes decoding and augmenting streamed samples, per process "
+                                  "(0: in the training process)", minimum=0),
+    sample_log: bool = typer.Option(False, help="streamed data: append each micro-batch's step, position and sample "
+                                                "keys to OUT/samples.jsonl"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -68,6 +73,7 @@ def train_encoder(
     else:
         cfg = apply_overrides(FastComposerConfig(), overrides)
     path = run(data, output, base=base_source(base, base_config), cfg=cfg, image_encoder=image_encoder, resume=resume,
-               progress=progress, max_minutes=max_minutes, device=device, dtype=dtype)
+               progress=progress, max_minutes=max_minutes, device=device, dtype=dtype, workers=workers,
+               sample_log=sample_log)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks
         out.print(f"wrote {path}")

@@ -9,6 +9,8 @@ OUT/
   parts/NAME.parquet   that shard's index rows;  parts/NAME.json  its tally and rejects (written last:
                        its presence marks the shard finished, so a re-run skips it)
   index.parquet        one row per entity over all shards (shard, key, entity, label, box, score, ...)
+  shards.json          each finished shard's name, sample count and bytes: what a streaming reader needs to
+                       find sample i and to check the shards without opening them (datasets.stream)
   stats.json           per filter: images or entities in / dropped / kept; per stage: images/s
   rejects.jsonl        one line per image that could not be read or failed a stage, with the reason
 Every file is written to a temporary name and renamed, so a killed run leaves no half shard.
@@ -29,6 +31,7 @@ from PIL import Image
 
 from ..bundle import atomic_write
 from .records import Entity, Item, decode_image, mask_from_png, mask_from_rle, mask_png, mask_rle
+from .tars import tar_samples
 
 MASK_FORMATS = ("png", "rle")
 INDEX_COLUMNS = ("shard", "key", "entity", "label", "x0", "y0", "x1", "y1", "score", "mask_score", "mask_area",
@@ -54,6 +57,7 @@ class ShardWriter:
         os.close(fd)
         self.tar = tarfile.open(self.tmp, "w")
         self.rows: dict[str, list] = {c: [] for c in INDEX_COLUMNS}
+        self.samples = 0
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -76,6 +80,7 @@ class ShardWriter:
                 self.rows[c].append(v)
         self._add(f"{it.key}.{it.ext}", it.data)
         self._add(f"{it.key}.txt", it.caption.encode())
+        self.samples += 1
         meta = {"caption": it.caption, "source_caption": it.source_caption, "width": w, "height": h, "entities": ents}
         self._add(f"{it.key}.json", json.dumps(meta).encode())
         if self.mask_format == "png":
@@ -93,7 +98,8 @@ class ShardWriter:
         table = pa.table(self.rows, schema=_index_schema())
         atomic_write(self.out / "parts" / f"{self.name}.parquet", lambda tmp: pq.write_table(table, tmp))
         atomic_write(self.out / "parts" / f"{self.name}.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps({"tally": tally, "rejects": rejects})))
+                     lambda tmp: Path(tmp).write_text(json.dumps({"tally": tally, "rejects": rejects,
+                                                                  "samples": self.samples})))
 
     def abort(self) -> None:
         self.tar.close()
@@ -117,6 +123,25 @@ def merge_index(out: Path, names: list[str]) -> Path:
     return atomic_write(Path(out) / "index.parquet", write)
 
 
+SHARD_TABLE = "shards.json"
+SHARD_TABLE_FORMAT = "multiconcept-shards/1"
+
+
+def write_shard_table(out: Path, names: list[str]) -> Path:
+    """shards.json from the finished shards (parts written before sample counts were kept: counted from the tar)."""
+    out = Path(out)
+    rows = []
+    for n in names:
+        tar = out / "shards" / f"{n}.tar"
+        samples = json.loads((out / "parts" / f"{n}.json").read_text()).get("samples")
+        if samples is None:
+            with open(tar, "rb") as f:
+                samples = sum(1 for _ in tar_samples(f))
+        rows.append({"name": n, "samples": samples, "bytes": tar.stat().st_size})
+    table = {"format": SHARD_TABLE_FORMAT, "samples": sum(r["samples"] for r in rows), "shards": rows}
+    return atomic_write(out / SHARD_TABLE, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=0)))
+
+
 # ---------------------------------------------------------------- reading
 
 @dataclass
@@ -134,22 +159,14 @@ class SubjectSample:
 def read_shard(path: str | Path) -> Iterator[SubjectSample]:
     """Samples of one shard this builder wrote, streamed, masks decoded to bool arrays."""
     path = Path(path)
-    key, parts = None, {}
-    with tarfile.open(path, "r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, ext = m.name.split(".", 1)
-            if k != key and parts:
-                yield _sample(path.stem, key, parts)
-                parts = {}
-            key = k
-            parts[ext] = tf.extractfile(m).read()
-    if parts:
-        yield _sample(path.stem, key, parts)
+    with open(path, "rb") as f:
+        for key, parts in tar_samples(f):
+            yield parse_sample(path.stem, key, parts)
 
 
-def _sample(shard: str, key: str, parts: dict[str, bytes]) -> SubjectSample:
+def parse_sample(shard: str, key: str, parts: dict[str, bytes]) -> SubjectSample:
+    """A sample's members as the builder writes them; a missing member or a corrupt JSON or mask raises
+    (KeyError, ValueError, OSError, StopIteration: a damaged sample)."""
     meta = json.loads(parts["json"])
     data = next(v for k, v in parts.items() if k in ("jpg", "jpeg", "png", "webp", "bmp"))
     ents = []

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import glob
 import json
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError, require
 from .records import Item
+from .tars import TAR_DAMAGE, tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -131,32 +131,13 @@ def _read_files(unit: Unit) -> Iterator[Item]:
 
 
 def _read_tar(unit: Unit) -> Iterator[Item]:
-    current: dict[str, bytes] = {}
-    key = None
     try:
-        with tarfile.open(unit.tar, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                name = m.name
-                base = name.rsplit("/", 1)[-1]
-                if "." not in base or base.startswith("."):
-                    continue
-                stem, ext = base.split(".", 1)
-                k = (name[: len(name) - len(base)] + stem)
-                if k != key and current:
-                    yield _sample(unit, key, current)
-                    current = {}
-                key = k
-                current[ext.lower()] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if current:
-            yield _sample(unit, key, current)
-            current = {}
+        with open(unit.tar, "rb") as f:
+            for key, members in tar_samples(f):
+                yield _sample(unit, key, members)
+    except (*TAR_DAMAGE, OSError) as e:
         yield Item(key=_key(f"{unit.name}_broken"), unit=unit.name, source=unit.tar, data=b"",
                    reject=f"read: tar {unit.tar} is truncated or corrupt after this point: {type(e).__name__}: {e}")
-    if current:
-        yield _sample(unit, key, current)
 
 
 def _sample(unit: Unit, key: str, members: dict[str, bytes]) -> Item:

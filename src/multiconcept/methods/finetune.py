@@ -20,13 +20,22 @@ import torch
 
 from ..bundle import save_bundle
 from ..data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
-from ..errors import UserError
+from ..errors import UserError, require
 from ..latents import choose_latent_mode, latents_from_moments
 from ..losses import denoising_loss
 from ..models import Base
 from ..models.conditioning import TextConditioning, added_conditioning, encode_ids, token_ids
 from ..prompts import locate_concepts
-from ..training import LoopSettings, Progress, TrainingDiverged, discard_checkpoint, make_accelerator, run, step_seed
+from ..training import (
+    LoopSettings,
+    Progress,
+    TrainingDiverged,
+    discard_checkpoint,
+    make_accelerator,
+    run,
+    step_seed,
+    wrapper_syncs_gradients,
+)
 from ..training.checkpoint import remove_stale_temps
 from ..training.optim import make_optimizer
 from .base import Method, TrainConfig
@@ -283,7 +292,10 @@ def train(
     trainer = Trainer(method, base, data, cfg, reg)
     digest = config_digest(cfg, method.name, base.fingerprint)
     remove_stale_temps(out)
-    _, _, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
+    # the loop averages gradients over processes itself (training/processes.py): only the optimiser is prepared
+    require(not wrapper_syncs_gradients(accelerator), "learn runs on one process or DDP (`accelerate launch` with "
+            "configs/accelerate/ddp-8gpu-bf16.yaml), not DeepSpeed or FSDP: choose that config")
+    optimizer = accelerator.prepare(optimizer)
     settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                             mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
                             log_file=cfg.log_file, progress_bar=progress, name=method.name)

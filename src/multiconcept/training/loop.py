@@ -10,14 +10,17 @@ progress callback and cancelling between steps.
 
 Every random choice of step `s`, micro-batch `m` comes from a generator seeded
 by (seed, s, m), so a run killed and resumed follows exactly the path of an
-uninterrupted one.
+uninterrupted one. Micro-batches are numbered over every process (m·P + r on
+rank r of P) and the loop averages gradients over the processes
+(processes.py), so P processes train what one does accumulating P.
 
 A job is any object with
 - ``loss(step, micro, generator) -> (loss tensor, {name: float})``;
 - ``state() -> {name: tensor}`` and ``load_state({name: tensor})``: what a
   checkpoint keeps besides the optimiser (trained tensors, an EMA copy, ...);
 - optionally ``after_step(step, extra)``: work between steps (EMA updates,
-  monitors); ``extra`` is a JSON-able dict the checkpoint keeps;
+  monitors); ``extra`` is a JSON-able dict the checkpoint keeps; a dict it
+  returns joins the step's log;
 - optionally ``attention_maps() -> {label: h w tensor}``: the cross-attention
   its last step computed, handed to the progress callback (see `Progress`).
 """
@@ -36,6 +39,7 @@ import torch
 
 from ..errors import UserError
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint, start_over
+from .processes import average_gradients, broadcast_parameters, loop_syncs_gradients
 
 
 class TrainingDiverged(UserError):
@@ -123,6 +127,8 @@ def run(job, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], setti
                             f"{start_over(checkpoint.parent)}") from e
         start, seconds_before = info["step"], info["seconds"]
         extra.update(info["extra"])
+    if loop_syncs_gradients(acc):
+        broadcast_parameters(params)
     budget = settings.max_minutes * 60 if settings.max_minutes else None
     t0 = last_save = time.time()
 
@@ -155,7 +161,7 @@ def run(job, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], setti
             logs = _one_step(job, optimizer, params, settings, acc, step, checkpoint)
             step += 1
             if hasattr(job, "after_step"):
-                job.after_step(step, extra)
+                logs.update(job.after_step(step, extra) or {})
             if "loss" in logs:
                 recent.append(logs["loss"])
             if log:
@@ -193,6 +199,8 @@ def _one_step(job, optimizer, params, settings: LoopSettings, acc, step: int, ch
         acc.backward(loss / settings.grad_accum)
         for k, v in parts.items():
             logs[k] = logs.get(k, 0.0) + v / settings.grad_accum
+    if loop_syncs_gradients(acc):
+        average_gradients(params, acc.num_processes)
     if settings.max_grad_norm and settings.max_grad_norm > 0:
         acc.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()

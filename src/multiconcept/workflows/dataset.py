@@ -20,7 +20,7 @@ from ..bundle import atomic_write
 from ..datasets.on_ray import ray_batches, unit_batches
 from ..datasets.pipeline import Pipeline, StageSpec, Tally
 from ..datasets.records import Item
-from ..datasets.shards import MASK_FORMATS, ShardWriter, finished, merge_index
+from ..datasets.shards import MASK_FORMATS, ShardWriter, finished, merge_index, write_shard_table
 from ..datasets.sources import Unit, list_units
 from ..errors import UserError, require
 
@@ -141,6 +141,7 @@ def _summarise(out: Path, units: list[Unit]) -> dict:
         total.merge(Tally(part["tally"]))
         rejects.extend(part["rejects"])
     merge_index(out, done)
+    write_shard_table(out, done)
     atomic_write(out / "rejects.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rejects)))
     report = {"shards": len(done), "shards_missing": len(units) - len(done), **total.report()}
     atomic_write(out / "stats.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))

@@ -12,7 +12,7 @@ from ..methods.finetune import train
 from ..methods.settings import apply_overrides, apply_values
 from ..models import Base, SingleFile, load_base
 from ..prompts import parse_concept
-from ..training import Progress
+from ..training import Progress, make_accelerator
 
 # diffusers' DreamBooth and Custom Diffusion scripts draw class images at the pipeline's default steps (SD: 50)
 REG_STEPS = 50
@@ -52,6 +52,8 @@ def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=Non
     cls = get_method(method)
     cfg = config if config is not None else apply_values(cls.Config(), settings or {})
     if not isinstance(base, Base):
+        if device == "auto":  # under `accelerate launch`, each process's own GPU
+            device = str(make_accelerator(cfg.mixed_precision).device)
         base = load_base(base, device=device, dtype=dtype)
     reg = []
     if reg_dir is not None:

@@ -1,12 +1,14 @@
 """train-encoder: FastComposer's training. Subject-annotated images in, a model folder out.
 
     multiconcept train-encoder --method fastcomposer --data toyworld --base toyworld --out fc --lr 1e-4
-    accelerate launch --multi_gpu $(which multiconcept) train-encoder --method fastcomposer --data DIR ...
-    torchrun --nproc_per_node 2 $(which multiconcept) train-encoder ...   (checked: 2 CPU processes, gloo)
+    accelerate launch --config_file configs/accelerate/ddp-8gpu-bf16.yaml -m multiconcept train-encoder \
+        --method fastcomposer --data DIR --workers 4 ...
 
-The same command runs in one process or under `accelerate launch`: every
-process draws its own samples (seeded by step and process index), gradients
-are averaged by accelerate, and only the main process writes files.
+The same command runs in one process or under `accelerate launch`: micro-batch
+`micro` of a step is the same data wherever it runs (the loop numbers micro-
+batches over every process), the loop averages gradients over the processes,
+and only the main process writes files, logs and the progress bar. So P
+processes train what one process does with --grad-accum P (a test checks it).
 
 Loss (FastComposer §3.3): L = L_noise + λ·L_loc, λ = 1e-3.
 - L_noise: ε-prediction MSE; with p = 0.5 per sample it is masked to the
@@ -21,24 +23,12 @@ Loss (FastComposer §3.3): L = L_noise + λ·L_loc, λ = 1e-3.
 - Captions are dropped to "" with p = 0.1 (classifier-free guidance) and each
   subject is kept (marker + image) with p = 0.9.
 
-Data: `--data toyworld` draws fresh `toyworld.subject_dataset` records every
-step; `--data DIR` reads a folder:
-
-    DIR/subjects.jsonl    one JSON object per line (paths relative to DIR):
-      {"image": "000001.png",
-       "caption": "a red star on the left and a blue circle on a gray background",
-       "subjects": [{"label": "star",   "mask": "000001_0.png", "box": [x0, y0, x1, y1]},
-                    {"label": "circle", "mask": "000001_1.png"}]}
-
-`label` is the subject's noun as written in the caption (its first unused
-whole-word occurrence gets the image marker); `mask` is white-on-black at the
-image's size; `box` (x1/y1 exclusive) is optional, default the mask's extent.
-`write_subject_folder` writes this format.
+Data: `--data` (workflows/encoder_data.py): 'toyworld' (rendered on the fly), a folder
+`multiconcept dataset build` wrote or its URL (streamed), WebDataset tars, or a subjects.jsonl folder.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +40,8 @@ from PIL import Image
 from torch import nn
 
 from ..attention import AttentionStore, resize_mask
-from ..bundle import atomic_write
-from ..data import load_image, load_mask, mask_tensor, to_tensor
-from ..errors import UserError, require
+from ..data import mask_tensor, to_tensor
+from ..errors import require
 from ..latents import choose_latent_mode, latents_from_moments
 from ..losses import balanced_l1_loc_loss, denoising_loss
 from ..methods.fastcomposer import (
@@ -68,166 +57,30 @@ from ..methods.finetune import config_digest
 from ..methods.settings import config_dict
 from ..models import Base, SingleFile, load_base
 from ..prompts import find_word_spans
-from ..training import LoopSettings, Progress, discard_checkpoint, make_accelerator, run, step_seed
+from ..training import (
+    LoopSettings,
+    Progress,
+    discard_checkpoint,
+    make_accelerator,
+    run,
+    step_seed,
+    wrapper_syncs_gradients,
+)
+from .encoder_data import (
+    MANIFEST,
+    Annotation,
+    FolderSubjects,
+    Record,
+    StreamSubjects,
+    ToyWorldSubjects,
+    open_data,
+    write_subject_folder,
+)
 
-MANIFEST = "subjects.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
+SAMPLE_LOG = "samples.jsonl"
 
 # ---------------------------------------------------------------- data
-
-
-@dataclass
-class Annotation:
-    label: str  # the subject's noun in the caption
-    mask: np.ndarray  # bool H W
-    box: tuple[int, int, int, int] | None = None
-
-
-@dataclass
-class Record:
-    image: np.ndarray  # uint8 H W 3
-    caption: str
-    subjects: list[Annotation]
-
-
-class ToyWorldSubjects:
-    """Fresh `toyworld.subject_dataset` records on every draw (never a repeat), laid
-    out as the ToyWorld base's training scenes are (one centred subject or a
-    left/right pair), so the tuned UNet does not have to learn new layouts.
-    Captions name each subject's noun, size and place but not its colour or
-    pattern: on ToyWorld those are the identity, and a caption that says them
-    lets the model ignore the subject crops (the first encoders, trained on
-    full captions, carried almost no colour)."""
-
-    def __init__(self, layout: str = "fixed"):
-        self.layout = layout  # "free": the world's five places and two sizes (location control must see them)
-        # in the checkpoint digest: older runs drew full captions
-        self.name = "toyworld (captions without colour or pattern)" + ("" if layout == "fixed" else f", {layout} layout")
-
-    def draw(self, n: int, seed: int) -> list[Record]:
-        from ..toyworld import subject_dataset
-
-        return [Record(r.image, r.caption, [Annotation(s.label, s.mask, tuple(s.box)) for s in r.subjects])
-                for r in subject_dataset(n, seed, layout=self.layout, appearance=False)]
-
-
-class CreatureSubjects:
-    """Fresh ToyWorld creature scenes on every draw (`toyworld.creatures.subject_scene`): one or two
-    subjects, of one kind in a good share of pairs, placed freely in half the scenes (the base's layouts
-    otherwise, overlaps included); captions name kinds, and places in only part of the base-layout scenes,
-    never a part: whose robot it is, only the subject images can say."""
-
-    name = "toyworld creatures (captions name kinds only)"
-
-    def draw(self, n: int, seed: int) -> list[Record]:
-        from ..toyworld import creatures
-
-        rng = np.random.default_rng(seed)
-        records = []
-        for _ in range(n):
-            scene, order = creatures.subject_scene(rng)
-            subjects = [scene.subjects[i] for i in order]
-            records.append(Record(scene.image, scene.caption,
-                                  [Annotation(s.creature.kind, s.mask, tuple(s.box)) for s in subjects]))
-        return records
-
-
-class FolderSubjects:
-    """The `subjects.jsonl` folder format (module docstring); images load when drawn."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.name = str(self.folder.resolve())
-        path = self.folder / MANIFEST
-        require(path.is_file(), f"{self.folder} has no {MANIFEST}: write one JSON record per line "
-                                "(see `multiconcept train-encoder --help`), or pass --data toyworld")
-        self.rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                self.rows.append(self._check(line, n, path))
-        require(bool(self.rows), f"{path} holds no records: add one JSON object per line")
-
-    def _check(self, line: str, n: int, path: Path) -> dict:
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not JSON ({e.msg}): write one JSON object per line") from e
-        require(isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
-                and isinstance(row.get("subjects"), list),
-                f"{where} needs \"image\", \"caption\" and a \"subjects\" list")
-        require((self.folder / row["image"]).is_file(), f"{where}: image {row['image']} does not exist in {self.folder}")
-        for s in row["subjects"]:
-            require(isinstance(s, dict) and isinstance(s.get("label"), str) and isinstance(s.get("mask"), str),
-                    f"{where}: each subject needs a \"label\" and a \"mask\"")
-            require((self.folder / s["mask"]).is_file(), f"{where}: mask {s['mask']} does not exist in {self.folder}")
-            require(bool(find_word_spans(row["caption"], s["label"])),
-                    f"{where}: label {s['label']!r} is not a word of the caption {row['caption']!r}: use the caption's noun")
-            box = s.get("box")
-            require(box is None or (isinstance(box, list) and len(box) == 4), f"{where}: box must be [x0, y0, x1, y1]")
-        return row
-
-    def load(self, i: int) -> Record:
-        row = self.rows[i]
-        img = load_image(self.folder / row["image"])
-        subjects = [Annotation(s["label"], np.asarray(load_mask(self.folder / s["mask"], img.size)) > 127,
-                               tuple(s["box"]) if s.get("box") else None) for s in row["subjects"]]
-        return Record(np.asarray(img), row["caption"], subjects)
-
-    def draw(self, n: int, seed: int) -> list[Record]:
-        rng = random.Random(seed)
-        return [self.load(rng.randrange(len(self.rows))) for _ in range(n)]
-
-
-class ShardSubjects:
-    """A folder `multiconcept dataset build` wrote: its finished shards' samples that hold
-    subjects with masks, read once and kept in memory (images decoded when drawn)."""
-
-    def __init__(self, folder: str | Path):
-        from ..datasets.shards import read_shards
-
-        self.folder = Path(folder)
-        self.name = f"shards {self.folder.resolve()}"
-        self.samples = [s for s in read_shards(self.folder) if any(e.mask is not None for e in s.entities)]
-        require(bool(self.samples), f"{self.folder} holds no finished shard with masked subjects: build it with "
-                                    "`multiconcept dataset build`, or re-run that command to finish it")
-
-    def load(self, i: int) -> Record:
-        s = self.samples[i]
-        subjects = [Annotation(e.label, e.mask, tuple(e.box)) for e in s.entities if e.mask is not None]
-        return Record(np.asarray(s.image().convert("RGB")), s.caption, subjects)
-
-    def draw(self, n: int, seed: int) -> list[Record]:
-        rng = random.Random(seed)
-        return [self.load(rng.randrange(len(self.samples))) for _ in range(n)]
-
-
-def open_data(spec: str, toyworld_layout: str = "fixed"):
-    """'toyworld', 'toyworld:creatures', a folder `multiconcept dataset build` wrote (shards/), or a
-    subjects.jsonl folder."""
-    if spec == "toyworld":
-        return ToyWorldSubjects(toyworld_layout)
-    if spec == "toyworld:creatures":
-        return CreatureSubjects()
-    return ShardSubjects(spec) if (Path(spec) / "shards").is_dir() else FolderSubjects(spec)
-
-
-def write_subject_folder(records, folder: str | Path) -> Path:
-    """Records (ours or `toyworld.SubjectRecord`) → the folder format."""
-    from ..toyworld.scenes import save_png
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, r in enumerate(records):
-        save_png(np.asarray(r.image), folder / f"{i:06d}.png")
-        subs = []
-        for j, s in enumerate(r.subjects):
-            save_png(np.asarray(s.mask).astype(bool), folder / f"{i:06d}_{j}.png")
-            subs.append({"label": s.label, "mask": f"{i:06d}_{j}.png", **({"box": list(s.box)} if s.box is not None else {})})
-        lines.append(json.dumps({"image": f"{i:06d}.png", "caption": r.caption, "subjects": subs}))
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    return folder
 
 
 def insert_markers(caption: str, subjects: list[Annotation]) -> tuple[str, list[Annotation]]:
@@ -303,26 +156,58 @@ def middle_resolutions(latent_size: int) -> list[int]:
 
 
 class EncoderJob:
-    """FastComposer's training as a job of the training loop; `graph` is the
-    trainer as accelerate prepared it (DDP under `accelerate launch`)."""
+    """FastComposer's (and Subject-Diffusion's) training as a job of the training loop; `graph` is the
+    trainer, or accelerate's wrapper of it where that wrapper shards and syncs gradients (DeepSpeed, FSDP)."""
 
-    def __init__(self, trainer: "EncoderTrainer", graph, trainables: dict[str, torch.Tensor]):
-        self.trainer, self.graph, self.trainables = trainer, graph, trainables
+    def __init__(self, trainer: "EncoderTrainer", graph, trainables: dict[str, torch.Tensor], acc):
+        self.trainer, self.graph, self.trainables, self.acc = trainer, graph, trainables, acc
+        self.stream = trainer.data if isinstance(trainer.data, StreamSubjects) else None
 
     def loss(self, step: int, micro: int, gen: torch.Generator):
         return self.graph(self.trainer.batch(step, micro), gen)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.trainables)
+        return {**self.trainables, **(self.stream.state() if self.stream else {})}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, p in self.trainables.items():
                 p.copy_(tensors[k])
+        if self.stream:
+            self.stream.load_state(tensors)
+
+    def after_step(self, step: int, extra: dict) -> dict | None:
+        """A streamed run's position, and its count of damaged samples skipped (over every process) in the log."""
+        if not self.stream:
+            return None
+        self.stream.steps_done = step
+        found = torch.tensor(len(self.stream.skipped), device=self.acc.device)
+        self.stream.skipped.clear()
+        if self.acc.num_processes > 1:
+            found = self.acc.reduce(found, "sum")
+        extra["skipped"] = extra.get("skipped", 0) + int(found)
+        return {"skipped": extra["skipped"]}
+
+
+@dataclass
+class MicroBatchMaker:
+    """(records, step, micro) -> a micro-batch, every random choice from the generator of (seed, step, micro)
+    as the loop seeds everything else; a plain object, so DataLoader workers can run it."""
+
+    make_sample: Callable
+    collate: Callable
+    cfg: object
+    tokenizer: object
+    size: int
+    crop_size: int
+
+    def __call__(self, records: list[Record], step: int, micro: int) -> dict:
+        rng = random.Random(step_seed(self.cfg.seed, step, micro))
+        return self.collate([self.make_sample(r, self.cfg, self.tokenizer, self.size, self.crop_size, rng) for r in records])
 
 
 class EncoderTrainer(nn.Module):
-    """Data sampling and the loss; a module, so accelerate can wrap it (DDP)."""
+    """Data sampling and the loss; a module, so accelerate can wrap it (DeepSpeed, FSDP)."""
 
     def __init__(self, model: FastComposer, data, cfg: FastComposerConfig):
         super().__init__()
@@ -336,14 +221,14 @@ class EncoderTrainer(nn.Module):
         self.loc_resolutions = list(cfg.loc_resolutions) or middle_resolutions(self.size // base.pipe.vae_scale_factor)
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)  # the paper trains with DDPM's 1000 steps
         self.latent_mode: str | None = None  # chosen on the first batch (see choose_latent_mode)
+        self.prepare = MicroBatchMaker(self.make_sample, self.collate, cfg, model.tokenizer, self.size,
+                                       model.encoder.image_size)
 
     def batch(self, step: int, micro: int = 0) -> dict:
         """`micro` counts micro-batches over every process (the loop's numbering)."""
-        seed = step_seed(self.cfg.seed, step, micro)
-        rng = random.Random(seed)
-        records = self.data.draw(self.cfg.batch_size, seed)
-        crop = self.model.encoder.image_size
-        return self.collate([self.make_sample(r, self.cfg, self.model.tokenizer, self.size, crop, rng) for r in records])
+        if isinstance(self.data, StreamSubjects):
+            return self.data.micro_batch(step, micro)
+        return self.prepare(self.data.draw(self.cfg.batch_size, step_seed(self.cfg.seed, step, micro)), step, micro)
 
     # what a batch is made of: another encoder's trainer (Subject-Diffusion's) gives its own
     make_sample = staticmethod(make_sample)
@@ -409,11 +294,15 @@ def train_encoder(
     dtype: str = "fp32",
     on_step: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    workers: int = 0,
+    sample_log: bool = False,
 ) -> Path | None:
     """Train FastComposer and write the model folder `out`. Returns it, or
     None when `stop_after` ended the run early (the checkpoint in `out` holds
     the state; `resume=True` continues). `max_minutes` stops at the first step
-    past the budget and writes the model as trained so far (and a checkpoint)."""
+    past the budget and writes the model as trained so far (and a checkpoint).
+    Streamed data: `workers` DataLoader processes make the micro-batches;
+    `sample_log` appends each micro-batch's sample keys to out/samples.jsonl."""
     cfg = cfg or FastComposerConfig()
     source, out, acc, base = start(data, out, base, cfg, device, dtype)
     torch.manual_seed(cfg.seed)
@@ -425,7 +314,8 @@ def train_encoder(
     trainer = EncoderTrainer(model, source, cfg)
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
     outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="fastcomposer", digest=digest, resume=resume,
-                  progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel)
+                  progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel,
+                  workers=workers, sample_log=sample_log)
     if outcome is None:
         return None
     if acc.is_main_process:
@@ -441,7 +331,7 @@ def train_encoder(
 def start(data: str, out, base, cfg, device: str, dtype: str, toyworld_layout: str = "fixed"):
     """A tuning-free model's training inputs: (data source, out folder, accelerator, base). The data and
     the folder are checked before any model loads."""
-    source = open_data(data, toyworld_layout)
+    source = open_data(data, toyworld_layout, seed=cfg.seed)
     out = Path(out)
     require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
     # subjects dropped from a caption leave the image encoder without gradient on some steps
@@ -453,17 +343,33 @@ def start(data: str, out, base, cfg, device: str, dtype: str, toyworld_layout: s
 
 def fit(trainer, trainables: dict, optimizer, cfg, acc, out: Path, *, name: str, digest: str, resume: bool,
         progress: bool, stop_after: int | None, max_minutes: float | None, on_step=None, cancel=None, lr_at=None,
-        log_file: str = ""):
+        log_file: str = "", workers: int = 0, sample_log: bool = False):
     """A tuning-free model's training on the one loop, its checkpoint in `out`: the loop's outcome, or None
     when `stop_after` or `cancel` ended it (the checkpoint holds the state). Every process returns together."""
-    graph, optimizer = acc.prepare(trainer, optimizer)
+    if wrapper_syncs_gradients(acc):
+        graph, optimizer = acc.prepare(trainer, optimizer)
+    else:  # the loop averages the gradients over the processes itself
+        graph, optimizer = trainer, acc.prepare(optimizer)
+    stream = trainer.data if isinstance(trainer.data, StreamSubjects) else None
+    if stream:
+        out.mkdir(parents=True, exist_ok=True)
+        stream.start(trainer.prepare, cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, workers,
+                     out / SAMPLE_LOG if sample_log else None)
     settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                             mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
                             max_minutes=max_minutes, progress_bar=progress, name=name, log_file=log_file)
-    outcome = run(EncoderJob(trainer, graph, trainables), optimizer, list(trainables.values()), settings,
-                  checkpoint=out / CHECKPOINT, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
-                  lr_at=lr_at, on_step=on_step, cancel=cancel)
+    try:
+        outcome = run(EncoderJob(trainer, graph, trainables, acc), optimizer, list(trainables.values()), settings,
+                      checkpoint=out / CHECKPOINT, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
+                      lr_at=lr_at, on_step=on_step, cancel=cancel)
+    finally:
+        if stream:
+            stream.close()
     if outcome.reason in ("stopped", "cancelled"):
         return None
     acc.wait_for_everyone()
     return outcome
+
+
+__all__ = ["MANIFEST", "Annotation", "EncoderTrainer", "FolderSubjects", "Record", "StreamSubjects", "ToyWorldSubjects",
+           "collate", "make_sample", "open_data", "train_encoder", "write_subject_folder"]

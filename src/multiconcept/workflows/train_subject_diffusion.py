@@ -174,10 +174,13 @@ def train_subject_diffusion(
     dtype: str = "fp32",
     on_step: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    workers: int = 0,
+    sample_log: bool = False,
 ) -> Path | None:
     """Train Subject-Diffusion and write the model folder `out` (as `train_encoder.train_encoder`:
     None when `stop_after` ended the run early; `max_minutes` writes the model so far and keeps the
-    checkpoint, so `resume=True` continues). Every step is logged to `out/train_log.jsonl`."""
+    checkpoint, so `resume=True` continues). Every step is logged to `out/train_log.jsonl`; `workers` and
+    `sample_log` as train_encoder's."""
     cfg = cfg or SubjectDiffusionConfig()
     source, out, acc, base = start(data, out, base, cfg, device, dtype, toyworld_layout="free")
     torch.manual_seed(cfg.seed)
@@ -194,7 +197,7 @@ def train_subject_diffusion(
 
     outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="subject-diffusion", digest=digest, resume=resume,
                   progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel,
-                  lr_at=lr_at, log_file=str(out / "train_log.jsonl"))
+                  lr_at=lr_at, log_file=str(out / "train_log.jsonl"), workers=workers, sample_log=sample_log)
     if outcome is None:
         return None
     if acc.is_main_process:

@@ -281,11 +281,13 @@ def test_files_that_are_no_checkpoint_are_refused_from_their_header(tiny, scene,
              ("cat1.safetensors", [], "is a textual-inversion embedding"),
              ("model.ckpt", [], "never unpickles"),
              ("renamed.safetensors", [], "is a PyTorch pickle"),
+             ("upper.SAFETENSORS", [], "rename it to end in .safetensors"),
              ("no-text.safetensors", [], "pass --base-config DIR"),
              ("sd.safetensors", [], "pass --base-config"),  # offline: diffusers cannot fetch the configs it picks
              ("sd.safetensors", ["--base-config", tiny["sdxl"][0]], "is an SD 1.x checkpoint but --base-config"),
              ("sd.safetensors", ["--base-config", str(work / "nowhere")], "is not a diffusers pipeline folder")]
     (work / "sd.safetensors").write_bytes(data)
+    (work / "upper.SAFETENSORS").write_bytes(data)
     before = tree(scene["dir"])
     for name, extra, phrase in cases:
         line = refused(run_cli(*learn_on(["--base", work / name, *extra], tmp_path / "out" / "b.safetensors")), phrase)

@@ -176,6 +176,8 @@ def load_single_file(src: SingleFile, dtype: torch.dtype):
             f"{path} is a pickle checkpoint ({suffix}); multiconcept never unpickles a file (loading one can run any "
             f"code inside it): {CONVERT}")
     require(suffix == SUFFIX, f"{path} is not a .safetensors file: pass a single-file checkpoint (.safetensors)")
+    # diffusers picks its reader by the exact suffix: any other spelling would reach torch.load
+    require(path.suffix == SUFFIX, f"{path} ends in {path.suffix}: rename it to end in {SUFFIX} (lower case)")
     require(is_file(path), f"base {path} does not exist: check the path")
     header, meta = read_safetensors_header(path)
     family = checkpoint_family(path, header, meta)

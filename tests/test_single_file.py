@@ -20,8 +20,8 @@ PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PROMPT = "photo of a <a1> cat and <b1> dog"
 
 
-def write_single_file(pipe, path: Path) -> str:
-    save_file(original_tensors(pipe, architecture_of(pipe)), str(path))
+def write_single_file(pipe, path: Path, layout: str | None = None) -> str:
+    save_file(original_tensors(pipe, layout or architecture_of(pipe)), str(path))
     return str(path)
 
 
@@ -34,6 +34,8 @@ def tiny(tmp_path_factory):
     for kind, pipe in (("sd", tiny_pipeline()), ("sdxl", tiny_sdxl_pipeline(second_width=48))):
         pipe.save_pretrained(root / f"{kind}-folder")
         out[kind] = (str(root / f"{kind}-folder"), write_single_file(pipe, root / f"{kind}.safetensors"))
+    # SD 2.x's layout (its text encoder in OpenCLIP's names) of the tiny SD, whose UNet stays SD-1-shaped
+    out["sd2"] = (out["sd"][0], write_single_file(tiny_pipeline(), root / "sd2.safetensors", "sd2"))
     return out
 
 
@@ -71,7 +73,7 @@ def image(run_cli, out: Path, *args) -> np.ndarray:
 # ---------------------------------------------------------------- the layout and the prints
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl"])
 def test_every_weight_round_trips_through_from_single_file(tiny, kind):
     folder, file = tiny[kind]
     a, b = load_base(folder), load_base(SingleFile(Path(file), folder))
@@ -91,7 +93,10 @@ def test_every_weight_round_trips_through_from_single_file(tiny, kind):
               "model.diffusion_model.input_blocks.2.0.op.weight", "first_stage_model.decoder.up.1.block.0.conv1.weight",
               "first_stage_model.encoder.mid.attn_1.q.weight", "first_stage_model.decoder.norm_out.weight"}
     assert common <= set(keys) and keys["first_stage_model.encoder.mid.attn_1.q.weight"] == [32, 32, 1, 1]
-    if kind == "sd":
+    if kind == "sd2":
+        assert keys["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"] == [3 * 32, 32]
+        assert "cond_stage_model.model.positional_embedding" in keys
+    elif kind == "sd":
         assert {"cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
                 "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight",
                 "model.diffusion_model.output_blocks.1.2.conv.weight"} <= set(keys)

@@ -31,7 +31,7 @@ def choose_latent_mode(mode: str, vae, pixels: torch.Tensor | None) -> str:
         return "sample"
     with torch.no_grad():
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        std = dist.std.float().mean((0, 2, 3)) * vae.config.scaling_factor
+        std = dist.std.float().mean((0, 2, 3)) * latent_scale(vae)
     return "mean" if std.max().item() > POSTERIOR_STD_LIMIT else "sample"
 
 
@@ -42,4 +42,10 @@ def latents_from_moments(vae, moments: torch.Tensor, mode: str, gen: torch.Gener
     if mode == "sample":
         z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen).to(mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    return (z - shift) * latent_scale(vae)
+
+
+def latent_scale(vae) -> float:
+    """The VAE's latent scaling factor; 1 for a VAE without one (FLUX.2's, normalised by batch-norm statistics
+    after patching instead: models/flow.py)."""
+    return getattr(vae.config, "scaling_factor", None) or 1.0

@@ -10,6 +10,8 @@ resized to the map with `resize_mask`.
 - `mask_attention_loss`: Break-A-Scene's cross-attention loss.
 - `balanced_l1_loc_loss`: FastComposer's L_loc.
 - `masked_mse`: Custom Diffusion / DisenDiff masked ε-loss.
+- `denoising_loss` (UNet bases, DDPM) and `flow_matching_loss` (transformer bases, rectified flow): the
+  diffusion loss every trainer here uses.
 """
 
 from __future__ import annotations
@@ -251,3 +253,31 @@ def denoising_loss(unet, scheduler, z0: torch.Tensor, cond: torch.Tensor, gen: t
                     added_cond_kwargs=added).sample.float()
     mask = F.interpolate(loss_mask.to(dev), size=z0.shape[-2:], mode="area")
     return masked_mse(pred, diffusion_target(scheduler, z0, noise, t), mask)
+
+
+FLOW_WEIGHTINGS = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def flow_matching_loss(predict, scheduler, z0: torch.Tensor, gen: torch.Generator, loss_mask: torch.Tensor,
+                       weighting: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
+                       mode_scale: float = 1.29) -> torch.Tensor:
+    """The rectified-flow loss FLUX and SD3 were trained with (Esser et al. 2024, SD3 section 2), as diffusers'
+    DreamBooth scripts compute it: u ~ `compute_density_for_timestep_sampling(weighting)`, the timestep and
+    σ at index ⌊u·T⌋ of the scheduler's own tables (so its static shift applies), x_t = (1 − σ)·x₀ + σ·ε, the
+    model's prediction of the velocity ε − x₀, squared error weighted by `compute_loss_weighting_for_sd3` and
+    averaged over `loss_mask` (b 1 h w, pixels; pooled to the latent grid). `predict(x_t, timesteps)` calls the
+    transformer and returns its prediction in x_t's shape. The defaults are diffusers' scripts' (weighting
+    "none": uniform timesteps, weight 1; logit-normal 0, 1; mode scale 1.29)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    dev, n = z0.device, scheduler.config.num_train_timesteps
+    u = compute_density_for_timestep_sampling(weighting, z0.shape[0], logit_mean, logit_std, mode_scale, generator=gen)
+    index = (u * n).long().clamp(0, n - 1)  # the "mode" density can reach u = 1
+    timesteps = scheduler.timesteps[index].to(dev)
+    sigmas = scheduler.sigmas[index].to(dev, torch.float32).view(-1, *([1] * (z0.ndim - 1)))
+    noise = torch.randn(z0.shape, generator=gen).to(dev)
+    zt = (1 - sigmas) * z0.float() + sigmas * noise
+    pred = predict(zt, timesteps).float()
+    weight = compute_loss_weighting_for_sd3(weighting, sigmas).float()
+    mask = F.interpolate(loss_mask.to(dev), size=z0.shape[-2:], mode="area")
+    return masked_mse(pred * weight.sqrt(), (noise - z0.float()) * weight.sqrt(), mask)

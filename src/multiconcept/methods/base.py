@@ -16,6 +16,7 @@ from torch import nn
 from ..bundle import Bundle, embedding_prefix
 from ..data import ConceptSet
 from ..errors import UserError
+from ..losses import FLOW_WEIGHTINGS
 from ..models import Base
 from ..prompts import Concept, add_concept_tokens, set_token_rows
 from ..training import OPTIMIZERS
@@ -50,6 +51,15 @@ class TrainConfig(Settings):
                                              "them: less memory (SDXL on common GPUs), slower steps (docs/sdxl.md)")
     optimizer: str = hp("adamw", "adamw | adamw8bit (bitsandbytes' 8-bit moments: a quarter of AdamW's state memory; "
                          "pip install 'multiconcept[bnb]')", choices=OPTIMIZERS)
+    weighting_scheme: str = hp("none", "flow-matching bases (FLUX, SD3): the timestep density and loss weight of "
+                                       "diffusers' compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3; "
+                                       "none = uniform, weight 1 (diffusers' FLUX scripts)", choices=FLOW_WEIGHTINGS)
+    logit_mean: float = hp(0.0, "flow-matching bases, weighting_scheme=logit_normal: its mean (diffusers' scripts: 0)")
+    logit_std: float = hp(1.0, "flow-matching bases, weighting_scheme=logit_normal: its std (diffusers' scripts: 1)",
+                          above=0)
+    mode_scale: float = hp(1.29, "flow-matching bases, weighting_scheme=mode: its scale (diffusers' scripts: 1.29)")
+    guidance: float = hp(3.5, "guidance-distilled bases (FLUX.1 [dev]): the guidance input while training "
+                              "(diffusers' FLUX LoRA script: 3.5)", at_least=0)
     seed: int = hp(0, "seed for data order, noise and timesteps")
     checkpoint_every: int = hp(100, "steps between resumable checkpoints", at_least=0)
     log_file: str = hp("", "append each step's loss terms to this JSON-lines file ('' = none)")
@@ -155,6 +165,10 @@ class Method:
         """An AttentionStore for this batch when the losses need maps, else None."""
         return None
 
+    def attention_blocks(self) -> list[str] | None:
+        """On a transformer base, the joint blocks whose maps `attention_store` wants (None: every one)."""
+        return None
+
     def extra_loss(self, batch: dict, store) -> tuple[torch.Tensor | None, dict]:
         return None, {}
 
@@ -205,12 +219,17 @@ class Method:
             rows = bundle.with_prefix(embedding_prefix(k))
             if rows:
                 set_token_rows(tokenizer, te, rows)
-        deltas = bundle.with_prefix("unet_delta/")
+        deltas = bundle.with_prefix(delta_prefix(base))
         if deltas:
-            params = dict(base.unet.named_parameters())
+            params = dict(base.denoiser.named_parameters())
             for name, d in deltas.items():
                 if name not in params:
-                    raise UserError(f"bundle changes {name}, which this base's UNet does not have: "
+                    raise UserError(f"bundle changes {name}, which this base's {base.denoiser_name} does not have: "
                                     "the bundle is for another base")
                 with torch.no_grad():
                     params[name].add_(d.to(params[name]))
+
+
+def delta_prefix(base: Base) -> str:
+    """Bundle prefix of a weight delta of the base's denoiser: ``unet_delta/`` or ``transformer_delta/``."""
+    return f"{base.denoiser_name}_delta/"

@@ -5,10 +5,12 @@
   package (see toyworld/), the default;
 - ``"tiny"``: a random Stable-Diffusion-shaped pipeline built from configs,
   for tests and for machines without ToyWorld weights; ``"tiny-sdxl"``: its
-  SDXL-shaped sibling;
-- a local folder holding a StableDiffusionPipeline or StableDiffusionXLPipeline
-  (``model_index.json``) or a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
-  ``stabilityai/stable-diffusion-xl-base-1.0``), loaded by diffusers;
+  SDXL-shaped sibling; ``"tiny-flux"``, ``"tiny-flux-schnell"``, ``"tiny-flux2"``,
+  ``"tiny-sd3"`` (and ``"tiny-sd3-no-t5"``): the flow-matching transformers' (tiny_flow.py);
+- a local folder holding a StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline
+  (FLUX.1 [dev] / [schnell]), Flux2KleinPipeline or StableDiffusion3Pipeline (``model_index.json``) or a hub id
+  (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``black-forest-labs/FLUX.1-dev``,
+  ``stabilityai/stable-diffusion-3.5-medium``), loaded by diffusers;
 - a single-file checkpoint ``FILE.safetensors`` (SD 1.x, SD 2.x, SDXL; A1111's, ComfyUI's and kohya's
   format), or a `SingleFile` naming the diffusers configs that fit it (single_file.py).
 
@@ -19,7 +21,8 @@ text encoder; otherwise ``"sd2"`` when the UNet's cross-attention reads 1024-wid
 text (SD 2.x's OpenCLIP ViT-H), else ``"sd1"`` (CLIP ViT-L's 768, and the
 SD-1.x-shaped tiny and ToyWorld bases). The UNet config decides rather than the
 pipeline class, because a folder saved by another tool may name a class we do
-not load it with.
+not load it with. A transformer pipeline's architecture is its transformer's class:
+``"flux1"``, ``"flux2"`` (FLUX.2 [klein]) or ``"sd3"`` (SD3 and 3.5); flow.py holds what differs between them.
 """
 
 from __future__ import annotations
@@ -34,18 +37,22 @@ import torch
 
 from ..errors import UserError
 from .fingerprint import fingerprint, weights_digest
+from .flow import FLOW_PIPELINES, FLOWS, SequenceTokens, flow_architecture, native_resolution, sequence_length
 from .single_file import SingleFile, is_checkpoint_path, load_single_file
 
 TOYWORLD_DIR = Path(__file__).parent.parent / "toyworld" / "assets"
 
-ARCHITECTURES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+ARCHITECTURES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux1": "FLUX.1", "flux2": "FLUX.2 [klein]",
+                 "sd3": "SD3"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", **FLOW_PIPELINES}
+PIPELINE_NAMES = "a StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline, Flux2KleinPipeline or " \
+                 "StableDiffusion3Pipeline"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def text_encoder_component(k: int) -> str:
-    """The pipeline's name of its text encoder k (0-based): text_encoder, text_encoder_2 (SDXL's second)."""
+    """The pipeline's name of its text encoder k (0-based): text_encoder, text_encoder_2 (SDXL's second), ..."""
     return "text_encoder" + (f"_{k + 1}" if k else "")
 
 
@@ -53,7 +60,7 @@ def text_encoder_component(k: int) -> str:
 class Base:
     """A loaded base pipeline plus what identifies it."""
 
-    pipe: "StableDiffusionPipeline"  # noqa: F821  (or StableDiffusionXLPipeline)
+    pipe: "StableDiffusionPipeline"  # noqa: F821  (or any pipeline of PIPELINES)
     name: str
     fingerprint: str
     architecture: str = "sd1"  # a key of ARCHITECTURES, from architecture_of(pipe)
@@ -68,6 +75,33 @@ class Base:
         return self.pipe.unet
 
     @property
+    def flow(self):
+        """The flow-matching transformer architecture (flow.FLOWS) of this base, None for a UNet base."""
+        return FLOWS.get(self.architecture)
+
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline's name of the network that denoises: "unet" or "transformer"."""
+        return "transformer" if self.flow is not None else "unet"
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def sequence_length(self) -> int:
+        """The T5 / Qwen tokens a flow base's prompts are padded to (flow.sequence_length)."""
+        return sequence_length(self.pipe, self.architecture)
+
+    @property
+    def sequence_tokenizer(self):
+        """What gives each position of the denoiser's text sequence its token and its span in the prompt:
+        the tokenizer itself on a UNet base (its 77 positions), flow.SequenceTokens on a transformer."""
+        if self.flow is None:
+            return self.pipe.tokenizer
+        return SequenceTokens(self.flow, self.pipe, self.sequence_length)
+
+    @property
     def text_encoder(self):
         return self.pipe.text_encoder
 
@@ -77,17 +111,21 @@ class Base:
 
     @property
     def text_encoders(self) -> list:
-        """Every text encoder, the first first (SDXL: CLIP ViT-L, then OpenCLIP ViT-bigG)."""
-        return [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if te is not None]
+        """Every text encoder, the first first (SDXL: CLIP ViT-L, then OpenCLIP ViT-bigG; FLUX.1: CLIP-L, T5;
+        SD3: CLIP-L, CLIP-G, T5 when the pipeline has it; FLUX.2 [klein]: its Qwen3)."""
+        return [te for te in (getattr(self.pipe, text_encoder_component(k), None) for k in range(3)) if te is not None]
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        return [t for t, te in ((getattr(self.pipe, n, None), getattr(self.pipe, text_encoder_component(k), None))
+                                for k, n in enumerate(names)) if t is not None and te is not None]
 
     @property
     def parts(self) -> dict:
-        """{pipeline component name: model} for the UNet and every text encoder (what LoRA factors name)."""
-        return {"unet": self.pipe.unet, **{text_encoder_component(k): te for k, te in enumerate(self.text_encoders)}}
+        """{pipeline component name: model} for the denoiser and every text encoder (what LoRA factors name)."""
+        return {self.denoiser_name: self.denoiser,
+                **{text_encoder_component(k): te for k, te in enumerate(self.text_encoders)}}
 
     @property
     def is_sdxl(self) -> bool:
@@ -99,11 +137,13 @@ class Base:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def resolution(self) -> int:
         """Native image size: latent sample size times the VAE's downsampling."""
+        if self.flow is not None:
+            return native_resolution(self.pipe, self.architecture)
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
 
@@ -133,7 +173,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------- loading
 
 def architecture_of(pipe) -> str:
-    """"sdxl", "sd2" or "sd1", from the UNet's config (see the module's docstring)."""
+    """"sdxl", "sd2" or "sd1", from the UNet's config, or a flow transformer's (see the module's docstring)."""
+    flow = flow_architecture(pipe)
+    if flow is not None:
+        return flow
     cfg = pipe.unet.config
     if cfg.get("addition_embed_type") == "text_time" and getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
@@ -184,7 +227,7 @@ def pipeline_class(source: str):
     except (ValueError, OSError) as e:
         raise UserError(f"{index} is not readable JSON ({type(e).__name__}): restore the pipeline folder") from e
     if name not in PIPELINES:
-        raise UserError(f"{source} holds a {name}: pass a StableDiffusionPipeline or StableDiffusionXLPipeline folder")
+        raise UserError(f"{source} holds a {name}: pass {PIPELINE_NAMES} folder")
     return getattr(diffusers, name)
 
 
@@ -214,6 +257,12 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
         pipe = tiny_sdxl_pipeline()
         if dt != torch.float32:
             pipe = pipe.to(dtype=dt)
+    elif isinstance(name, str) and name.startswith("tiny-") and name in tiny_flow_names():
+        from .tiny_flow import TINY_FLOW
+
+        pipe = TINY_FLOW[name]()
+        if dt != torch.float32:
+            pipe = pipe.to(dtype=dt)
     elif is_checkpoint_path(name):
         source = name if isinstance(name, SingleFile) else SingleFile(Path(name))
         pipe = load_single_file(source, dt)
@@ -222,15 +271,15 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
         if path.exists():
             if not (path / "model_index.json").is_file():
                 raise UserError(f"{name} has no model_index.json: "
-                                "pass a StableDiffusionPipeline folder (save_pretrained) or a hub id")
+                                f"pass {PIPELINE_NAMES} folder (save_pretrained) or a hub id")
             source = str(path)
         else:
             source = name
         cls = pipeline_class(source)
-        # SD pipelines load without their safety checker; SDXL's has none (DiffusionPipeline, for a hub
-        # id, ignores the two arguments when the id turns out to be SDXL)
-        extra = {} if cls.__name__ == "StableDiffusionXLPipeline" else dict(safety_checker=None,
-                                                                             requires_safety_checker=False)
+        # SD pipelines load without their safety checker; SDXL's and the transformers' have none (DiffusionPipeline,
+        # for a hub id, ignores the two arguments when the id turns out to be another pipeline)
+        extra = dict(safety_checker=None, requires_safety_checker=False) if cls.__name__ in (
+            "StableDiffusionPipeline", "DiffusionPipeline") else {}
         try:
             pipe = cls.from_pretrained(source, dtype=dt, **extra)
         except (OSError, ValueError) as e:
@@ -238,8 +287,7 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
             raise UserError(f"could not load base {name!r} ({first}): "
                             "pass a local pipeline folder, or a hub id with network access") from e
         if type(pipe).__name__ not in PIPELINES:
-            raise UserError(f"base {name!r} is a {type(pipe).__name__}: "
-                            "pass a StableDiffusionPipeline or StableDiffusionXLPipeline")
+            raise UserError(f"base {name!r} is a {type(pipe).__name__}: pass {PIPELINE_NAMES}")
     return base_from_pipeline(pipe, str(name), dev)
 
 
@@ -249,7 +297,15 @@ def base_from_pipeline(pipe, name: str, device: torch.device | None = None) -> B
     fp, weights = fingerprint(pipe), weights_digest(pipe)
     if device is not None:
         pipe = pipe.to(device)
-    for part in (pipe.unet, pipe.vae, *[te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te]):
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    encoders = [getattr(pipe, text_encoder_component(k), None) for k in range(3)]
+    for part in (denoiser, pipe.vae, *[te for te in encoders if te is not None]):
         part.requires_grad_(False)
         part.eval()
     return Base(pipe=pipe, name=name, fingerprint=fp, architecture=architecture_of(pipe), weights=weights)
+
+
+def tiny_flow_names() -> tuple[str, ...]:
+    from .tiny_flow import TINY_FLOW
+
+    return tuple(TINY_FLOW)

@@ -44,7 +44,16 @@ def encode_ids(base, ids: list[torch.Tensor]) -> TextConditioning:
     return TextConditioning(torch.cat(hidden, dim=-1), pooled)
 
 
+def encode_flow(base, prompts: list[str]) -> TextConditioning:
+    """A flow transformer base's conditioning, by its pipeline's own `encode_prompt` (models/flow.py); gradients
+    flow into trained token rows when grad is enabled."""
+    hidden, pooled = base.flow.encode(base.pipe, prompts, base.sequence_length)
+    return TextConditioning(hidden, pooled)
+
+
 def encode_prompts(base, prompts: list[str]) -> TextConditioning:
+    if base.flow is not None:
+        return encode_flow(base, prompts)
     rows = [token_ids(base, p) for p in prompts]
     return encode_ids(base, [torch.cat(parts) for parts in zip(*rows)])
 

@@ -25,7 +25,7 @@ import torch
 
 SAMPLES = 4096
 GRIDS = {"fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def fingerprint(pipe) -> str:
@@ -35,6 +35,8 @@ def fingerprint(pipe) -> str:
     so the same checkpoint loaded in fp32, fp16 or bf16 gets the same print.
     """
     h = hashlib.sha256()
+    if getattr(pipe, "unet", None) is None:
+        return _transformer_fingerprint(pipe, h)
     second = getattr(pipe, "text_encoder_2", None)  # SDXL's; an SD base's print is what it always was
     for part in (pipe.unet, pipe.text_encoder, pipe.vae) + ((second,) if second is not None else ()):
         raw = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
@@ -49,10 +51,34 @@ def fingerprint(pipe) -> str:
         pipe.text_encoder.get_input_embeddings().weight,
         pipe.vae.decoder.conv_out.weight,
     ]
+    return _probe_statistics(h, probes)
+
+
+def _probe_statistics(h, probes) -> str:
     for t in probes:
         t = t.detach().float()
         h.update(f"{t.abs().mean().item():.3g}/{t.std().item():.3g}".encode())
     return h.hexdigest()[:16]
+
+
+def _config(part) -> dict:
+    raw = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
+    return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+
+
+def _transformer_fingerprint(pipe, h) -> str:
+    """A flow transformer pipeline's print, made as a UNet pipeline's: every model's class and config, the
+    first encoder's vocabulary size, and the statistics of the transformer's first and last weight, the first
+    encoder's token embedding and the VAE's last convolution."""
+    encoders = [te for te in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if te is not None]
+    for part in (pipe.transformer, *encoders, pipe.vae):
+        h.update(type(part).__name__.encode())
+        h.update(json.dumps(_config(part), sort_keys=True, default=str).encode())
+    h.update(str(encoders[0].get_input_embeddings().weight.shape[0]).encode())
+    weights = [p for _, p in pipe.transformer.named_parameters() if p.dim() == 2]
+    return _probe_statistics(h, [weights[0], weights[-1], encoders[0].get_input_embeddings().weight,
+                                 pipe.vae.decoder.conv_out.weight])
 
 
 def weight_tensors(pipe) -> dict[str, torch.Tensor]:

@@ -64,8 +64,9 @@ def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
     return tok
 
 
-def tiny_vae():
-    """Both tiny pipelines' VAE: 32x32 images, 16x16x4 latents."""
+def tiny_vae(**config):
+    """The tiny pipelines' VAE: 32x32 images, 16x16x4 latents; `config` adds to its config (the flow bases'
+    latent shift and scale)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -77,6 +78,7 @@ def tiny_vae():
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     )
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, number, out
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
 
 IMAGE_RULES = ("Images: PNG, JPEG, WebP or BMP, at least 32 and at most 8192 pixels on a side (--max-image-side); "
                "transparent pixels count as white in images and as black in masks; a mask is white on black.")
@@ -53,7 +53,8 @@ def learn(
     path = run(method, concept, image, mask, output, base=base_source(base, base_config), overrides=overrides,
                reg_dir=reg_dir, reg_generate=reg_generate, reg_steps=reg_steps, resume=resume, device=device, dtype=dtype,
                progress=progress, overwrite=overwrite)
-    out.print(f"wrote {path}")
+    if main_process():
+        out.print(f"wrote {path}")
 
 
 learn.__doc__ = "Learn concepts from images; write one bundle.\n\n" + IMAGE_RULES

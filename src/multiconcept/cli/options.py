@@ -71,6 +71,11 @@ DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
 DtypeOpt = typer.Option("fp32", help="fp32 | fp16 | bf16 (weights of the frozen base)")
 
 
+def main_process() -> bool:
+    """False in every process but the first under `accelerate launch` / torchrun, which stay quiet."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def key_values(pairs: list[str], what: str) -> dict[str, str]:
     """["k=v", ...] from repeated --param style options -> {k: v}; one-line error otherwise."""
     d = {}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ..errors import require
-from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, number, out
+from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
 
 ENCODER_METHODS = ("fastcomposer", "subject-diffusion")
 
@@ -75,5 +74,5 @@ def train_encoder(
     path = run(data, output, base=base_source(base, base_config), cfg=cfg, image_encoder=image_encoder, resume=resume,
                progress=progress, max_minutes=max_minutes, device=device, dtype=dtype, workers=workers,
                sample_log=sample_log)
-    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process speaks
+    if main_process():
         out.print(f"wrote {path}")

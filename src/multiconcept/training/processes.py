@@ -26,6 +26,18 @@ def loop_syncs_gradients(acc) -> bool:
     return acc.num_processes > 1 and not wrapper_syncs_gradients(acc)
 
 
+def main_process_value(value):
+    """The main process's `value` on every process (as is, in one process): a choice each process makes from
+    its own first batch must be the one a single process makes from micro-batch 0, which is the main's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.no_grad()
 def broadcast_parameters(params: list[torch.Tensor]) -> None:
     """Every process starts from the main process's tensors, as DDP makes it when it wraps a model."""

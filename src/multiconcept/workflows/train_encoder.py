@@ -61,6 +61,7 @@ from ..training import (
     LoopSettings,
     Progress,
     discard_checkpoint,
+    main_process_value,
     make_accelerator,
     run,
     step_seed,
@@ -239,7 +240,7 @@ class EncoderTrainer(nn.Module):
         vae = self.model.base.vae
         pixels = pixels.to(vae.device, vae.dtype)
         if self.latent_mode is None:
-            self.latent_mode = choose_latent_mode(self.cfg.latents, vae, pixels[:1])
+            self.latent_mode = main_process_value(choose_latent_mode(self.cfg.latents, vae, pixels[:1]))
         return latents_from_moments(vae, vae.encode(pixels).latent_dist.parameters, self.latent_mode, gen)
 
     def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:

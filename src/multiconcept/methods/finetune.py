@@ -1,6 +1,8 @@
 """Fine-tuning a method: data sampling, noise and the diffusion loss, as a job
 of the one training loop (training/loop.py), which owns accelerate,
-accumulation, checkpoints and resume.
+accumulation, checkpoints and resume. The diffusion loss is the base's own:
+DDPM's on a UNet base, the rectified-flow loss on a transformer base (FLUX,
+SD3: losses.flow_matching_loss), the rest of the job the same.
 
 Every random choice of optimiser step `s` (which image, augmentation, noise,
 timestep) comes from generators seeded by (seed, s), so a run killed and
@@ -22,9 +24,9 @@ from ..bundle import save_bundle
 from ..data import ConceptSet, RegExample, caption, hflip, mask_tensor, scale_augment, to_tensor
 from ..errors import UserError, require
 from ..latents import choose_latent_mode, latents_from_moments
-from ..losses import denoising_loss
+from ..losses import denoising_loss, flow_matching_loss
 from ..models import Base
-from ..models.conditioning import TextConditioning, added_conditioning, encode_ids, token_ids
+from ..models.conditioning import TextConditioning, added_conditioning, encode_flow, encode_ids, token_ids
 from ..prompts import locate_concepts
 from ..training import (
     LoopSettings,
@@ -87,7 +89,7 @@ class Trainer:
         self.encoded_cache: dict[str, object] = {}
         self.ids_cache: dict[str, list[torch.Tensor]] = {}
         self.scheduler = _training_scheduler(base)
-        self.dtype = base.unet.dtype  # diffusers' .dtype walks every module: read it once
+        self.dtype = base.denoiser.dtype  # diffusers' .dtype walks every module: read it once
         self.latent_mode = self._latent_mode()
         self.last_attention = None  # (batch, store) of the last loss, read by a progress display
 
@@ -149,7 +151,7 @@ class Trainer:
         """Token positions of a caption (captions repeat: templates x prefixes), cached."""
         enc = self.encoded_cache.get(prompt)
         if enc is None:
-            enc = self.encoded_cache[prompt] = locate_concepts(self.base.tokenizer, prompt, self.data.concepts)
+            enc = self.encoded_cache[prompt] = locate_concepts(self.base.sequence_tokenizer, prompt, self.data.concepts)
         return enc
 
     # ---------------------------------------------------------------- encoders
@@ -164,7 +166,8 @@ class Trainer:
                 if k is not None:
                     self.latent_cache[k] = p
             params.append(p)
-        return latents_from_moments(vae, torch.stack(params), self.latent_mode, gen)
+        z = latents_from_moments(vae, torch.stack(params), self.latent_mode, gen)
+        return z if self.base.flow is None else self.base.flow.to_model(self.base.pipe, z)
 
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         hidden, pooled = [], []
@@ -173,11 +176,8 @@ class Trainer:
             if cacheable and p in self.text_cache:
                 h, q = self.text_cache[p]
             else:
-                ids = self.ids_cache.get(p)
-                if ids is None:
-                    ids = self.ids_cache[p] = token_ids(self.base, p)
                 with torch.set_grad_enabled(not cacheable):
-                    c = encode_ids(self.base, ids)
+                    c = self._encode(p)
                 h, q = c.hidden[0], (c.pooled[0] if c.pooled is not None else None)
                 if cacheable:
                     self.text_cache[p] = (h.detach(), q.detach() if q is not None else None)
@@ -185,21 +185,53 @@ class Trainer:
             pooled.append(q)
         return TextConditioning(torch.stack(hidden), torch.stack(pooled) if pooled[0] is not None else None)
 
+    def _encode(self, prompt: str) -> TextConditioning:
+        if self.base.flow is not None:
+            return encode_flow(self.base, [prompt])
+        ids = self.ids_cache.get(prompt)
+        if ids is None:
+            ids = self.ids_cache[prompt] = token_ids(self.base, prompt)
+        return encode_ids(self.base, ids)
+
     # ---------------------------------------------------------------- loss
     def loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         z0 = self.latents(batch, gen)
         cond = self.encode_prompts(batch["prompts"])
         store = self.method.attention_store(batch)
         self.last_attention = (batch, store) if store is not None else None
-        added = added_conditioning(self.base, cond.pooled, self.size, self.size)
-        diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond.hidden, gen, batch["loss_mask"], store,
-                                   self.dtype, added_cond_kwargs=added)
+        if self.base.flow is not None:
+            diffusion = self.flow_loss(z0, cond, gen, batch["loss_mask"], store)
+        else:
+            added = added_conditioning(self.base, cond.pooled, self.size, self.size)
+            diffusion = denoising_loss(self.base.unet, self.scheduler, z0, cond.hidden, gen, batch["loss_mask"], store,
+                                       self.dtype, added_cond_kwargs=added)
         logs = {"diffusion": diffusion.item()}
         extra, extra_logs = self.method.extra_loss(batch, store)
         logs.update(extra_logs)
         total = diffusion if extra is None else diffusion + extra
         logs["loss"] = total.item()
         return total, logs
+
+    def flow_loss(self, z0: torch.Tensor, cond: TextConditioning, gen: torch.Generator, loss_mask: torch.Tensor,
+                  store) -> torch.Tensor:
+        """The rectified-flow loss of a transformer base, its joint attention captured into `store` on the way
+        (the blocks the method asks for: `Method.attention_blocks`)."""
+        from contextlib import nullcontext
+
+        from ..joint_attention import capture_joint_attention
+
+        base, cfg, dt = self.base, self.cfg, self.dtype
+        hidden = cond.hidden.to(dt)
+        pooled = cond.pooled.to(dt) if cond.pooled is not None else None
+
+        def predict(zt: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return base.flow.predict(base.pipe, zt.to(dt), timesteps.to(dt), hidden, pooled, cfg.guidance)
+
+        capture = capture_joint_attention(base.denoiser, store, base.flow, self.method.attention_blocks()) \
+            if store is not None else nullcontext()
+        with capture:
+            return flow_matching_loss(predict, self.scheduler, z0, gen, loss_mask, cfg.weighting_scheme, cfg.logit_mean,
+                                      cfg.logit_std, cfg.mode_scale)
 
     @torch.no_grad()
     def attention_maps(self) -> dict[str, torch.Tensor]:
@@ -222,9 +254,12 @@ class Trainer:
 
 
 def _training_scheduler(base: Base):
-    from diffusers import DDPMScheduler
+    """A fresh scheduler of the base's config: DDPM's on a UNet base; on a flow base its own flow-matching
+    scheduler as configured (its tables carry the static shift), never one a sampler has set timesteps on."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    return DDPMScheduler.from_config(base.pipe.scheduler.config)
+    kind = FlowMatchEulerDiscreteScheduler if base.flow is not None else DDPMScheduler
+    return kind.from_config(base.pipe.scheduler.config)
 
 
 # ---------------------------------------------------------------- the run
@@ -286,7 +321,7 @@ def train(
     method = method_cls(base, data, cfg)
     groups = method.setup()
     if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
     optimizer = make_optimizer(cfg.optimizer, groups, lr=lr, weight_decay=cfg.weight_decay)
     trainer = Trainer(method, base, data, cfg, reg)
@@ -307,7 +342,7 @@ def train(
     finally:
         method.teardown()
         if cfg.gradient_checkpointing:
-            base.unet.disable_gradient_checkpointing()
+            base.denoiser.disable_gradient_checkpointing()
     if bundle is None:
         return None
     bad = next((k for k, v in bundle.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)

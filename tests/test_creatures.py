@@ -151,3 +151,14 @@ def test_the_methods_scenes_hold_their_concepts_and_say_no_part():
         assert not parts & set(words) and not set(cw.BODY_COLOURS) & set(words)
         kinds = [w for w in words if w in cw.KINDS]
         assert kinds == [scene.subjects[i].creature.kind for i in order]
+
+
+def test_chance_is_judged_with_an_interval_that_a_small_or_lopsided_sample_fails():
+    from multiconcept.workflows.toyworld_build.quality_creatures import chance_report
+
+    even = chance_report(["cone", "block", "horns"] * 150 + [None] * 20, cw.HATS)
+    assert even["n"] == 450 and even["at_chance"] and even["half_width_ok"]
+    lopsided = chance_report(["cone"] * 300 + ["block"] * 100 + ["horns"] * 50, cw.HATS)
+    assert not lopsided["at_chance"]  # cone drawn 0.67 of the time: above 1.5/k = 0.5
+    few = chance_report(["cone", "block", "horns"] * 5, cw.HATS)
+    assert few["at_chance"] and not few["half_width_ok"]

@@ -52,12 +52,19 @@ def pair_prompts(n: int, seed: int) -> list[tuple[str, list[dict]]]:
     return out
 
 
+def wilson_half_width(p: float, n: int, z: float = 1.96) -> float:
+    """Half the width of the Wilson score interval: unlike the normal one it is not 0 at a share of 0 or 1."""
+    if n == 0:
+        return 1.0
+    return float(z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n))
+
+
 def chance_report(values: list[str | None], k_values: tuple[str, ...]) -> dict:
-    """Each value's share among readings, its 95% half-width, and whether all lie in [0.5/k, 1.5/k]."""
+    """Each value's share among readings, its 95% (Wilson) half-width, and whether all lie in [0.5/k, 1.5/k]."""
     read = [v for v in values if v is not None]
     n, k = len(read), len(k_values)
     shares = {v: read.count(v) / max(1, n) for v in k_values}
-    half = {v: 1.96 * float(np.sqrt(p * (1 - p) / max(1, n))) for v, p in shares.items()}
+    half = {v: wilson_half_width(p, n) for v, p in shares.items()}
     return {"n": n, "k": k, "shares": shares, "half_widths": half,
             "at_chance": bool(n and all(0.5 / k <= p <= 1.5 / k for p in shares.values())),
             "half_width_ok": bool(n and max(half.values()) <= 0.05)}
@@ -86,6 +93,22 @@ def _render_like(expected: dict, key: list[int]) -> np.ndarray:
     return cw.render(cw.layout_specs([c], "center", rng), expected["background"], "center").image
 
 
+def contact_sheet(path: Path, rows: dict[str, np.ndarray], scale: int = 2) -> Path:
+    """Labelled rows of 64 px images, for a human look (docs/toyworld.md)."""
+    from PIL import Image, ImageDraw
+
+    label_w, cell = 150, 64 * scale
+    n = max(len(v) for v in rows.values())
+    sheet = Image.new("RGB", (label_w + n * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y, (label, images) in enumerate(rows.items()):
+        draw.text((4, y * cell + cell // 2 - 6), label, fill="black")
+        for x, img in enumerate(images):
+            sheet.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (label_w + x * cell, y * cell))
+    sheet.save(path)
+    return path
+
+
 def quality_report_creatures(cfg: BuildConfig, out: Path, evaluator, tokenizer, log: Log) -> dict:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
@@ -94,7 +117,7 @@ def quality_report_creatures(cfg: BuildConfig, out: Path, evaluator, tokenizer, 
     pipe = StableDiffusionPipeline.from_pretrained(out / "base", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     t = time.time()
-    singles = detailed_prompts(max(1, 4 * cfg.eval_seeds), seed=cfg.seed + 1001)
+    singles = detailed_prompts(max(1, 5 * cfg.eval_seeds), seed=cfg.seed + 1001)  # 480: half-width <= 0.05
     pairs = pair_prompts(24 * cfg.eval_seeds, seed=cfg.seed + 1002)
     gen_single = generate(pipe, [p for p, _ in singles], cfg, seed=50_000)
     gen_pair = generate(pipe, [p for p, _ in pairs], cfg, seed=60_000)
@@ -110,7 +133,7 @@ def quality_report_creatures(cfg: BuildConfig, out: Path, evaluator, tokenizer, 
     for img, (_, expected) in zip(gen_pair, pairs):
         found = cw.analyse(img).subjects
         wanted = sorted((e["kind"], e["body_colour"]) for e in expected)
-        pair_found.append((len(found) == 2, sorted((r.kind, r.parts["body_colour"]) for r in found) == wanted))
+        pair_found.append((len(found) == 2, sorted((str(r.kind), str(r.parts["body_colour"])) for r in found) == wanted))
 
     renders, render_meta = render_pool(300, [cfg.seed, 1003], cw.world_scene, world)
     overlaps, overlap_meta = overlap_pairs(100, cfg.seed + 1004)
@@ -153,5 +176,8 @@ def quality_report_creatures(cfg: BuildConfig, out: Path, evaluator, tokenizer, 
     log(f"quality: checker on reconstructions {report['checker']['vae_reconstructions']}; unnamed parts at chance "
         f"{ {p: u['at_chance'] for p, u in unnamed.items()} }")
     grid(np.concatenate([gen_single[:48], gen_pair[:16]])).save(out / "samples.png")
+    contact_sheet(out / "contact_sheet.png", {"renders": renders[:8], "VAE reconstructions": rec[:8],
+                                              "same kind, overlapping": overlaps[:8], "base: one subject": gen_single[:8],
+                                              "base: two subjects": gen_pair[:8]})
     write_json(out / "samples.json", [p for p, _ in singles[:48]] + [p for p, _ in pairs[:16]])
     return report

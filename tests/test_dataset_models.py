@@ -146,3 +146,30 @@ def test_blip2_captioner_and_owlv2_detector_swap_in(tiny, tmp_path):
     assert type(with_blip2.captioner).__name__ == "Blip2Captioner"
     captions = with_blip2.caption(batch)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
+def test_a_detection_that_is_not_finite_makes_its_image_a_reject(tiny):
+    """Detectors run in fp16 can give NaN boxes: such an image is rejected with the reason, never written."""
+    import torch
+
+    from multiconcept.datasets.on_ray import unit_batches
+    from multiconcept.datasets.pipeline import Pipeline
+    from multiconcept.datasets.sources import list_units
+
+    root, models = tiny
+    pipe = Pipeline(spec(models, box_threshold=0.0))
+    batch = next(unit_batches(list_units(root / "src")[0], 4))
+    poisoned = batch[1].image()
+    real = pipe.detector.post
+
+    def post(outputs, inputs, images, nouns):
+        results = real(outputs, inputs, images, nouns)
+        for r, im in zip(results, images):
+            if im is poisoned:
+                r["boxes"] = torch.full_like(r["boxes"], float("nan"))
+        return results
+
+    pipe.detector.post = post
+    pipe.process(batch)
+    assert batch[1].reject.startswith("boxes: ValueError: the detector gave a box or score that is not finite")
+    assert all(it.reject is None and it.entities for i, it in enumerate(batch) if i != 1)

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from two_process_runs import out_args, runs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ def train_encoder(
     method: str = typer.Option(..., "--method", "-m", help="tuning-free model to train: fastcomposer | "
                                                                  "subject-diffusion"),
     data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly; 'toyworld:creatures' for the world of "
-                                                 "creatures), a folder `multiconcept dataset build` wrote, or a folder with "
-                                                 "subjects.jsonl "
-                                                 "(one {image, caption, subjects: [{label, mask, box?}]} per line)"),
+                                                 "creatures); a folder `multiconcept dataset build` wrote or its http(s) "
+                                                 "URL, or WebDataset tars ('DIR/*.tar', 'https://host/{00000..00099}.tar'), "
+                                                 "streamed; or a folder with subjects.jsonl (one {image, caption, "
+                                                 "subjects: [{label, mask, box?}]} per line)"),
     output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
     base: Optional[str] = BaseOpt,
     base_config: Optional[str] = BaseConfigOpt,
@@ -58,8 +59,6 @@ def train_encoder(
     from ..workflows.train_subject_diffusion import train_subject_diffusion
 
     require(method in ENCODER_METHODS, f"unknown encoder method {method!r}: choose one of {', '.join(ENCODER_METHODS)}")
-    require(data in ("toyworld", "toyworld:creatures") or Path(data).is_dir(),
-            f"--data {data} is neither 'toyworld', 'toyworld:creatures' nor a folder: pass one of them")
     overrides = key_values(param, "--param")
     for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("grad_accum", grad_accum),
                  ("loc_weight", loc_weight)):

@@ -63,9 +63,13 @@ class Detector:
         for i, res in zip(todo, results):
             w, h = images[i].size
             boxes = res["boxes"].float().cpu()
+            scores = res["scores"].float().cpu()
+            if not (torch.isfinite(boxes).all() and torch.isfinite(scores).all()):
+                # fp16 detectors can overflow to NaN: such an image becomes a reject, never a subject
+                raise ValueError("the detector gave a box or score that is not finite (NaN or inf, as fp16 can): "
+                                 "run it in fp32 (--dtype fp32)")
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            scores = res["scores"].float().cpu()
             keep = nms(boxes, scores, self.nms_iou) if self.nms_iou is not None else range(len(scores))
             out[i] = [Entity(str(res["labels"][k]).strip(), tuple(round(float(v), 2) for v in boxes[k]),
                              round(float(scores[k]), 4)) for k in keep]

@@ -230,14 +230,18 @@ class StreamSubjects:
             self.sample_log.close()
 
 
-def open_data(spec: str, toyworld_layout: str = "fixed", seed: int = 0) -> ToyWorldSubjects | FolderSubjects | StreamSubjects:
-    """'toyworld'; a built dataset (folder or URL) or WebDataset tars, streamed; or a subjects.jsonl folder."""
+def open_data(spec: str, toyworld_layout: str = "fixed", seed: int = 0):
+    """'toyworld', 'toyworld:creatures'; a built dataset (folder or URL) or WebDataset tars, streamed; or a
+    subjects.jsonl folder."""
     if spec == "toyworld":
         return ToyWorldSubjects(toyworld_layout)
+    if spec == "toyworld:creatures":
+        return CreatureSubjects()
     if is_url(spec) or is_tar_spec(spec):
         return StreamSubjects(spec, seed)
     folder = Path(spec)
-    require(is_dir(folder), f"--data {spec} is not 'toyworld', a folder, a URL or .tar shards: pass one of them")
+    require(is_dir(folder), f"--data {spec} is not 'toyworld', 'toyworld:creatures', a folder, a URL or .tar shards: "
+                            "pass one of them")
     if (folder / MANIFEST).is_file():
         return FolderSubjects(folder)
     if (folder / SHARD_TABLE).is_file() or (folder / "shards").is_dir():

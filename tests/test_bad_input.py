@@ -133,6 +133,25 @@ def test_too_small_source_and_non_mask_masks(scene, run_cli, tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+def test_a_source_image_of_one_flat_colour_is_refused(scene, run_cli, tmp_path):
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(clear)  # fully transparent: reads as all white
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(flat)
+    for image in (clear, flat):
+        refused(run_cli(*learn(scene, tmp_path / "a.safetensors", image=image)), str(image), "one flat colour throughout")
+    assert not (tmp_path / "a.safetensors").exists()
+    # a plain object inside its mask is fine: only a whole image without a second colour holds nothing
+    plain = np.full((40, 40, 3), 90, np.uint8)
+    plain[10:30, 10:30] = (200, 40, 40)
+    Image.fromarray(plain).save(tmp_path / "plain.png")
+    Image.fromarray(((plain[..., 0] == 200) * 255).astype(np.uint8)).save(tmp_path / "plain_mask.png")
+    args = ["learn", "-m", "custom-diffusion", "-c", "<a1>=cat", "-i", tmp_path / "plain.png", "--mask",
+            f"<a1>={tmp_path / 'plain_mask.png'}", "-o", tmp_path / "a.safetensors", "--base", "tiny", "--steps", "1",
+            "--no-progress"]
+    assert run_cli(*args)[0] == 0
+
+
 def test_one_loader_rgba_is_white_in_images_and_black_in_masks(tmp_path):
     from multiconcept.images import read_image, read_mask
 

@@ -24,7 +24,10 @@ FIRST_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"  # the fir
 
 
 def solid(path, rgb):
-    Image.fromarray(np.full((32, 32, 3), rgb, np.uint8)).save(path)
+    """The colour over all but a gray 2-pixel frame (a source of one flat colour is refused: nothing to learn)."""
+    a = np.full((32, 32, 3), 128, np.uint8)
+    a[2:-2, 2:-2] = rgb
+    Image.fromarray(a).save(path)
     return str(path)
 
 

@@ -23,7 +23,9 @@ from multiconcept.workflows.generate import load_with_bundles
 def bundles(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overfitting")
     img = tmp / "red.png"
-    Image.fromarray(np.full((32, 32, 3), (230, 30, 30), np.uint8)).save(img)
+    a = np.full((32, 32, 3), 128, np.uint8)  # red inside a gray frame: a source of one flat colour is refused
+    a[2:-2, 2:-2] = (230, 30, 30)
+    Image.fromarray(a).save(img)
 
     def infusion(name, lr):
         data = build_concept_set([Concept("<c1>", "cat")], [str(img)])

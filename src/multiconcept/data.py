@@ -93,8 +93,12 @@ def concept_set(concepts: Sequence[Concept], sources: Sequence[Source]) -> Conce
         for t in [*shows, *src.masks]:
             require(t in tokens, f"{t} is not a concept being learned ({', '.join(tokens)}): add --concept '{t}=CLASS'")
         image = as_image(src.image, role="source image", min_side=limits.min_side)
-        masks = {t: read_mask(m, image.size) for t, m in src.masks.items()}
         name = "an in-memory image" if isinstance(src.image, Image.Image) else str(src.image)
+        pixels = np.asarray(image)
+        require(not (pixels == pixels[0, 0]).all(),
+                f"source image {name} is one flat colour throughout (a fully transparent PNG reads as all white): "
+                "there is nothing to learn in it; give an image that shows the concept")
+        masks = {t: read_mask(m, image.size) for t, m in src.masks.items()}
         examples.append(Example(image, shows, masks, source=name))
     return ConceptSet(list(concepts), examples)
 

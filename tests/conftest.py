@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 
 import numpy as np
@@ -60,3 +61,14 @@ def subject_folder(tmp_path_factory):
         recs.append(Record(scene.image, f"a red {a} and a blue {b} on a gray background",
                            [Annotation(o.noun, o.mask, o.box) for o in scene.objects]))
     return write_subject_folder(recs, folder)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """Call it for a TCP port on 127.0.0.1 that nothing listens on now (for a server or a launcher a test starts)."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

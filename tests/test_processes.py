@@ -6,7 +6,6 @@ checkpoint and resumed by both; logs and files from the main process only. One l
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no"]
 CPU = {"ACCELERATE_USE_CPU": "true"}
 ATOL = 1e-5  # 3 AdamW steps; the two sides differ only in the order gradients are summed
 CASES = ["fc-toyworld", "fc-shards", "sd-toyworld", "sd-shards", "cd-learn"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def image(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, shards, image):
+def two(tmp_path_factory, shards, image, free_port):
     """Every case once on 2 processes at --grad-accum 1: (work folder, stdout)."""
     work = tmp_path_factory.mktemp("two")
     env = {**os.environ, **CPU, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}

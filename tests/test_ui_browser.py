@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -41,14 +40,8 @@ STILL = """document.addEventListener('DOMContentLoaded', () => {
 });"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     work = tmp_path_factory.mktemp("ui-work")
     port = free_port()
     log = open(work / "server.log", "w")

@@ -36,17 +36,27 @@ def synthetic_item(i: int, shard: str, size: int = 16, seed: int = 0) -> Item:
                 entities=[entity], size=(size, size))
 
 
-def write_synthetic_dataset(out: str | Path, samples: int, per_shard: int = 1000, size: int = 16, seed: int = 0) -> Path:
-    """OUT as `multiconcept dataset build` writes it (shards/, parts/, index.parquet, shards.json)."""
+def write_synthetic_shard(out: Path, name: str, start: int, stop: int, size: int = 16, seed: int = 0) -> str:
+    writer = ShardWriter(Path(out), name)
+    for i in range(start, stop):
+        writer.add(synthetic_item(i, name, size, seed))
+    writer.close({}, [])
+    return name
+
+
+def write_synthetic_dataset(out: str | Path, samples: int, per_shard: int = 1000, size: int = 16, seed: int = 0,
+                            processes: int = 1) -> Path:
+    """OUT as `multiconcept dataset build` writes it (shards/, parts/, index.parquet, shards.json); its shards
+    written by `processes` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
     out = Path(out)
-    names = []
-    for start in range(0, samples, per_shard):
-        name = f"{start // per_shard:06d}"
-        writer = ShardWriter(out, name)
-        for i in range(start, min(start + per_shard, samples)):
-            writer.add(synthetic_item(i, name, size, seed))
-        writer.close({}, [])
-        names.append(name)
+    jobs = [(out, f"{s // per_shard:06d}", s, min(s + per_shard, samples), size, seed) for s in range(0, samples, per_shard)]
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            names = list(pool.map(write_synthetic_shard, *zip(*jobs)))
+    else:
+        names = [write_synthetic_shard(*job) for job in jobs]
     merge_index(out, names)
     write_shard_table(out, names)
     return out

@@ -8,4 +8,8 @@ entities, and how they travel between processes), `captions` / `nouns` /
 `boxes` / `masks` (the model stages), `filters` (the published filters),
 `pipeline` (a batch through every stage), `shards` (writer and reader),
 `toyworld` (ground-truth stand-ins), `tiny` (random-weight models for tests).
+
+Training reads the shards through `stream` (a fixed order per epoch, any position, local or http) and
+`loader` (each process's micro-batches, made by DataLoader workers); `tars` groups a tar's members into
+samples for every reader; `synthetic` writes tiny datasets for tests and benchmarks.
 """

@@ -191,17 +191,17 @@ class StreamSubjects:
     def start(self, prepare: Prepare, batch_size: int, grad_accum: int, processes: int, rank: int, workers: int = 0,
               sample_log: Path | None = None) -> None:
         """Before the first step. `sample_log`: append {step, micro, epoch, index, keys} per micro-batch there."""
-        self.plan = (prepare, batch_size, grad_accum, processes, rank, workers)
+        self.prepare, self.workers, self.main = prepare, workers, rank == 0
+        self.layout = (batch_size, grad_accum, processes, rank)
         self.sample_log = open(sample_log, "a", encoding="utf-8") if sample_log else None
 
     def micro_batch(self, step: int, micro: int) -> dict:
         if self.loader is None:  # built at the first step, after a checkpoint (if any) set the anchor
-            prepare, batch_size, grad_accum, processes, rank, workers = self.plan
-            schedule = Schedule(batch_size, grad_accum, processes, rank, *self.anchor)
-            self.loader = MicroBatchLoader(self.stream, schedule, subject_record, prepare, workers)
+            schedule = Schedule(*self.layout, *self.anchor)
+            self.loader = MicroBatchLoader(self.stream, schedule, subject_record, self.prepare, self.workers)
         item = self.loader.get(step, micro)
         for s in item["samples"]:
-            if self.plan[4] == 0:  # the main process speaks; the others' are counted in the log
+            if self.main:  # the others' are counted in the log, not spoken
                 for what in s.skipped:
                     log.warning(f"skipped a damaged sample, {what}")
             self.skipped += s.skipped

@@ -4,6 +4,11 @@ Trains every cross-attention K and V projection (attn2.to_k / to_v) plus one
 modifier token per concept; several concepts are trained jointly. The
 start-of-text token's keys and values are kept out of the gradient, as in the
 reference implementation. Stored as deltas W − W_base so bundles sum.
+
+On a transformer base (FLUX, SD3) the K and V that read only the text are the
+text stream's (add_k_proj / add_v_proj) in the joint blocks
+(models/text_attention.py); the single-stream blocks stay frozen. FLUX.1's T5
+sequence has no start token, so nothing is detached there.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, TrainConfig
+from ..models.text_attention import first_text_token_is_constant, projection_kinds, text_projections
+from .base import Method, TrainConfig, delta_prefix
 from .precision import TrainedInFp32
 from .settings import hp
 
@@ -31,27 +37,22 @@ class CustomDiffusionConfig(TrainConfig):
     initializers: tuple = hp(("ktn", "pll", "ucd"), "rare words whose embeddings start the modifier tokens, in concept order")
 
 
-def cross_attention_weights(unet, projections=("to_k", "to_v")) -> dict[str, torch.nn.Parameter]:
-    return {
-        name: p
-        for name, p in unet.named_parameters()
-        if ".attn2." in name and name.endswith(".weight") and any(f".attn2.{proj}." in name for proj in projections)
-    }
+def cross_attention_weights(base, projections=("to_k", "to_v")) -> dict[str, torch.nn.Parameter]:
+    """{name in the denoiser: weight} of the projections where the image reads the text (attn2's on a UNet)."""
+    return {f"{name}.weight": m.weight for name, m in text_projections(base, projection_kinds(projections)).items()}
 
 
-def detach_start_token(unet, projections=("to_k", "to_v")) -> list:
-    """Forward hooks making position 0 of attn2 K/V constant for autograd."""
+def detach_start_token(base, projections=("to_k", "to_v")) -> list:
+    """Forward hooks making position 0 of the text K/V constant for autograd (where it is a start token)."""
 
     def hook(_module, _inputs, out):
         return torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
 
-    handles = []
-    for name, module in unet.named_modules():
-        parts = name.split(".")
-        # only text-side projections: to_q reads image tokens, where position 0 means nothing
-        if len(parts) >= 2 and parts[-2] == "attn2" and parts[-1] in projections and parts[-1] in ("to_k", "to_v"):
-            handles.append(module.register_forward_hook(hook))
-    return handles
+    if not first_text_token_is_constant(base):
+        return []
+    # only text-side projections: to_q reads image tokens, where position 0 means nothing
+    kinds = [k for k in projection_kinds(projections) if k in ("key", "value")]
+    return [m.register_forward_hook(hook) for m in text_projections(base, kinds).values()]
 
 
 class CustomDiffusion(Method):
@@ -63,13 +64,13 @@ class CustomDiffusion(Method):
             if not c.initializer and i < len(self.cfg.initializers):
                 c.initializer = self.cfg.initializers[i]
         self.add_trainable_tokens()
-        self.kv = cross_attention_weights(self.base.unet, self.cfg.train_projections)
-        modules = dict(self.base.unet.named_modules())
+        self.kv = cross_attention_weights(self.base, self.cfg.train_projections)
+        modules = dict(self.base.denoiser.named_modules())
         self.fp32 = TrainedInFp32([modules[n.rsplit(".", 1)[0]] for n in self.kv])  # same Parameters, now fp32
         self.kv_base = {k: p.detach().clone() for k, p in self.kv.items()}
         for p in self.kv.values():
             p.requires_grad_(True)
-        self.hooks = detach_start_token(self.base.unet, self.cfg.train_projections) if self.cfg.detach_start_token else []
+        self.hooks = detach_start_token(self.base, self.cfg.train_projections) if self.cfg.detach_start_token else []
         return [{"params": list(self.kv.values()) + self.token_params()}]
 
     def named_trainables(self):
@@ -79,7 +80,7 @@ class CustomDiffusion(Method):
         return {k: v.detach().clone() for k, v in self.named_trainables().items()}
 
     def bundle_tensors(self):
-        deltas = {f"unet_delta/{k}": (p.detach() - self.kv_base[k]).clone() for k, p in self.kv.items()}
+        deltas = {f"{delta_prefix(self.base)}{k}": (p.detach() - self.kv_base[k]).clone() for k, p in self.kv.items()}
         return {**self.token_rows(), **deltas}
 
     def teardown(self):

@@ -1,8 +1,11 @@
 """DreamBooth-LoRA (Ruiz et al. 2023 + Hu et al. 2021), as diffusers' example trains it.
 
-peft LoRA on the UNet attention projections (optionally the text encoder's);
+peft LoRA on the denoiser's attention projections (optionally the text encoders');
 each concept gets a new token whose embedding starts from a rare word and
-stays fixed, playing DreamBooth's "sks" identifier.
+stays fixed, playing DreamBooth's "sks" identifier. On a transformer base (FLUX,
+SD3) the projections are every attention's, image and text streams alike
+(models/flow.py: diffusers' LoRA scripts' attention layers), and the text
+encoders' are each one's own attention projections (CLIP's, T5's, Qwen's).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# the attention projections of the flow bases' other text encoders: T5 (q, k, v, o), Qwen (o_proj)
+MORE_TEXT_TARGETS = ("q", "k", "v", "o", "o_proj")
 
 
 @dataclass
@@ -51,9 +56,9 @@ class DreamBoothLora(Method):
 
         for tokenizer, te in zip(self.base.tokenizers, self.base.text_encoders):
             add_concept_tokens(tokenizer, te, self.concepts)
-        self.base.unet.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, UNET_TARGETS))
+        self.base.denoiser.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, denoiser_targets(self.base)))
         for te in self.text_encoders().values():  # SDXL: both, as diffusers' train_dreambooth_lora_sdxl.py does
-            te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
+            te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, text_targets(self.base)))
         params = list(self.named_trainables().values())
         trained_params_to_fp32(params)
         for p in params:
@@ -70,7 +75,8 @@ class DreamBoothLora(Method):
         return {text_encoder_component(k): te for k, te in enumerate(self.base.text_encoders)}
 
     def named_trainables(self):
-        out = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if "lora_" in n}
+        d = self.base.denoiser_name
+        out = {f"{d}.{n}": p for n, p in self.base.denoiser.named_parameters() if "lora_" in n}
         for c, te in self.text_encoders().items():
             out.update({f"{c}.{n}": p for n, p in te.named_parameters() if "lora_" in n})
         return out
@@ -87,14 +93,16 @@ class DreamBoothLora(Method):
             ids = tokenizer.convert_tokens_to_ids([c.token for c in self.concepts])
             out.update({f"{embedding_prefix(k)}{c.token}": emb[i].detach().float().clone()
                         for c, i in zip(self.concepts, ids)})
-        out.update({f"lora/unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(self.base.unet).items()})
+        d = self.base.denoiser_name
+        out.update({f"lora/{d}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(self.base.denoiser).items()})
         for c, te in self.text_encoders().items():
             out.update({f"lora/{c}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(te).items()})
         return out
 
     def bundle_extra(self):
-        return {"rank": self.cfg.rank, "alpha": self.cfg.alpha, "unet_targets": list(UNET_TARGETS),
-                "text_targets": list(TEXT_TARGETS) if self.cfg.train_text_encoder else []}
+        return {"rank": self.cfg.rank, "alpha": self.cfg.alpha,
+                f"{self.base.denoiser_name}_targets": list(denoiser_targets(self.base)),
+                "text_targets": list(text_targets(self.base)) if self.cfg.train_text_encoder else []}
 
     @classmethod
     def apply(cls, base, bundle):
@@ -113,7 +121,7 @@ class DreamBoothLora(Method):
         try:
             for c, sd in parts.items():
                 if sd:
-                    targets = x["unet_targets"] if c == "unet" else x["text_targets"]
+                    targets = x[f"{c}_targets"] if c == base.denoiser_name else x["text_targets"]
                     models[c].add_adapter(lora_config(x["rank"], x["alpha"], targets), adapter_name=name)
                     set_peft_model_state_dict(models[c], sd, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -121,9 +129,18 @@ class DreamBoothLora(Method):
                             "use the base it was learned on") from e
         base.lora_adapters[name] = 1.0
         active = list(base.lora_adapters)
-        base.unet.set_adapters(active, weights=list(base.lora_adapters.values()))
+        base.denoiser.set_adapters(active, weights=list(base.lora_adapters.values()))
         for c, sd in parts.items():
-            if c != "unet" and sd:
+            if c != base.denoiser_name and sd:
                 models[c].set_adapter(active if len(active) > 1 else active[0])
 
 
+def denoiser_targets(base) -> tuple:
+    """The denoiser's modules LoRA goes on: the UNet's attention projections, or a transformer's (models/flow.py)."""
+    return base.flow.lora_targets if base.flow is not None else UNET_TARGETS
+
+
+def text_targets(base) -> tuple:
+    """The text encoders' attention projections: CLIP's on SD; on a flow base T5's and Qwen's too (peft puts a
+    LoRA on the modules of each encoder that carry one of these names)."""
+    return TEXT_TARGETS + (MORE_TEXT_TARGETS if base.flow is not None else ())

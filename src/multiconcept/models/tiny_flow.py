@@ -19,6 +19,9 @@ from .tiny import TINY_WORDS, tiny_tokenizer, tiny_vae
 # the T5 sequence length of the tiny bases (FLUX.1 [dev] uses 512, [schnell] 256, SD3 256); Unigram trained on
 # a few words splits most of them into pieces, so a prompt takes more tokens than on a real T5
 TINY_SEQUENCE = 64
+# Qwen's byte-level BPE keeps the few words whole: the chat template and a two-concept caption fit in 48, and fewer
+# padding tokens leave the prompt a larger share of the joint attention
+TINY_QWEN_SEQUENCE = 48
 # real FLUX.1 / SD3 latent normalisation (their VAE configs), kept on the tiny VAEs so the formulas are exercised
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
@@ -65,7 +68,7 @@ def tiny_qwen_tokenizer(words=TINY_WORDS):
     qwen = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
                               bos_token=None)
     qwen.chat_template = QWEN_CHAT_TEMPLATE
-    qwen.model_max_length = TINY_SEQUENCE
+    qwen.model_max_length = TINY_QWEN_SEQUENCE
     return qwen
 
 
@@ -127,17 +130,24 @@ def tiny_flux2_pipeline(seed: int = 0):
                                                 num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
                                                 head_dim=8, max_position_embeddings=128, tie_word_embeddings=True,
                                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    # klein reads Qwen's hidden states before its final norm; drawn at transformers' 0.02 they would be ~50x smaller
+    # than the image tokens and the prompt would barely reach the transformer: the tiny's token table is unit-scale
+    torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=1.0)
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=3 * width,
                                           timestep_guidance_channels=16, mlp_ratio=3.0, axes_dims_rope=(2, 2, 2, 2),
                                           guidance_embeds=False)
+    # FLUX.2's modulation has no bias: from the timestep embedding random weights make (~0.07 wide) its gates come
+    # out near 0.02, so the attention, and with it the prompt, would barely reach the image tokens; drawn wider
+    # here, the gates are near 1.5 and the prompt moves the prediction about as much as on the tiny FLUX.1
+    torch.nn.init.normal_(transformer.time_guidance_embed.timestep_embedder.linear_2.weight, std=4.0)
     vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                              norm_num_groups=8, sample_size=32)
     scheduler = flow_scheduler(shift=3.0, use_dynamic_shifting=True)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
-    pipe.tokenizer_max_length = TINY_SEQUENCE
+    pipe.tokenizer_max_length = TINY_QWEN_SEQUENCE
     pipe.default_sample_size = 16
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -126,7 +126,7 @@ def capture_joint_attention(transformer, store: AttentionStore, flow, blocks: li
             raise UserError(f"cannot capture attention on {name}: its processor {type(proc).__name__} is not the "
                             "plain joint attention and capture would bypass it")
     state = {"call": None}
-    own_context = transformer.cache_context
+    own_context = getattr(transformer, "cache_context", None)  # SD3's transformer has none: it batches [uncond; cond]
 
     @contextmanager
     def named_call(name, **kw):
@@ -146,7 +146,8 @@ def capture_joint_attention(transformer, store: AttentionStore, flow, blocks: li
 
     for name in chosen:
         layers[name].set_processor(JointCaptureProcessor(store, name, previous[name], flow.text_first))
-    transformer.cache_context = named_call
+    if own_context is not None:
+        transformer.cache_context = named_call
     hooks = [transformer.register_forward_pre_hook(before_forward, with_kwargs=True),
              transformer.register_forward_hook(after_forward, with_kwargs=True, always_call=True)]
     store._recording = False
@@ -155,7 +156,8 @@ def capture_joint_attention(transformer, store: AttentionStore, flow, blocks: li
     finally:
         for hook in hooks:
             hook.remove()
-        del transformer.cache_context
+        if own_context is not None:
+            del transformer.cache_context
         store._recording = True
         for name, proc in previous.items():
             layers[name].set_processor(proc)

@@ -16,6 +16,18 @@ loss is masked to their union).
 Every ablation of the paper is a flag that removes or changes exactly its
 term: no_bind, no_separation, no_gaussian, no_suppression, twice_suppression,
 all_resolutions, train_qkv.
+
+On a transformer base (FLUX, SD3) the maps are the image→text block of the
+joint attention, renormalised over the text keys (joint_attention.py), on
+one token grid: there are no levels to choose among, only blocks. The
+default calibrates every joint (double-stream) block: those are where the
+image reads the text through projections of the text's own, the ones Custom
+Diffusion trains, so the losses reach every trained tensor directly; the
+single-stream blocks are left out, as their keys serve the image's
+self-attention too and stay frozen. This choice is unmeasured: no trained
+transformer is available here to compare block sets (`attention_blocks`
+picks others). train_qkv and all_resolutions have no analogue there and are
+refused.
 """
 
 from __future__ import annotations
@@ -27,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionStore, calibration_level
-from ..errors import UserError
+from ..errors import UserError, require
 from ..losses import bind_loss, mask_attention_loss, separation_loss
+from ..models.text_attention import text_attention_layers
 from .custom_diffusion import CustomDiffusion, CustomDiffusionConfig
 from .settings import hp
 
@@ -45,6 +58,9 @@ class DisenDiffConfig(CustomDiffusionConfig):
     twice_suppression: bool = hp(False, "ablation: apply f_m twice (A^4)")
     all_resolutions: bool = hp(False, "ablation: average maps over every cross-attention resolution")
     train_qkv: bool = hp(False, "ablation: train attn2 to_q as well as to_k/to_v")
+    attention_blocks: tuple = hp((), "transformer bases: the joint (double-stream) blocks, by index, whose maps the "
+                                     "losses use; () = every joint block (an unmeasured default, see `disendiff`'s "
+                                     "docstring)", items=int)
     mask_attention_weight: float = hp(0.0, "Break-A-Scene mask attention loss weight (paper: 0.01); needs masks")
     union_sampling: bool = hp(False, "Break-A-Scene: each sample names a random subset of the image's concepts")
 
@@ -60,6 +76,11 @@ class DisenDiff(CustomDiffusion):
     Config = DisenDiffConfig
 
     def setup(self):
+        if self.base.flow is not None:
+            require(not self.cfg.all_resolutions, "a transformer base has one token grid, no resolutions to average: "
+                                                  "leave all_resolutions off (attention_blocks chooses blocks)")
+            self.attention_blocks()  # refuses unknown blocks before training
+            return super().setup()
         if not self.cfg.attention_resolution:
             latent = (self.cfg.resolution or self.base.resolution) // self.base.pipe.vae_scale_factor
             self.cfg.attention_resolution = calibration_level(self.base.unet.config, latent)  # the bundle records it
@@ -75,10 +96,19 @@ class DisenDiff(CustomDiffusion):
         chosen = set(rng.sample(tokens, k))
         return [t for t in tokens if t in chosen]  # keep prompt order
 
+    def attention_blocks(self) -> list[str] | None:
+        if self.base.flow is None or not self.cfg.attention_blocks:
+            return None
+        layers = list(text_attention_layers(self.base))
+        bad = [i for i in self.cfg.attention_blocks if not 0 <= i < len(layers)]
+        require(not bad, f"attention_blocks {bad[0]} is not a joint block of this transformer: it has "
+                         f"{len(layers)} (0..{len(layers) - 1})")
+        return [layers[i] for i in self.cfg.attention_blocks]
+
     def attention_store(self, batch):
         if not any(batch["target"]):
             return None
-        res = None if self.cfg.all_resolutions else [self.cfg.attention_resolution]
+        res = None if self.cfg.all_resolutions or self.base.flow is not None else [self.cfg.attention_resolution]
         return AttentionStore(resolutions=res, with_grad=True)
 
     def _maps(self, store: AttentionStore) -> torch.Tensor:
@@ -89,6 +119,8 @@ class DisenDiff(CustomDiffusion):
                 f"no cross-attention layer of this base has {self.cfg.attention_resolution}x{self.cfg.attention_resolution} "
                 f"queries at this image size: pass --param attention_resolution=N with N one of the UNet's levels"
             )
+        if self.base.flow is not None:
+            return store.maps()  # one token grid
         if not self.cfg.all_resolutions:
             return store.maps(self.cfg.attention_resolution)
         top = max(got)

@@ -28,6 +28,14 @@ in generation from the prompts the pipeline encoded.
 Size (SD 1.5: 16 attn2 layers, Σ d_l = 12,480): 24,960 bytes in fp16,
 value-only; `benchmarks/bench_infusion_size.py` prints it from the config.
 The paper's "11 KB" is not what this arithmetic gives.
+
+On a transformer base (FLUX, SD3) the value that carries the text into the
+image is the text stream's (add_v_proj) in the joint blocks
+(models/text_attention.py): one residual per joint block, at the class
+word's positions of the conditioning sequence (models/flow.py), on the
+conditional call only. Unlike a UNet's cross-attention, the joint block's
+text tokens also attend to each other, so the residual moves the text
+stream later blocks read as well.
 """
 
 from __future__ import annotations
@@ -44,6 +52,11 @@ from ..bundle import Bundle
 from ..data import Example, center_square, to_tensor
 from ..errors import UserError, require
 from ..models.conditioning import added_conditioning, encode_prompts
+from ..models.text_attention import (
+    cross_attention_layers,  # noqa: F401  (re-exported: tests and benchmarks)
+    projection,
+    text_attention_layers,
+)
 from ..prompts import Concept, find_word_spans, token_positions, tokenize_checked
 from . import register
 from .base import Method, TrainConfig
@@ -91,9 +104,7 @@ def bundle_token(class_word: str) -> str:
     return f"<infusion:{'_'.join(class_word.split())}>"
 
 
-def cross_attention_layers(unet) -> dict[str, nn.Module]:
-    """attn2 modules by name, e.g. 'down_blocks.0.attentions.0.transformer_blocks.0.attn2'."""
-    return {name: m for name, m in unet.named_modules() if name.split(".")[-1] == "attn2"}
+ENCODED_KEPT = 64  # prompts encoded lately whose rows a denoiser call may carry (cond and negative, per call)
 
 
 def class_word_positions(tokenizer, prompt: str, words) -> dict[str, list[int]]:
@@ -127,26 +138,28 @@ class ClassWordResiduals:
       `saw_prompts` was given with their text: else there is no class word to find.
     """
 
-    def __init__(self, pipe, owner=None):
-        self.pipe, self.owner = pipe, owner  # owner: the Base whose `infusion` field holds this
+    def __init__(self, base):
+        self.pipe, self.owner = base.pipe, base  # owner: the Base whose `infusion` field holds this
+        self.tokenizer = base.sequence_tokenizer
         self.concepts: dict[str, dict] = {}  # class word -> {"value": {layer: Δ}, "key": {layer: Δ}, "source": str}
         self.rows: list[dict[str, list[int]]] | None = None
         self.encoded: list[tuple[str, torch.Tensor]] = []  # (prompt, its conditional embedding)
         self.cfg_rows = 0  # conditional rows of the last encode_prompt call when it used guidance
         self.selection: torch.Tensor | None = None
         self.words: list[str] = []
-        self.handles = [pipe.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
-                        pipe.unet.register_forward_hook(self._after_unet, always_call=True)]
-        for layer, attn in cross_attention_layers(pipe.unet).items():
-            self.handles.append(attn.to_v.register_forward_hook(self._residual_hook(layer, "value")))
-            self.handles.append(attn.to_k.register_forward_hook(self._residual_hook(layer, "key")))
+        self.handles = [base.denoiser.register_forward_pre_hook(self._before_unet, with_kwargs=True),
+                        base.denoiser.register_forward_hook(self._after_unet, always_call=True)]
+        for layer, attn in text_attention_layers(base).items():
+            for kind in ("value", "key"):
+                module = getattr(attn, projection(base, kind))
+                self.handles.append(module.register_forward_hook(self._residual_hook(layer, kind)))
         self._wrap_encode_prompt()
 
     # -- install / remove
     @classmethod
     def of(cls, base) -> "ClassWordResiduals":
         if base.infusion is None:
-            base.infusion = cls(base.pipe, owner=base)
+            base.infusion = cls(base)
         return base.infusion
 
     def add(self, class_word: str, value: dict, key: dict, source: str) -> None:
@@ -191,12 +204,14 @@ class ClassWordResiduals:
         self.pipe.encode_prompt = encode_prompt
 
     def saw_prompts(self, prompts: list[str], cond: torch.Tensor, guidance: bool = True) -> None:
-        """The conditional embeddings the next UNet calls will see, from `encode_prompt` or, on SDXL, from
+        """The conditional embeddings the next denoiser calls will see, from `encode_prompt` or, on SDXL, from
         `models.conditioning.pipeline_conditioning`, which encodes for the pipeline. With guidance the
-        pipeline puts [uncond; cond] in one batch: only the second half may be customised."""
+        pipeline puts [uncond; cond] in one batch: only the second half may be customised. FLUX's and FLUX.2's
+        pipelines encode the negative prompt by a call of its own and run it as a denoiser call of its own, so
+        the prompts of the last few calls are kept (a row is matched by its embedding, exactly)."""
         per_prompt = cond.shape[0] // max(len(prompts), 1)
         # rows are grouped per prompt: num_images_per_prompt repeats of each
-        self.encoded = [(p, cond[i * per_prompt]) for i, p in enumerate(prompts)] if prompts else []
+        self.encoded = (self.encoded + [(p, cond[i * per_prompt]) for i, p in enumerate(prompts)])[-ENCODED_KEPT:]
         self.cfg_rows = cond.shape[0] if guidance else 0
 
     def _rows_from_encoded(self, text: torch.Tensor) -> list[dict[str, list[int]]]:
@@ -206,7 +221,7 @@ class ClassWordResiduals:
         for b in range(first, batch):
             for prompt, emb in self.encoded:
                 if emb.shape == text[b].shape and torch.equal(emb.to(text.dtype), text[b]):
-                    rows[b] = class_word_positions(self.pipe.tokenizer, prompt, self.concepts)
+                    rows[b] = class_word_positions(self.tokenizer, prompt, self.concepts)
                     break
         return rows
 
@@ -262,22 +277,42 @@ def attention_foreground_mask(base, image: Image.Image, class_word: str, timeste
     over heads, layers, resolutions and timesteps), smoothed and min-max
     normalised, are the mask. Stands in for the reference code's CLIPSeg
     masks when the user gives none. Returned at the image's size (zero
-    outside the centre square the training crop keeps).
+    outside the centre square the training crop keeps). On a transformer base
+    the maps are the joint blocks' image→text attention (joint_attention.py),
+    the image noised along the rectified flow to σ = t / 1000.
     """
+    from ..attention import gaussian_smooth, minmax_normalize
+    from ..latents import latent_scale
+
+    vae = base.vae
+    square = center_square(image)
+    z0 = vae.encode(to_tensor(square, base.resolution)[None].to(base.device, vae.dtype)).latent_dist.mean.float()
+    z0 = (z0 - (getattr(vae.config, "shift_factor", None) or 0.0)) * latent_scale(vae)
+    prompt = INFUSION_TEMPLATES[0].format(class_word)
+    positions = class_word_positions(base.sequence_tokenizer, prompt, [class_word])[class_word]
+    noise_gen = torch.Generator().manual_seed(seed)
+    maps = (_flow_class_maps if base.flow is not None else _unet_class_maps)(base, z0, prompt, positions, timesteps,
+                                                                            noise_gen)
+    m = minmax_normalize(gaussian_smooth(maps))[0]  # h w in [0, 1]
+    soft = Image.fromarray((m.cpu().numpy() * 255).round().astype("uint8"), "L").resize(square.size, Image.BILINEAR)
+    full = Image.new("L", image.size, 0)
+    w, h = image.size
+    s = min(w, h)
+    full.paste(soft, ((w - s) // 2, (h - s) // 2))
+    return full
+
+
+def _unet_class_maps(base, z0, prompt, positions, timesteps, gen) -> torch.Tensor:
+    """1 h w: the class word's cross-attention, mean over timesteps, heads, layers and resolutions (at the finest)."""
     from diffusers import DDPMScheduler
 
-    from ..attention import AttentionStore, capture_attention, gaussian_smooth, minmax_normalize
+    from ..attention import AttentionStore, capture_attention
 
-    dev, vae, unet = base.device, base.vae, base.unet
-    square = center_square(image)
-    z0 = vae.encode(to_tensor(square, base.resolution)[None].to(dev, vae.dtype)).latent_dist.mean.float()
-    z0 = (z0 - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    dev, unet = base.device, base.unet
     sched = DDPMScheduler.from_config(base.pipe.scheduler.config)
     t = torch.tensor(timesteps, device=dev)
-    noise = torch.randn((len(t), *z0.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(dev)
+    noise = torch.randn((len(t), *z0.shape[1:]), generator=gen).to(dev)
     zt = sched.add_noise(z0.expand(len(t), -1, -1, -1), noise, t)
-    prompt = INFUSION_TEMPLATES[0].format(class_word)
-    positions = class_word_positions(base.tokenizer, prompt, [class_word])[class_word]
     cond = encode_prompts(base, [prompt])
     text = cond.hidden.expand(len(t), -1, -1).to(unet.dtype)
     pooled = cond.pooled.expand(len(t), -1).to(unet.dtype) if cond.pooled is not None else None
@@ -287,13 +322,27 @@ def attention_foreground_mask(base, image: Image.Image, class_word: str, timeste
     size = max(store.captured_resolutions)
     maps = [F.interpolate(store.maps(r).float().mean(1, keepdim=True), size=(size, size), mode="bilinear",
                           align_corners=False) for r in store.captured_resolutions]
-    m = minmax_normalize(gaussian_smooth(torch.stack(maps).mean(0).mean(0)))[0]  # h w in [0, 1]
-    soft = Image.fromarray((m.cpu().numpy() * 255).round().astype("uint8"), "L").resize(square.size, Image.BILINEAR)
-    full = Image.new("L", image.size, 0)
-    w, h = image.size
-    s = min(w, h)
-    full.paste(soft, ((w - s) // 2, (h - s) // 2))
-    return full
+    return torch.stack(maps).mean(0).mean(0)
+
+
+def _flow_class_maps(base, z0, prompt, positions, timesteps, gen) -> torch.Tensor:
+    """1 h w: the class word's image→text joint attention, mean over σ = t / 1000, heads and joint blocks."""
+    from ..attention import AttentionStore
+    from ..joint_attention import capture_joint_attention
+
+    dev, dt = base.device, base.denoiser.dtype
+    z0 = base.flow.to_model(base.pipe, z0)
+    t = torch.tensor(timesteps, device=dev, dtype=torch.float32)
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    noise = torch.randn((len(t), *z0.shape[1:]), generator=gen).to(dev)
+    zt = (1 - sigma) * z0 + sigma * noise
+    cond = encode_prompts(base, [prompt])
+    text = cond.hidden.expand(len(t), -1, -1).to(dt)
+    pooled = cond.pooled.expand(len(t), -1).to(dt) if cond.pooled is not None else None
+    store = AttentionStore(resolutions=None, token_indices=positions)
+    with capture_joint_attention(base.denoiser, store, base.flow):
+        base.flow.predict(base.pipe, zt.to(dt), t.to(dt), text, pooled, InfusionConfig.guidance)
+    return store.maps().float().mean(1).mean(0, keepdim=True)
 
 
 # ---------------------------------------------------------------- the method
@@ -331,12 +380,13 @@ class Infusion(Method):
 
     # -- parameterisation
     def setup(self):
-        layers = cross_attention_layers(self.base.unet)
+        layers = text_attention_layers(self.base)
+        value_of, key_of = projection(self.base, "value"), projection(self.base, "key")
         dev = self.base.device
         self.residuals: dict[str, dict[str, dict[str, nn.Parameter]]] = {}
         for c in self.concepts:
-            value = {l: nn.Parameter(torch.zeros(a.to_v.out_features, device=dev)) for l, a in layers.items()}
-            key = {l: nn.Parameter(torch.zeros(a.to_k.out_features, device=dev)) for l, a in layers.items()} \
+            value = {l: nn.Parameter(torch.zeros(getattr(a, value_of).out_features, device=dev)) for l, a in layers.items()}
+            key = {l: nn.Parameter(torch.zeros(getattr(a, key_of).out_features, device=dev)) for l, a in layers.items()} \
                 if self.cfg.key_residual else {}
             self.residuals[c.class_word] = {"value": value, "key": key}
         self.hooks = ClassWordResiduals.of(self.base)
@@ -361,7 +411,8 @@ class Infusion(Method):
         concept by the class word, so a class prompt would carry the concept.
         """
         words = [c.class_word for c in self.concepts]
-        self.hooks.set_rows([class_word_positions(self.base.tokenizer, p, words) if target else {}
+        tokenizer = self.base.sequence_tokenizer
+        self.hooks.set_rows([class_word_positions(tokenizer, p, words) if target else {}
                              for p, target in zip(batch["prompts"], batch["target"])])
         return None
 
@@ -387,16 +438,16 @@ class Infusion(Method):
     # -- generation
     @classmethod
     def apply(cls, base, bundle: Bundle) -> None:
-        layers = cross_attention_layers(base.unet)
-        dtype = base.unet.dtype
+        layers = text_attention_layers(base)
+        dtype = base.denoiser.dtype
         ctl = ClassWordResiduals.of(base)
         for word in bundle.class_words:
             for kind, prefix in (("value", VALUE_PREFIX), ("key", KEY_PREFIX)):
                 for name, d in bundle.with_prefix(f"{prefix}{word}/").items():
-                    proj = getattr(layers[name], "to_v" if kind == "value" else "to_k") if name in layers else None
+                    proj = getattr(layers[name], projection(base, kind)) if name in layers else None
                     if proj is None or proj.out_features != d.numel():
                         raise UserError(f"Infusion bundle for {word!r} has a {kind} residual for layer {name} "
-                                        f"({d.numel()} values) that this base's UNet does not have: "
+                                        f"({d.numel()} values) that this base's {base.denoiser_name} does not have: "
                                         "use the base it was learned on")
             value = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{VALUE_PREFIX}{word}/").items()}
             key = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{KEY_PREFIX}{word}/").items()}

@@ -19,11 +19,16 @@ PROJECTIONS = {"unet": {"key": "to_k", "value": "to_v", "query": "to_q"},
                "transformer": {"key": "add_k_proj", "value": "add_v_proj"}}
 
 
+def cross_attention_layers(unet) -> dict:
+    """A UNet's attn2 modules by name, e.g. 'down_blocks.0.attentions.0.transformer_blocks.0.attn2'."""
+    return {name: m for name, m in unet.named_modules() if name.split(".")[-1] == "attn2"}
+
+
 def text_attention_layers(base) -> dict:
     """{name: attention module} of every layer where the image reads the text."""
     if base.flow is not None:
         return base.flow.text_attention(base.denoiser)
-    return {name: m for name, m in base.unet.named_modules() if name.split(".")[-1] == "attn2"}
+    return cross_attention_layers(base.unet)
 
 
 def projection(base, kind: str) -> str:

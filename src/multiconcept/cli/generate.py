@@ -19,8 +19,10 @@ def generate(
     output: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNGs"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace PNGs of the same seeds already in --out"),
     steps: int = number(50, "--steps", help="denoising steps", minimum=1),
-    guidance: float = number(6.0, "--guidance", help="classifier-free guidance scale", minimum=0),
-    scheduler: str = typer.Option("ddim", help="ddim | pndm | euler | euler-a | dpm | ddpm"),
+    guidance: float = number(6.0, "--guidance", help="classifier-free guidance scale (FLUX.1 [dev]: its distilled "
+                             "guidance input; with --negative also true guidance)", minimum=0),
+    scheduler: str = typer.Option("auto", help="auto (ddim; flow-euler on FLUX / SD3) | ddim | pndm | euler | euler-a | "
+                                  "dpm | ddpm | flow-euler"),
     negative: str = typer.Option("", help="negative prompt"),
     attention_maps: bool = typer.Option(False, "--attention-maps", help="also write per-token heatmaps to OUT/attention"),
     lora: List[Path] = typer.Option([], "--lora", help="a LoRA .safetensors in diffusers', kohya's, A1111's or ComfyUI's "

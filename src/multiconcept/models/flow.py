@@ -46,9 +46,11 @@ class SequenceTokens:
         return {"input_ids": ids, "offset_mapping": offsets}
 
     def pieces(self, prompt: str) -> list[tuple[int, str]]:
-        """(position, text) of the prompt's own tokens in the sequence (heatmap labels)."""
+        """(position, text) of the prompt's own tokens in the sequence, each once (heatmap labels; SD3: CLIP's)."""
         enc = self(prompt)
-        return [(i, prompt[s:e].strip() or prompt[s:e]) for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s]
+        limit = self.pipe.tokenizer_max_length if self.flow.name == "sd3" else len(enc["input_ids"])
+        return [(i, prompt[s:e].strip() or prompt[s:e]) for i, (s, e) in enumerate(enc["offset_mapping"][:limit])
+                if e > s]
 
 
 def _parts(tokenizer, text: str, limit: int, what: str, span: tuple[int, int] | None = None):
@@ -68,6 +70,7 @@ class FlowArchitecture:
     text_first: bool  # the joint attention's sequence is [text; image] (FLUX) or [image; text] (SD3)
     constant_first_token: bool  # every prompt's sequence starts with the same token (CLIP's BOS, Qwen's <|im_start|>)
     lora_targets: tuple  # attention projections of the transformer blocks (diffusers' LoRA scripts' set)
+    batched_guidance: bool  # the pipeline runs guidance as one [uncond; cond] batch (SD3), not two calls (FLUX)
 
     # -- text
     def encode(self, pipe, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,11 +202,11 @@ class SD3(FlowArchitecture):
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 FLOWS = {
     # diffusers' FLUX.1 DreamBooth-LoRA script's default layers, attention only: image and text projections
-    "flux1": Flux1("flux1", True, False, ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")),
+    "flux1": Flux1("flux1", True, False, ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), False),
     # FLUX.2: double blocks as FLUX.1; single blocks fuse Q, K, V and the MLP input in one projection
     "flux2": Flux2Klein("flux2", True, True, ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                                                         "to_qkv_mlp_proj")),
-    "sd3": SD3("sd3", False, True, ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")),
+                                                         "to_qkv_mlp_proj"), False),
+    "sd3": SD3("sd3", False, True, ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), True),
 }
 
 

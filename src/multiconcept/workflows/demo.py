@@ -113,7 +113,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
             ["base", loaded.base.name], ["method", method], ["training steps", steps],
             ["settings", ", ".join(f"{k}={v}" for k, v in settings_used.items() if k != "steps")],
             ["learn time (s)", round(learn_s, 1)], ["generation time (s)", round(gen_s, 1)],
-            ["sampler", f"{settings.scheduler}, {settings.steps} steps, guidance {settings.guidance}"],
+            ["sampler", f"{settings.scheduler_for(loaded.base)}, {settings.steps} steps, guidance {settings.guidance}"],
         ]) + (report.note("The tiny base is a random model: its images are noise. Build ToyWorld "
                           "(multiconcept toyworld build) for a base that draws.") if loaded.base.name == "tiny" else "")),
     ]

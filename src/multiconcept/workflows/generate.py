@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +25,16 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
 }
+FLOW_SCHEDULERS = ("flow-euler",)  # what a flow-matching transformer base samples with (its pipeline's own)
 
 
 @dataclass
 class SampleSettings:
     steps: int = 50  # DisenDiff / Infusion protocols: DDIM 50 steps
-    guidance: float = 6.0  # DisenDiff: CFG 6
-    scheduler: str = "ddim"
+    guidance: float = 6.0  # DisenDiff: CFG 6 (FLUX.1 [dev]: the distilled guidance input)
+    scheduler: str = "auto"  # ddim on a UNet base (the protocols'), flow-euler on a transformer base
     negative_prompt: str = ""
     batch_size: int = 4
     height: int = 0  # 0 = the base's native size
@@ -46,7 +49,20 @@ class SampleSettings:
         require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
         require(self.height >= 0 and self.width >= 0, f"height and width must be >= 0 (0: the base's), "
                                                       f"got {self.height}x{self.width}")
-        require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        require(self.scheduler in SCHEDULERS or self.scheduler == "auto",
+                f"unknown scheduler {self.scheduler!r}: choose auto or one of {', '.join(SCHEDULERS)}")
+
+    def scheduler_for(self, base: Base) -> str:
+        """The scheduler's name on `base`: auto is ddim on a UNet, flow-euler on a transformer; a UNet scheduler
+        on a transformer (or the reverse) is refused, as their noise schedules differ."""
+        if self.scheduler == "auto":
+            return "flow-euler" if base.flow is not None else "ddim"
+        flow = self.scheduler in FLOW_SCHEDULERS
+        require(flow == (base.flow is not None),
+                f"scheduler {self.scheduler} is for {'flow-matching transformer' if flow else 'UNet'} bases, and "
+                f"{base.name!r} is {'a UNet' if base.flow is None else 'a flow-matching transformer'}: pass "
+                f"--scheduler auto (or {'ddim' if base.flow is None else 'flow-euler'})")
+        return self.scheduler
 
 
 @dataclass
@@ -154,24 +170,41 @@ def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSetting
     sampled in batches of `settings.batch_size`, after checking the prompt against the loaded concepts."""
     base, pipe = loaded.base, loaded.base.pipe
     require(n >= 1, f"-n must be at least 1, got {n}")
-    locate_concepts(base.tokenizer, prompt, loaded.concepts)  # length limit, class words present
+    locate_concepts(base.sequence_tokenizer, prompt, loaded.concepts)  # length limit, class words present
     refuse_undefined_tokens(prompt, [c.token for c in loaded.concepts] + loaded.extra_tokens)
-    set_scheduler(pipe, settings.scheduler)
+    require(inpaint is None or base.flow is None, f"inpainting on a {base.architecture} transformer base is not supported: "
+                                                  "leave out --init-image / --inpaint-mask")
+    set_scheduler(pipe, settings.scheduler_for(base))
     h, w = settings.height or base.resolution, settings.width or base.resolution
     for start in range(0, n, settings.batch_size):
         seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         store = None
         if attention_maps:
-            from ..attention import AttentionStore, capture_attention
-
-            store = AttentionStore(resolutions=None, accumulate=True, batch_slice="cond" if settings.guidance > 1 else None)
-            with capture_attention(pipe.unet, store):
+            with maps_captured(base, settings) as store:
                 images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
         else:
             images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
         for i, (s, img) in enumerate(zip(seeds, images)):
             yield s, img, store, i
+
+
+@contextmanager
+def maps_captured(base: Base, settings: SampleSettings):
+    """An AttentionStore filled while sampling: the conditional branch's cross-attention (UNet), or image→text joint
+    attention (transformer; the pipelines run guidance as a second call, or, SD3, as the first half of the batch)."""
+    from ..attention import AttentionStore, capture_attention
+    from ..joint_attention import capture_joint_attention
+
+    batched = base.flow is None or base.flow.batched_guidance
+    store = AttentionStore(resolutions=None, accumulate=True,
+                           batch_slice="cond" if batched and settings.guidance > 1 else None)
+    if base.flow is None:
+        with capture_attention(base.unet, store):
+            yield store
+    else:
+        with capture_joint_attention(base.denoiser, store, base.flow, skip_uncond=True):
+            yield store
 
 
 def generate(
@@ -188,7 +221,7 @@ def generate(
     """`draw`, each image written as a PNG with its settings in the metadata (and its attention maps)."""
     base, out_dir = loaded.base, Path(out_dir)
     meta_common = {
-        "prompt": prompt, "negative_prompt": settings.negative_prompt, "scheduler": settings.scheduler,
+        "prompt": prompt, "negative_prompt": settings.negative_prompt, "scheduler": settings.scheduler_for(base),
         "steps": settings.steps, "guidance": settings.guidance, "height": settings.height or base.resolution,
         "width": settings.width or base.resolution, "base": base.name, "base_fingerprint": base.fingerprint,
         "bundles": [Path(p).name for p, _ in loaded.bundles],
@@ -212,6 +245,10 @@ def _sample(base: Base, prompt, seeds, gens, s: SampleSettings, h, w, inpaint: I
                                 (s.vae_tiling, pipe.vae.enable_tiling, pipe.vae.disable_tiling)):
         (enable if on else disable)()
     kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens, height=h, width=w)
+    if base.flow is not None:  # the pipeline encodes the prompt itself: trained tokens and Infusion see it there
+        with torch.no_grad():
+            kwargs.update(base.flow.pipeline_kwargs(pipe, s.guidance, s.negative_prompt, base.sequence_length, len(seeds)))
+            return pipe(prompt=[prompt] * len(seeds), **kwargs).images
     with torch.no_grad():
         kwargs.update(pipeline_conditioning(base, [prompt] * len(seeds), s.negative_prompt, h, w))
         if inpaint is None:
@@ -276,7 +313,8 @@ def write_heatmaps(store, index: int, base: Base, prompt: str, image, folder: Pa
     # the level one step coarser than the finest: SD 1.5's 32/16 maps carry the layout
     maps = torch.stack([torch.nn.functional.interpolate(store.maps(r)[index : index + 1].float(), size=(res[-1], res[-1]),
                                                        mode="bilinear", align_corners=False)[0] for r in res]).mean(0)
-    labels = prompt_token_labels(base.tokenizer, prompt)
+    labels = (prompt_token_labels(base.tokenizer, prompt) if base.flow is None
+              else base.sequence_tokenizer.pieces(prompt))
     if not labels:
         raise UserError("the prompt has no tokens to draw attention maps for: give a non-empty prompt")
     idx = [i for i, _ in labels]

@@ -149,6 +149,29 @@ class AttentionStore:
             )
         return side, side
 
+    @contextmanager
+    def recording(self, model: torch.nn.Module, latent_hw, record=lambda: True) -> Iterator["AttentionStore"]:
+        """Forward hooks on `model` (the UNet or transformer) that tell the store each call's latent (h, w),
+        `latent_hw(module, args, kwargs)`, and record only inside a call (gradient checkpointing re-runs the
+        processors during backward) for which `record()` says so."""
+
+        def before_forward(module, args, kwargs):
+            self.latent_hw = latent_hw(module, args, kwargs)
+            self._recording = record()
+
+        def after_forward(module, args, kwargs, output):
+            self._recording = False
+
+        hooks = [model.register_forward_pre_hook(before_forward, with_kwargs=True),
+                 model.register_forward_hook(after_forward, with_kwargs=True, always_call=True)]
+        self._recording = False
+        try:
+            yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._recording = True
+
     def wants(self, hw: tuple[int, int]) -> bool:
         return self.resolutions is None or min(hw) in self.resolutions
 
@@ -379,27 +402,15 @@ def capture_attention(unet: torch.nn.Module, store: AttentionStore) -> Iterator[
     if not any(isinstance(p, CaptureAttnProcessor) for p in installed.values()):
         raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) layers to capture.")
 
-    def before_forward(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        store.latent_hw = tuple(sample.shape[-2:])
-        store._recording = True
-
-    def after_forward(module, args, kwargs, output):
-        store._recording = False
+    def sample_hw(module, args, kwargs):
+        return tuple((args[0] if args else kwargs["sample"]).shape[-2:])
 
     # set_attn_processor pops from the dict it is given: always pass a copy.
     unet.set_attn_processor(dict(installed))
-    hooks = [
-        unet.register_forward_pre_hook(before_forward, with_kwargs=True),
-        unet.register_forward_hook(after_forward, with_kwargs=True, always_call=True),
-    ]
-    store._recording = False
     try:
-        yield store
+        with store.recording(unet, sample_hw):
+            yield store
     finally:
-        for hook in hooks:
-            hook.remove()
-        store._recording = True
         unet.set_attn_processor(dict(previous))
 
 

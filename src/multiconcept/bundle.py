@@ -3,7 +3,8 @@
 Tensors are named by what they are:
 - ``token_embedding/<tok>``: a new token's text-encoder input row;
 - ``unet_delta/<param name>``: W_trained − W_base for a trained UNet weight
-  (deltas so several bundles can be summed on one base);
+  (deltas so several bundles can be summed on one base); ``transformer_delta/``
+  on a flow transformer base (FLUX, SD3);
 - ``lora/<peft key>``: LoRA factors (config in the header);
 - method-specific prefixes (``value_residual/...`` for Infusion, ...).
 The header (safetensors metadata, one JSON string) carries the method,
@@ -49,6 +50,11 @@ DIGEST_FIELD = "content_sha256"
 SUSPICIOUS_ABS = 1e4
 
 log = logging.getLogger(__name__)
+
+
+def delta_prefix(denoiser: str) -> str:
+    """Bundle prefix of a weight delta of the base's denoiser ("unet" or "transformer"): unet_delta/, ..."""
+    return f"{denoiser}_delta/"
 
 
 def embedding_prefix(encoder: int) -> str:

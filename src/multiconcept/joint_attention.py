@@ -137,27 +137,15 @@ def capture_joint_attention(transformer, store: AttentionStore, flow, blocks: li
         finally:
             state["call"] = None
 
-    def before_forward(module, args, kwargs):
-        store.latent_hw = flow.token_grid(module, args, kwargs)
-        store._recording = not (skip_uncond and state["call"] == "uncond")
-
-    def after_forward(module, args, kwargs, output):
-        store._recording = False
-
     for name in chosen:
         layers[name].set_processor(JointCaptureProcessor(store, name, previous[name], flow.text_first))
     if own_context is not None:
         transformer.cache_context = named_call
-    hooks = [transformer.register_forward_pre_hook(before_forward, with_kwargs=True),
-             transformer.register_forward_hook(after_forward, with_kwargs=True, always_call=True)]
-    store._recording = False
     try:
-        yield store
+        with store.recording(transformer, flow.token_grid, lambda: not (skip_uncond and state["call"] == "uncond")):
+            yield store
     finally:
-        for hook in hooks:
-            hook.remove()
         if own_context is not None:
             del transformer.cache_context
-        store._recording = True
         for name, proc in previous.items():
             layers[name].set_processor(proc)

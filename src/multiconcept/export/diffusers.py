@@ -4,7 +4,8 @@
 - Custom Diffusion K/V → ``pytorch_custom_diffusion_weights.safetensors`` for
   ``pipe.unet.load_attn_procs(dir, weight_name=...)`` (full weights: base + delta);
 - LoRA → ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(dir)``.
-A ``README.md`` beside them shows the exact loading code.
+A ``README.md`` beside them shows the exact loading code. A bundle of a flow transformer
+(FLUX, SD3) goes through flow.py.
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from ..bundle import Bundle
 from ..errors import UserError, require
 from ..models import Base, text_encoder_component
 from .files import token_file, write_all
+from .flow import export_flow_diffusers
 from .kohya import SDXL_EMBEDDING_KEYS, exportable_bundle, sdxl_embedding_file_tensors, sdxl_embedding_loading_code
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path) -> list[Path]:
+def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path, rank: int | None = 16) -> list[Path]:
     """Every file is computed and checked before the first is written; they are written into a
-    hidden staging folder and moved into `out_dir` last, so an error leaves nothing behind."""
+    hidden staging folder and moved into `out_dir` last, so an error leaves nothing behind. `rank`: a flow
+    transformer's Custom Diffusion deltas become a LoRA by truncated SVD at it (None: full, exact)."""
     out = Path(out_dir)
     bundle = exportable_bundle(bundle_path, base, out)
+    if base.flow is not None:
+        return export_flow_diffusers(bundle_path, bundle, base, out, rank)
     files: dict[str, callable] = {}  # file name -> write(path)
     pipeline = "StableDiffusionXLPipeline" if base.is_sdxl else "StableDiffusionPipeline"
     lines = ["import torch", f"from diffusers import {pipeline}", "",
@@ -85,20 +90,25 @@ def token_rows(bundle_path, bundle: Bundle, base: Base) -> dict[str, list[torch.
 
 
 def check_deltas(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> dict[str, tuple[str, str]]:
-    """{param name: (attention layer, projection)} for a bundle's UNet deltas, each checked against the base."""
-    params = dict(base.unet.named_parameters())
+    """{param name: (attention layer, projection)} for a bundle's denoiser deltas, each checked against the base:
+    only the text-reading projections Custom Diffusion trains (models/text_attention.py) have an equivalent."""
+    from ..models.text_attention import PROJECTIONS, text_attention_layers
+
+    params = dict(base.denoiser.named_parameters())
+    layers = text_attention_layers(base)
+    projections = tuple(PROJECTIONS[base.denoiser_name].values())
     out = {}
     for name, d in deltas.items():
-        require(name in params, f"bundle {bundle_path} changes {name}, which this base's UNet does not have: "
-                                f"export it with the base it was learned on")
+        require(name in params, f"bundle {bundle_path} changes {name}, which this base's {base.denoiser_name} does not "
+                                f"have: export it with the base it was learned on")
         require(d.shape == params[name].shape,
                 f"bundle {bundle_path}'s delta for {name} has shape {tuple(d.shape)} but the base's weight is "
                 f"{tuple(params[name].shape)}: export it with the base it was learned on")
         layer, proj, _ = ("." + name).rsplit(".", 2)
         layer = layer[1:]
-        require(proj in ("to_k", "to_v", "to_q") and name.endswith(".weight")
-                and f"{layer}.processor" in base.unet.attn_processors,
-                f"bundle tensor {name} has no Custom Diffusion equivalent: export supports attention to_q/to_k/to_v weights")
+        require(proj in projections and name.endswith(".weight") and layer in layers,
+                f"bundle tensor {name} has no Custom Diffusion equivalent: export supports the text-reading attention "
+                f"projections' weights ({', '.join(projections)})")
         out[name] = (layer, proj)
     return out
 
@@ -129,8 +139,9 @@ def custom_diffusion_state_dict(bundle_path, deltas: dict[str, torch.Tensor], ba
 def lora_parts(bundle_path, bundle: Bundle, lora: dict[str, torch.Tensor], base: Base) -> dict[str, dict]:
     """A LoRA bundle's factors checked against the base's layers: {component: peft state dict}, for the
     UNet and each text encoder the bundle has factors for."""
-    require(all(k in bundle.extra for k in ("rank", "alpha", "unet_targets")),
-            f"LoRA bundle {bundle_path} lacks its LoRA settings (rank, alpha, unet_targets) in the header: re-learn it")
+    targets = f"{base.denoiser_name}_targets"
+    require(all(k in bundle.extra for k in ("rank", "alpha", targets)),
+            f"LoRA bundle {bundle_path} lacks its LoRA settings (rank, alpha, {targets}) in the header: re-learn it")
     models = base.parts
     parts: dict[str, dict] = {}
     for key, t in lora.items():

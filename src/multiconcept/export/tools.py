@@ -22,6 +22,8 @@ from ..errors import UserError, require
 from ..models import Base
 from .diffusers import check_deltas, lora_parts, token_rows
 from .files import token_name, write_all
+from .flow import embedding_tensors as flow_embedding_tensors
+from .flow import export_flow_tools
 from .kohya import embedding_file_tensors, exportable_bundle, kohya_lora, sdxl_embedding_file_tensors
 from .readme import tools_readme
 from .svd import Factorisation, factorise
@@ -53,7 +55,10 @@ def add_embedding_files(files: dict, words: dict[str, str], bundle_path, bundle:
                 f"bundle {bundle_path}'s token {token} exports to the file name {word!r}, which another token takes: "
                 "re-learn one of them under another name")
         words[token] = word
-        tensors = sdxl_embedding_file_tensors(rows) if base.is_sdxl else embedding_file_tensors(rows[0])
+        if base.flow is not None:
+            tensors = flow_embedding_tensors(rows, base)
+        else:
+            tensors = sdxl_embedding_file_tensors(rows) if base.is_sdxl else embedding_file_tensors(rows[0])
         files[f"embeddings/{word}.safetensors"] = lambda f, tensors=tensors: save_file(tensors, f)
 
 
@@ -69,9 +74,10 @@ def delta_lora(bundle_path, deltas: dict[str, torch.Tensor], base: Base,
     svd = factorise({name[: -len(".weight")]: d for name, d in deltas.items()}, rank)
     alpha = max((e.rank for e in svd.layers), default=1)
     peft = {}
+    d = base.denoiser_name
     for module, (up, down) in svd.factors.items():
-        peft[f"unet.{module}.lora_A.weight"] = down
-        peft[f"unet.{module}.lora_B.weight"] = up * (down.shape[0] / alpha) if down.shape[0] != alpha else up
+        peft[f"{d}.{module}.lora_A.weight"] = down
+        peft[f"{d}.{module}.lora_B.weight"] = up * (down.shape[0] / alpha) if down.shape[0] != alpha else up
     return peft, float(alpha), svd
 
 
@@ -82,6 +88,8 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
     require(rank is None or rank >= 1, f"--rank must be at least 1 or 'full', got {rank}")
     out = Path(out_dir)
     bundle = exportable_bundle(bundle_path, base, out)
+    if base.flow is not None:
+        return export_flow_tools(bundle_path, bundle, base, out, rank)
     n_te = len(base.text_encoders)
     # SDXL's UNet modules take the original model's names, as kohya's SDXL scripts write them
     sgm = base.unet.config.layers_per_block if base.is_sdxl else None
@@ -109,13 +117,21 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
         sd = kohya_lora(peft, alpha, n_te, sgm)
         meta.update(ss_network_dim=f"{alpha:g}", ss_network_alpha=f"{alpha:g}",
                     multiconcept_svd_relative_error=f"{result.svd.relative_error:.6g}")
+    return write_tool_files(out, files, result, bundle_path, bundle, sd, meta,
+                            lambda: tools_readme(Path(bundle_path).name, bundle, base.name, tool, result))
+
+
+def write_tool_files(out: Path, files: dict, result: ToolExport, bundle_path, bundle: Bundle, sd: dict | None,
+                     meta: dict, readme) -> ToolExport:
+    """Add the LoRA file (`sd`, when there is one) and the README (`readme()`, once the result knows the LoRA's
+    name) to `files`, write them all into `out`; a bundle that gave nothing to write is refused."""
     if sd is not None:
         result.lora = token_name(Path(bundle_path).stem)
         files[f"loras/{result.lora}.safetensors"] = lambda f: save_file(sd, f, metadata=meta)
     if not files:
         raise UserError(f"bundle {bundle_path} ({bundle.method}) holds nothing these tools load: "
                         "export supports tokens, Custom Diffusion, DisenDiff and LoRA")
-    text = tools_readme(Path(bundle_path).name, bundle, base.name, tool, result)
+    text = readme()
     files["README.md"] = lambda f: Path(f).write_text(text)
     result.paths = write_all(out, files)
     return result

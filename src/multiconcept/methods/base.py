@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bundle import Bundle, embedding_prefix
+from ..bundle import Bundle, delta_prefix, embedding_prefix
 from ..data import ConceptSet
 from ..errors import UserError
 from ..losses import FLOW_WEIGHTINGS
@@ -219,7 +219,7 @@ class Method:
             rows = bundle.with_prefix(embedding_prefix(k))
             if rows:
                 set_token_rows(tokenizer, te, rows)
-        deltas = bundle.with_prefix(delta_prefix(base))
+        deltas = bundle.with_prefix(delta_prefix(base.denoiser_name))
         if deltas:
             params = dict(base.denoiser.named_parameters())
             for name, d in deltas.items():
@@ -228,8 +228,3 @@ class Method:
                                     "the bundle is for another base")
                 with torch.no_grad():
                     params[name].add_(d.to(params[name]))
-
-
-def delta_prefix(base: Base) -> str:
-    """Bundle prefix of a weight delta of the base's denoiser: ``unet_delta/`` or ``transformer_delta/``."""
-    return f"{base.denoiser_name}_delta/"

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bundle import delta_prefix
 from ..models.text_attention import first_text_token_is_constant, projection_kinds, text_projections
-from .base import Method, TrainConfig, delta_prefix
+from .base import Method, TrainConfig
 from .precision import TrainedInFp32
 from .settings import hp
 
@@ -80,7 +81,8 @@ class CustomDiffusion(Method):
         return {k: v.detach().clone() for k, v in self.named_trainables().items()}
 
     def bundle_tensors(self):
-        deltas = {f"{delta_prefix(self.base)}{k}": (p.detach() - self.kv_base[k]).clone() for k, p in self.kv.items()}
+        prefix = delta_prefix(self.base.denoiser_name)
+        deltas = {f"{prefix}{k}": (p.detach() - self.kv_base[k]).clone() for k, p in self.kv.items()}
         return {**self.token_rows(), **deltas}
 
     def teardown(self):

@@ -4,8 +4,9 @@ peft LoRA on the denoiser's attention projections (optionally the text encoders'
 each concept gets a new token whose embedding starts from a rare word and
 stays fixed, playing DreamBooth's "sks" identifier. On a transformer base (FLUX,
 SD3) the projections are every attention's, image and text streams alike
-(models/flow.py: diffusers' LoRA scripts' attention layers), and the text
-encoders' are each one's own attention projections (CLIP's, T5's, Qwen's).
+(models/flow.py: diffusers' LoRA scripts' attention layers); the text encoders
+that may carry one are those diffusers' pipeline loads a LoRA into: FLUX.1's
+CLIP-L, SD3's CLIP-L and CLIP-G, none on FLUX.2 [klein].
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bundle import embedding_prefix
-from ..errors import UserError
+from ..errors import UserError, require
 from ..models import text_encoder_component
 from .base import Method, TrainConfig
 from .precision import trained_params_to_fp32
@@ -21,8 +22,6 @@ from .settings import hp
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# the attention projections of the flow bases' other text encoders: T5 (q, k, v, o), Qwen (o_proj)
-MORE_TEXT_TARGETS = ("q", "k", "v", "o", "o_proj")
 
 
 @dataclass
@@ -58,7 +57,7 @@ class DreamBoothLora(Method):
             add_concept_tokens(tokenizer, te, self.concepts)
         self.base.denoiser.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, denoiser_targets(self.base)))
         for te in self.text_encoders().values():  # SDXL: both, as diffusers' train_dreambooth_lora_sdxl.py does
-            te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, text_targets(self.base)))
+            te.add_adapter(lora_config(self.cfg.rank, self.cfg.alpha, TEXT_TARGETS))
         params = list(self.named_trainables().values())
         trained_params_to_fp32(params)
         for p in params:
@@ -69,10 +68,17 @@ class DreamBoothLora(Method):
         return self.cfg.train_text_encoder
 
     def text_encoders(self) -> dict:
-        """{component name: text encoder} that carry LoRA: none, or every one the base has."""
+        """{component name: text encoder} that carry LoRA: none, or every one the base has (a flow base: those its
+        diffusers pipeline loads LoRA into, `_lora_loadable_modules`)."""
         if not self.cfg.train_text_encoder:
             return {}
-        return {text_encoder_component(k): te for k, te in enumerate(self.base.text_encoders)}
+        encoders = {text_encoder_component(k): te for k, te in enumerate(self.base.text_encoders)}
+        if self.base.flow is not None:
+            loadable = type(self.base.pipe)._lora_loadable_modules
+            encoders = {c: te for c, te in encoders.items() if c in loadable}
+            require(bool(encoders), f"diffusers' {type(self.base.pipe).__name__} loads no text-encoder LoRA: leave "
+                                    "train_text_encoder off on this base")
+        return encoders
 
     def named_trainables(self):
         d = self.base.denoiser_name
@@ -102,7 +108,7 @@ class DreamBoothLora(Method):
     def bundle_extra(self):
         return {"rank": self.cfg.rank, "alpha": self.cfg.alpha,
                 f"{self.base.denoiser_name}_targets": list(denoiser_targets(self.base)),
-                "text_targets": list(text_targets(self.base)) if self.cfg.train_text_encoder else []}
+                "text_targets": list(TEXT_TARGETS) if self.cfg.train_text_encoder else []}
 
     @classmethod
     def apply(cls, base, bundle):
@@ -139,8 +145,3 @@ def denoiser_targets(base) -> tuple:
     """The denoiser's modules LoRA goes on: the UNet's attention projections, or a transformer's (models/flow.py)."""
     return base.flow.lora_targets if base.flow is not None else UNET_TARGETS
 
-
-def text_targets(base) -> tuple:
-    """The text encoders' attention projections: CLIP's on SD; on a flow base T5's and Qwen's too (peft puts a
-    LoRA on the modules of each encoder that carry one of these names)."""
-    return TEXT_TARGETS + (MORE_TEXT_TARGETS if base.flow is not None else ())

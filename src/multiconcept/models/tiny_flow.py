@@ -90,20 +90,31 @@ def tiny_clip(tokenizer, width: int, projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
+def ready(pipe):
+    """In inference mode, as `from_pretrained` leaves a pipeline (T5's dropout would otherwise be on), and quiet."""
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def flow_scheduler(**config):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**config)
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
+def tiny_flux_pipeline(seed: int = 0, guidance: bool = True, single_layers: int = 1):
     """FLUX.1-shaped: CLIP-L (pooled only) + T5 (the sequence), a FluxTransformer2DModel with 2x2-packed latents.
-    `guidance`: the guidance-distilled [dev] (the transformer takes a guidance input) or [schnell] (it does not)."""
+    `guidance`: the guidance-distilled [dev] (the transformer takes a guidance input) or [schnell] (it does not);
+    `single_layers`: single-stream blocks after the two joint ones (diffusers' kohya FLUX.1 reader knows their
+    fused projection only at FLUX.1's real width, so its round trip is tested without them)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=single_layers,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
     # FLUX.1 [dev]'s scheduler config: the shift is chosen per image size (use_dynamic_shifting)
@@ -113,8 +124,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
                         tokenizer=tokenizer, text_encoder_2=tiny_t5(tokenizer_2), tokenizer_2=tokenizer_2,
                         transformer=transformer)
     pipe.default_sample_size = 16  # 32 px images, as the other tiny bases
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ready(pipe)
 
 
 def tiny_flux2_pipeline(seed: int = 0):
@@ -149,8 +159,7 @@ def tiny_flux2_pipeline(seed: int = 0):
                               transformer=transformer, is_distilled=False)
     pipe.tokenizer_max_length = TINY_QWEN_SEQUENCE
     pipe.default_sample_size = 16
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ready(pipe)
 
 
 def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
@@ -171,8 +180,7 @@ def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
         text_encoder=tiny_clip(tokenizer, 16, True), tokenizer=tokenizer,
         text_encoder_2=tiny_clip(tokenizer_2, 16, True), tokenizer_2=tokenizer_2,
         text_encoder_3=encoder_3 if t5 else None, tokenizer_3=tokenizer_3 if t5 else None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ready(pipe)
 
 
 TINY_FLOW = {"tiny-flux": tiny_flux_pipeline, "tiny-flux-schnell": lambda: tiny_flux_pipeline(guidance=False),

@@ -35,5 +35,5 @@ def export_bundle(bundle_path: str | Path, out_dir: str | Path, format: str = "d
     if not isinstance(base, Base):
         base = load_base(base if base is not None else bundle.base_name)
     if format == "diffusers":
-        return ToolExport(export_diffusers(bundle_path, base, out_dir), {}, None)
+        return ToolExport(export_diffusers(bundle_path, base, out_dir, rank), {}, None, rank=rank)
     return export_for_tools(bundle_path, base, out_dir, format, rank)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, gist, require
+from ..export.flow import embedding_keys
+from ..prompts import set_token_rows
 
 
 def read_tensor_file(path: Path, role: str, fix: str) -> dict[str, torch.Tensor]:
@@ -96,13 +98,19 @@ def check_embedding_tokens(bundle_paths: list[str], embeddings: list[str]) -> No
         owners[token] = str(path)
 
 
-def embedding_vectors(path: Path, widths: list[int]) -> list[torch.Tensor]:
+def embedding_vectors(path: Path, widths: list[int], keys: tuple[str, ...] | None = None) -> list[torch.Tensor]:
     """Per text encoder of the base (their input widths), the [n, width] vectors of an embedding file:
     one tensor for a one-encoder base (kohya's `emb_params`, A1111's and ComfyUI's safetensors,
-    diffusers' {token: row}); SDXL's pair, `clip_l` for the first encoder and `clip_g` for the second."""
+    diffusers' {token: row}); SDXL's pair, `clip_l` for the first encoder and `clip_g` for the second;
+    a flow transformer's, one per `keys` (export/flow.py: FLUX.1's `clip_l` and `t5`, ...)."""
     tensors = read_tensor_file(path, "embedding", EMBEDDING_FIX)
     pair = {"clip_l", "clip_g"} <= set(tensors)
-    if len(widths) == 2:
+    if keys is not None:
+        missing = [k for k in keys if k not in tensors]
+        require(not missing, f"embedding {path} lacks {', '.join(missing)} (this base reads one row per text encoder: "
+                             f"{', '.join(keys)}): use an embedding made for this base")
+        vectors = [tensors[k] for k in keys]
+    elif len(widths) == 2:
         require(pair, f"embedding {path} is not an SDXL embedding (it lacks clip_l and clip_g, one row set per text "
                       f"encoder): this base is SDXL; use an embedding made for SDXL")
         vectors = [tensors["clip_l"], tensors["clip_g"]]
@@ -135,13 +143,20 @@ def add_embedding(loaded, spec: str) -> str:
         require(token not in tokenizer.get_vocab() and f"{token}_1" not in tokenizer.get_vocab(),
                 f"embedding {path} would be the token {token}, which this base's vocabulary already has: "
                 f"give it another ('<name>={path}')")
-    vectors = embedding_vectors(path, [te.get_input_embeddings().weight.shape[1] for te in base.text_encoders])
+    keys = embedding_keys(base) if base.flow is not None else None
+    vectors = embedding_vectors(path, [te.get_input_embeddings().weight.shape[1] for te in base.text_encoders], keys)
     try:
-        if len(vectors) == 1:
+        if base.flow is not None and base.architecture != "flux1":  # no load_textual_inversion: by hand, as exported
+            for v, te, tokenizer in zip(vectors, base.text_encoders, base.tokenizers):
+                require(v.shape[0] == 1, f"embedding {path} has {v.shape[0]} vectors per encoder: this base takes one")
+                set_token_rows(tokenizer, te, {token: v[0]})
+        elif len(vectors) == 1 and keys is None:
             base.pipe.load_textual_inversion(str(path), token=token)
         else:
             for v, te, tokenizer in zip(vectors, base.text_encoders, base.tokenizers):
                 base.pipe.load_textual_inversion(v, token=token, text_encoder=te, tokenizer=tokenizer)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a user's file: whatever diffusers raises means "does not fit"
         raise UserError(f"embedding {path} does not fit this base ({gist(e)}): use an embedding made for it") from e
     n = vectors[0].shape[0]

@@ -110,3 +110,65 @@ def test_one_batch_loss_is_the_flow_matching_loss_by_hand(scene, name):
     finally:
         method.teardown()
     assert torch.allclose(ours, by_hand, rtol=1e-5, atol=1e-6), (ours.item(), by_hand.item())
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, before models load
+
+
+def test_a_bundle_of_one_architecture_is_refused_on_another(scene, tmp_path, run_cli):
+    out = tmp_path / "ti.safetensors"
+    code, _, err = run_cli("learn", "-m", "textual-inversion", "-c", "<a1>=cat", "-i", scene["image"], "--base",
+                           "tiny-flux", "-o", out, "--param", "steps=1")
+    assert code == 0, err
+    code, _, err = run_cli("inspect", out)
+    assert code == 0 and "architecture flux1 (FLUX.1)" in " ".join(_.split())
+    for other in ("tiny-sd3", "tiny"):
+        code, _, err = run_cli("generate", "photo of a <a1> cat", "-b", out, "--base", other, "-o", tmp_path / "x")
+        assert code == 2 and "FLUX.1" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli("methods", "disendiff")
+    assert code == 0 and "FLUX.2 [klein]" in _ and "SD3" in _
+
+
+def test_tuning_free_methods_refuse_a_transformer_base_before_loading(tmp_path, run_cli, monkeypatch):
+    import multiconcept.models as models
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_base", no_loading)
+    code, _, err = run_cli("train-encoder", "--method", "fastcomposer", "--data", "toyworld", "--base", "tiny-flux",
+                           "--out", tmp_path / "fc")
+    assert code == 2 and "transformer" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "fc").exists()
+
+
+def test_a_flux_folder_without_t5_is_refused_before_loading(tmp_path, run_cli):
+    import json
+
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": [None, None], "tokenizer_2": [None, None],
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    code, _, err = run_cli("generate", "a cat", "--base", folder, "-o", tmp_path / "x")
+    assert code == 2 and "text_encoder_2" in err and "T5" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("base,params,words", [
+    ("tiny-flux", ["train_qkv=true"], "to_q"), ("tiny-sd3", ["all_resolutions=true"], "all_resolutions"),
+    ("tiny-flux2", ["attention_blocks=5"], "attention_blocks")])
+def test_disendiff_settings_without_an_analogue_on_a_transformer_are_refused(scene, tmp_path, run_cli, base, params, words):
+    args = ["learn", "-m", "disendiff", "-c", "<a1>=cat", "-i", scene["image"], "--base", base, "-o", tmp_path / "d.safetensors"]
+    for p in params:
+        args += ["--param", p]
+    code, _, err = run_cli(*args)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_lora_on_klein_text_encoder_is_refused(scene, tmp_path, run_cli):
+    code, _, err = run_cli("learn", "-m", "lora", "-c", "<a1>=cat", "-i", scene["image"], "--base", "tiny-flux2",
+                           "-o", tmp_path / "l.safetensors", "--param", "train_text_encoder=true")
+    assert code == 2 and "Flux2KleinPipeline" in err and len(err.strip().splitlines()) == 1, err

@@ -15,6 +15,7 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle file"),
             as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Show a bundle's header and tensors (shapes, bytes)."""
     from ..bundle import describe
+    from ..models import ARCHITECTURES
 
     d = describe(bundle)
     if as_json:
@@ -23,10 +24,11 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle file"),
     h = d["header"]
     out.print(f"[bold]{bundle}[/bold]  method={h['method']}  format={h['format_version']}")
     out.print(f"tokens: {', '.join(f'{t} ({c})' for t, c in zip(h['tokens'], h['class_words']))}")
-    arch = f"  architecture {h['architecture']}" if h.get("architecture") else ""
+    arch = h.get("architecture") or ""
+    arch = f"  architecture {arch} ({ARCHITECTURES.get(arch, 'unknown')})" if arch else ""
     weights = ", ".join(f"{g} {v}" for g, v in sorted(h.get("base_weights", {}).items()))
     out.print(f"base: {h['base_name']}  fingerprint {h['base_fingerprint']}{arch}"
-              + (f"  weights {weights}" if weights else ""), highlight=False)
+              + (f"  weights {weights}" if weights else ""), highlight=False, markup=False)
     out.print("integrity: " + ("verified (content sha256 matches)" if d["integrity"] == "verified"
                                else "unchecked (written before bundles carried a digest)"))
     out.print("hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(h["hyperparameters"].items())))

@@ -15,6 +15,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="a method name for i
     """List methods, or one method's settings with defaults and help."""
     from ..methods import METHODS, get_method
     from ..methods.settings import config_help
+    from ..models import ARCHITECTURES
 
     if name is None:
         for m in sorted(METHODS):
@@ -26,3 +27,5 @@ def methods(name: Optional[str] = typer.Argument(None, help="a method name for i
     for k, default, help_ in config_help(cls.Config):
         t.add_row(k, str(default), help_)
     out.print(t)
+    out.print(f"runs on: {', '.join(ARCHITECTURES.values())} (--base; a bundle records its base's architecture)",
+              markup=False)

@@ -76,16 +76,15 @@ class DisenDiff(CustomDiffusion):
     Config = DisenDiffConfig
 
     def setup(self):
+        if self.cfg.train_qkv and "to_q" not in self.cfg.train_projections:
+            self.cfg.train_projections = tuple(self.cfg.train_projections) + ("to_q",)  # a transformer refuses it
         if self.base.flow is not None:
             require(not self.cfg.all_resolutions, "a transformer base has one token grid, no resolutions to average: "
                                                   "leave all_resolutions off (attention_blocks chooses blocks)")
             self.attention_blocks()  # refuses unknown blocks before training
-            return super().setup()
-        if not self.cfg.attention_resolution:
+        elif not self.cfg.attention_resolution:
             latent = (self.cfg.resolution or self.base.resolution) // self.base.pipe.vae_scale_factor
             self.cfg.attention_resolution = calibration_level(self.base.unet.config, latent)  # the bundle records it
-        if self.cfg.train_qkv and "to_q" not in self.cfg.train_projections:
-            self.cfg.train_projections = tuple(self.cfg.train_projections) + ("to_q",)
         return super().setup()
 
     def choose_tokens(self, example, rng: random.Random) -> list[str]:

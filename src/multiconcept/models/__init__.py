@@ -37,7 +37,15 @@ import torch
 
 from ..errors import UserError
 from .fingerprint import fingerprint, weights_digest
-from .flow import FLOW_PIPELINES, FLOWS, SequenceTokens, flow_architecture, native_resolution, sequence_length
+from .flow import (
+    FLOW_PIPELINES,
+    FLOWS,
+    SequenceTokens,
+    flow_architecture,
+    native_resolution,
+    require_text_encoders,
+    sequence_length,
+)
 from .single_file import SingleFile, is_checkpoint_path, load_single_file
 
 TOYWORLD_DIR = Path(__file__).parent.parent / "toyworld" / "assets"
@@ -276,6 +284,9 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
         else:
             source = name
         cls = pipeline_class(source)
+        if path.exists():  # a folder's components are listed before anything loads
+            index = json.loads((path / "model_index.json").read_text())
+            require_text_encoders(cls.__name__, {c for c, v in index.items() if isinstance(v, list) and v[0]}, name)
         # SD pipelines load without their safety checker; SDXL's and the transformers' have none (DiffusionPipeline,
         # for a hub id, ignores the two arguments when the id turns out to be another pipeline)
         extra = dict(safety_checker=None, requires_safety_checker=False) if cls.__name__ in (
@@ -288,6 +299,7 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
                             "pass a local pipeline folder, or a hub id with network access") from e
         if type(pipe).__name__ not in PIPELINES:
             raise UserError(f"base {name!r} is a {type(pipe).__name__}: pass {PIPELINE_NAMES}")
+        require_text_encoders(type(pipe).__name__, {c for c, v in pipe.components.items() if v is not None}, name)
     return base_from_pipeline(pipe, str(name), dev)
 
 

@@ -210,6 +210,51 @@ FLOWS = {
 }
 
 
+# the text encoders each pipeline cannot do without: the ones whose states are the sequence the joint attention
+# reads (where every method's tokens go) or the pooled vector it is conditioned on. SD3 runs without its T5.
+REQUIRED_ENCODERS = {
+    "FluxPipeline": {"text_encoder": "CLIP-L (its pooled vector conditions every block)",
+                     "text_encoder_2": "T5 (its states are the sequence the joint attention reads)"},
+    "Flux2KleinPipeline": {"text_encoder": "Qwen3 (its hidden states are the sequence the joint attention reads)"},
+    "StableDiffusion3Pipeline": {"text_encoder": "CLIP-L (sequence and pooled vector)",
+                                 "text_encoder_2": "CLIP-G (sequence and pooled vector)"},
+}
+
+
+def require_text_encoders(pipeline: str, present, source: str) -> None:
+    """Refuse a flow pipeline without a text encoder it needs (`present`: the component names it has)."""
+    missing = [(c, what) for c, what in REQUIRED_ENCODERS.get(pipeline, {}).items() if c not in present]
+    if missing:
+        c, what = missing[0]
+        raise UserError(f"base {source} is a {pipeline} without its {c}, {what}: load the pipeline with every text "
+                        "encoder (the methods learn tokens in them and generation encodes prompts with them)")
+
+
+def is_flow_source(source) -> bool:
+    """Whether a --base names a flow transformer, as far as can be told without loading it: a tiny flow base, a
+    folder whose model_index.json names a flow pipeline, or a loaded Base that is one (a hub id: only once loaded)."""
+    import json
+    from pathlib import Path
+
+    if getattr(source, "flow", None) is not None:
+        return True
+    if not isinstance(source, str):
+        return False
+    if source.startswith("tiny-") and source not in ("tiny-sdxl",):
+        return True
+    index = Path(source) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") in FLOW_PIPELINES
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_flow_base(source, what: str) -> None:
+    if is_flow_source(source):
+        raise UserError(f"{what} runs on a UNet base (SD 1.x, SD 2.x, SDXL, ToyWorld), not on a flow-matching "
+                        f"transformer ({source if isinstance(source, str) else source.name}) yet: pass such a --base")
+
+
 def flow_architecture(pipe) -> str | None:
     """"flux1", "flux2" or "sd3" from the transformer's class; None for a UNet pipeline."""
     transformer = getattr(pipe, "transformer", None)

@@ -56,6 +56,7 @@ from ..methods.fastcomposer import (
 from ..methods.finetune import config_digest
 from ..methods.settings import config_dict
 from ..models import Base, SingleFile, load_base
+from ..models.flow import refuse_flow_base
 from ..prompts import find_word_spans
 from ..training import (
     LoopSettings,
@@ -79,6 +80,7 @@ from .encoder_data import (
 )
 
 CHECKPOINT = "checkpoint.safetensors"
+TUNING_FREE = "train-encoder (FastComposer, Subject-Diffusion)"
 SAMPLE_LOG = "samples.jsonl"
 
 # ---------------------------------------------------------------- data
@@ -337,8 +339,10 @@ def start(data: str, out, base, cfg, device: str, dtype: str, toyworld_layout: s
     require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
     # subjects dropped from a caption leave the image encoder without gradient on some steps
     acc = make_accelerator(cfg.mixed_precision, device=device, find_unused_parameters=True)
+    refuse_flow_base(base, TUNING_FREE)
     if not isinstance(base, Base):
         base = load_base(base, device=str(acc.device) if device == "auto" else device, dtype=dtype)
+    refuse_flow_base(base, TUNING_FREE)  # a hub id is known only once loaded
     return source, out, acc, base
 
 

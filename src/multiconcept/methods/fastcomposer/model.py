@@ -12,6 +12,7 @@ from ...bundle import atomic_write
 from ...errors import UserError, require
 from ...models import Base, SingleFile, load_base
 from ...models.fingerprint import same_weights
+from ...models.flow import refuse_flow_base
 from .config import CONFIG_FILE, MARKER, MODEL_FORMAT, MODEL_VERSION, FastComposerConfig, jsonable
 from .encoder import FusionMLP, SubjectImageEncoder, fuse_subjects
 from .markers import SubjectPrompt
@@ -148,8 +149,11 @@ def read_model_config(folder: Path, name: str, fmt: str, version: int, what: str
 
 def base_for(folder: Path, config: dict, base: Base | str | SingleFile | None, device: str, dtype: str) -> Base:
     """The base a model folder names (or the one given), checked against its recorded fingerprint."""
+    what = "compose (FastComposer, Subject-Diffusion)"
+    refuse_flow_base(base, what)
     if not isinstance(base, Base):
         base = load_base(base if base is not None else config["base_name"], device=device, dtype=dtype)
+    refuse_flow_base(base, what)
     want = config.get("base_fingerprint")
     require(want is None or want == base.fingerprint,
             f"model {folder} was trained on base {config['base_name']!r} (fingerprint {want}) but the loaded base is "

@@ -240,8 +240,8 @@ def open_data(spec: str, toyworld_layout: str = "fixed", seed: int = 0):
     if is_url(spec) or is_tar_spec(spec):
         return StreamSubjects(spec, seed)
     folder = Path(spec)
-    require(is_dir(folder), f"--data {spec} is not 'toyworld', 'toyworld:creatures', a folder, a URL or .tar shards: "
-                            "pass one of them")
+    require(is_dir(folder), f"--data {spec} is neither 'toyworld', 'toyworld:creatures', a folder, a URL nor .tar "
+                            "shards: pass one of them")
     if (folder / MANIFEST).is_file():
         return FolderSubjects(folder)
     if (folder / SHARD_TABLE).is_file() or (folder / "shards").is_dir():

@@ -25,7 +25,10 @@ def learn(scene, out, method, base, dtype="fp32", **params):
 
 @pytest.mark.parametrize("method,base,params", [("lora", "tiny-sdxl", {"train_text_encoder": True}),
                                                 ("custom-diffusion", "tiny", {"lr": 1e-3}),
-                                                ("textual-inversion", "tiny", {})])
+                                                ("textual-inversion", "tiny", {}),
+                                                ("lora", "tiny-flux", {"train_text_encoder": True}),
+                                                ("custom-diffusion", "tiny-sd3", {"lr": 1e-3}),
+                                                ("textual-inversion", "tiny-flux2", {})])
 def test_gradient_checkpointing_trains_the_same_bundle(scene, tmp_path, method, base, params):
     plain = learn(scene, tmp_path / "plain.safetensors", method, base, **params)
     saved = learn(scene, tmp_path / "ckpt.safetensors", method, base, gradient_checkpointing=True, **params)
@@ -39,7 +42,10 @@ def test_gradient_checkpointing_trains_the_same_bundle(scene, tmp_path, method, 
 
 @pytest.mark.parametrize("method,base,params", [("lora", "tiny-sdxl", {"train_text_encoder": True, "lr": 1e-3}),
                                                 ("custom-diffusion", "tiny", {"lr": 1e-4}),
-                                                ("disendiff", "tiny", {"lr": 1e-4, "attention_resolution": 8})])
+                                                ("disendiff", "tiny", {"lr": 1e-4, "attention_resolution": 8}),
+                                                ("lora", "tiny-sd3", {"train_text_encoder": True, "lr": 1e-3}),
+                                                ("custom-diffusion", "tiny-flux", {"lr": 1e-4}),
+                                                ("disendiff", "tiny-flux2", {"lr": 1e-4})])
 def test_frozen_bf16_weights_train_fp32_tensors_close_to_an_fp32_run(scene, tmp_path, method, base, params):
     seen = []
     real = torch.optim.AdamW.__init__
@@ -56,7 +62,8 @@ def test_frozen_bf16_weights_train_fp32_tensors_close_to_an_fp32_run(scene, tmp_
     full = learn(scene, tmp_path / "fp32.safetensors", method, base, **params)
     assert seen and set(seen) == {torch.float32}
     assert {v.dtype for v in half.tensors.values()} == {torch.float32}
-    trained = [k for k in full.tensors if k.startswith(("unet_delta/", "lora/")) and full.tensors[k].abs().max() > 0]
+    trained = [k for k in full.tensors if k.startswith(("unet_delta/", "transformer_delta/", "lora/"))
+               and full.tensors[k].abs().max() > 0]
     assert trained
     # the updates themselves (what bf16 trained tensors would round away), all tensors together: Adam's first
     # steps are near lr * sign(gradient), and bf16 activations flip the sign of a few tiny gradients

@@ -49,6 +49,9 @@ class TrainConfig(Settings):
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = hp(False, "recompute the UNet's activations in the backward pass instead of keeping "
                                              "them: less memory (SDXL on common GPUs), slower steps (docs/sdxl.md)")
+    quantize_frozen: str = hp("no", "nf4: the denoiser's frozen linear layers in 4-bit NormalFloat (bitsandbytes' own "
+                                    "layers; diffusers' FLUX.2 LoRA script's --bnb_quantization_config_path), the "
+                                    "trained ones kept; the base stays quantized after training", choices=("no", "nf4"))
     optimizer: str = hp("adamw", "adamw | adamw8bit (bitsandbytes' 8-bit moments: a quarter of AdamW's state memory; "
                          "pip install 'multiconcept[bnb]')", choices=OPTIMIZERS)
     weighting_scheme: str = hp("none", "flow-matching bases (FLUX, SD3): the timestep density and loss weight of "
@@ -164,6 +167,10 @@ class Method:
     def attention_store(self, batch: dict):
         """An AttentionStore for this batch when the losses need maps, else None."""
         return None
+
+    def full_precision_modules(self) -> set[str]:
+        """The denoiser's modules whose own weights train: `quantize_frozen` leaves them as they are."""
+        return set()
 
     def attention_blocks(self) -> list[str] | None:
         """On a transformer base, the joint blocks whose maps `attention_store` wants (None: every one)."""

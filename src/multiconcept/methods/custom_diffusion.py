@@ -74,6 +74,9 @@ class CustomDiffusion(Method):
         self.hooks = detach_start_token(self.base, self.cfg.train_projections) if self.cfg.detach_start_token else []
         return [{"params": list(self.kv.values()) + self.token_params()}]
 
+    def full_precision_modules(self) -> set[str]:
+        return set(text_projections(self.base, projection_kinds(self.cfg.train_projections)))
+
     def named_trainables(self):
         return {**self.token_trainables(), **self.kv}
 

@@ -75,9 +75,12 @@ class DisenDiff(CustomDiffusion):
     name = "disendiff"
     Config = DisenDiffConfig
 
+    def __init__(self, base, data, cfg: DisenDiffConfig):
+        super().__init__(base, data, cfg)
+        if cfg.train_qkv and "to_q" not in cfg.train_projections:
+            cfg.train_projections = tuple(cfg.train_projections) + ("to_q",)  # a transformer refuses it
+
     def setup(self):
-        if self.cfg.train_qkv and "to_q" not in self.cfg.train_projections:
-            self.cfg.train_projections = tuple(self.cfg.train_projections) + ("to_q",)  # a transformer refuses it
         if self.base.flow is not None:
             require(not self.cfg.all_resolutions, "a transformer base has one token grid, no resolutions to average: "
                                                   "leave all_resolutions off (attention_blocks chooses blocks)")

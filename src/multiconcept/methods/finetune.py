@@ -41,6 +41,7 @@ from ..training import (
 from ..training.checkpoint import remove_stale_temps
 from ..training.optim import make_optimizer
 from .base import Method, TrainConfig
+from .precision import quantize_frozen_linears
 
 __all__ = ["FineTuneJob", "Trainer", "TrainingDiverged", "choose_latent_mode", "config_digest", "latents_from_moments",
            "loss_region", "step_seed", "train"]
@@ -319,6 +320,8 @@ def train(
     torch.manual_seed(cfg.seed)
     accelerator = make_accelerator(cfg.mixed_precision, device=base.device.type)
     method = method_cls(base, data, cfg)
+    if cfg.quantize_frozen == "nf4":  # before setup: methods hook the layers they read (Infusion)
+        quantize_frozen_linears(base.denoiser, method.full_precision_modules())
     groups = method.setup()
     if cfg.gradient_checkpointing:
         base.denoiser.enable_gradient_checkpointing()

@@ -62,3 +62,29 @@ def trained_params_to_fp32(params: list[nn.Parameter]) -> None:
     for p in params:
         if p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def quantize_frozen_linears(model: nn.Module, keep: set[str] = frozenset()) -> int:
+    """Every frozen nn.Linear of `model` (not named in `keep`, no trainable weight) replaced in place by
+    bitsandbytes' 4-bit NormalFloat layer (Dettmers et al. 2023, QLoRA): its weight in NF4 (blocks of 64 with an
+    absmax each, about 4.5 bits a weight), computed in the layer's dtype. What diffusers' FLUX.2 LoRA script does
+    with `--bnb_quantization_config_path`, done here with bitsandbytes' own layers because diffusers' quantiser
+    needs a GPU. Forward hooks registered on a replaced layer are lost: quantize before a method installs any.
+    Returns how many layers were replaced."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or full in keep or child.weight.requires_grad:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, quant_type="nf4",
+                                  compute_dtype=child.weight.dtype, device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32).cpu(), requires_grad=False,
+                                         quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, child_name, q.to(child.weight.device))
+            count += 1
+    return count

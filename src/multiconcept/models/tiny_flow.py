@@ -12,6 +12,8 @@ block first, as SD3.5 has); a Qwen3 of 28 layers (klein's pipeline reads its hid
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .tiny import TINY_WORDS, tiny_tokenizer, tiny_vae
@@ -47,6 +49,14 @@ def tiny_t5_tokenizer(words=TINY_WORDS):
     trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
                                       initial_alphabet=ALPHABET)
     tok.train_from_iterator([" ".join(words)] * 20, trainer)
+    # the trainer's EM sums in parallel, so scores vary in their last bits from run to run, and it gives the
+    # alphabet's unseen characters scores in a hash set's order: ids would differ between two builds. Rounded,
+    # the unseen characters scored alike, and sorted, the same pieces get the same ids every time
+    trained = json.loads(tok.to_str())["model"]["vocab"]
+    unseen = set(ALPHABET) - set("".join(words))
+    specials = trained[:3]
+    pieces = sorted(((p, -20.0 if p in unseen else round(v, 6)) for p, v in trained[3:]), key=lambda x: (-x[1], x[0]))
+    tok.model = models.Unigram([tuple(x) for x in specials] + pieces, unk_id=2, byte_fallback=False)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     t5 = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)

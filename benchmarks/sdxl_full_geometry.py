@@ -18,16 +18,8 @@ table on stdout.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
+from geometry import Geometry, main
 
-METHODS = ("textual-inversion", "lora", "custom-diffusion", "disendiff", "infusion")
 # gradient checkpointing where the method allows it; DisenDiff and Infusion read attention maps or
 # place residuals in the forward pass, which the recomputation would repeat (docs/sdxl.md)
 SAVERS = {"textual-inversion": {"gradient_checkpointing": True},
@@ -83,149 +75,8 @@ def build_pipeline(small: bool):
                                      unet=unet, scheduler=sched)
 
 
-def peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-
-
-def write_scene(folder: Path, size: int) -> dict:
-    import numpy as np
-    from PIL import Image
-
-    img = np.full((size, size, 3), 128, np.uint8)
-    a, b = slice(size // 8, size // 2), slice(size // 2 + size // 16, size - size // 16)
-    img[a, a] = (230, 60, 30)
-    img[b, b] = (40, 60, 220)
-    Image.fromarray(img).save(folder / "scene.png")
-    for name, sl in (("m1", a), ("m2", b)):
-        m = np.zeros((size, size), np.uint8)
-        m[sl, sl] = 255
-        Image.fromarray(m).save(folder / f"{name}.png")
-    return {"image": str(folder / "scene.png"), "m1": str(folder / "m1.png"), "m2": str(folder / "m2.png")}
-
-
-def one_method(method: str, small: bool, out: Path, train_resolution: int | None = None) -> dict:
-    import torch
-
-    from multiconcept.bundle import describe
-    from multiconcept.data import build_concept_set
-    from multiconcept.methods import get_method
-    from multiconcept.methods.finetune import train
-    from multiconcept.models import base_from_pipeline
-    from multiconcept.prompts import Concept
-    from multiconcept.workflows.generate import SampleSettings, generate, load_with_bundles
-
-    folder = out / method
-    folder.mkdir(parents=True, exist_ok=True)
-    row: dict = {"method": method, "settings": SAVERS[method], "threads": torch.get_num_threads()}
-    t = time.time()
-    base = base_from_pipeline(build_pipeline(small), "sdxl-geometry-random")
-    row["build_s"] = time.time() - t
-    row["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in base.parts.items()}
-    row["parameters"]["vae"] = sum(p.numel() for p in base.vae.parameters())
-    row["resolution"] = base.resolution
-    row["train_resolution"] = train_resolution or base.resolution
-    row["peak_after_build_mb"] = peak_mb()
-    scene = write_scene(folder, base.resolution)
-    two = method == "disendiff"
-    concepts = [Concept("<a1>", "cat")] + ([Concept("<b1>", "dog")] if two else [])
-    masks = [f"<a1>={scene['m1']}"] + ([f"<b1>={scene['m2']}"] if two else [])
-    data = build_concept_set(concepts, [scene["image"]], masks)
-    cls = get_method(method)
-    # train_resolution: the setting that avoids an out-of-memory, fewer latent tokens in training only
-    cfg = cls.Config(steps=1, batch_size=1, grad_accum=1, scale_lr=False, checkpoint_every=0, augment=False,
-                     resolution=train_resolution or 0, **SAVERS[method])
-    times: list[float] = []
-    reset_peak()
-    t = time.time()
-    try:
-        bundle = train(cls, base, data, cfg, folder / f"{method}.safetensors", progress=False,
-                       on_step=lambda p: times.append(p.seconds))
-    except (RuntimeError, MemoryError) as e:  # an allocation over the limit: a fact about the geometry
-        row["train_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        row["train_peak_mb"] = peak_mb()
-        return row
-    row["train_call_s"] = time.time() - t
-    row["train_step_s"] = times[0] if times else None
-    row["train_peak_mb"] = peak_mb()
-    d = describe(bundle)
-    row["bundle_tensor_bytes"], row["bundle_file_bytes"] = d["tensor_bytes"], d["file_bytes"]
-    if method == "disendiff":
-        row["attention_resolution"] = cfg.attention_resolution
-    del base, data
-    import gc
-
-    gc.collect()
-    reset_peak()
-    t = time.time()
-    loaded = load_with_bundles(base_from_pipeline(build_pipeline(small), "sdxl-geometry-random"), [str(bundle)])
-    row["generate_build_s"] = time.time() - t
-    reset_peak()
-    prompt = "photo of a cat" if method == "infusion" else "photo of a <a1> cat"
-    t = time.time()
-    generate(prompt, loaded, 1, 0, folder / "images", SampleSettings(steps=1, batch_size=1, vae_slicing=True, vae_tiling=True))
-    row["generate_one_step_s"] = time.time() - t
-    row["generate_peak_mb"] = peak_mb()
-    return row
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("models/bench/sdxl"))
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--small", action="store_true", help="narrow, shallow SDXL structure at 256 px (checks the script)")
-    ap.add_argument("--limit-gb", type=float, default=21.0, help="address-space limit per method process")
-    ap.add_argument("--train-resolution", default="",
-                    help="METHOD=PX,...: train that method at PX (e.g. lora=768) to avoid an out-of-memory; "
-                    "generation stays at 1024")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    sizes = {k: int(v) for k, v in (x.split("=") for x in args.train_resolution.split(",") if x)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        limit = int(args.limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        row = one_method(args.one, args.small, args.out, sizes.get(args.one))
-        (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1))
-        return
-    rows = []
-    for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", m, "--out", str(args.out), "--limit-gb", str(args.limit_gb),
-               "--train-resolution", args.train_resolution]
-        t = time.time()
-        proc = subprocess.run(cmd + (["--small"] if args.small else []), capture_output=True, text=True, env=os.environ)
-        result = args.out / f"{m}.json"
-        if proc.returncode == 0 and result.is_file():
-            row = json.loads(result.read_text())
-        else:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            row = {"method": m, "process_error": f"exit {proc.returncode}: {tail[:300]}"}
-        row["process_s"] = time.time() - t
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    # a rerun of some methods keeps the others' rows
-    kept = [r for r in (json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else [])
-            if r["method"] not in {x["method"] for x in rows}]
-    rows = kept + rows
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    print("\n| method | settings | train step | train peak | generate 1 step | generate peak | bundle |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "process_error" in r or "train_error" in r:
-            print(f"| {r['method']} | {r.get('settings', '')} | {r.get('train_error') or r.get('process_error')} "
-                  f"| {r.get('train_peak_mb', float('nan')) / 1024:.1f} GB | | | |")
-            continue
-        px = f", trained at {r['train_resolution']} px" if r.get("train_resolution", 1024) != 1024 else ""
-        print(f"| {r['method']} | {', '.join(f'{k}={v}' for k, v in r['settings'].items()) or 'none'}{px} "
-              f"| {r['train_step_s']:.0f} s | {r['train_peak_mb'] / 1024:.1f} GB | {r['generate_one_step_s']:.0f} s "
-              f"| {r['generate_peak_mb'] / 1024:.1f} GB | {r['bundle_tensor_bytes'] / 1e6:.2f} MB |")
-
+SDXL = Geometry(name="sdxl-geometry-random", build=build_pipeline, savers=SAVERS,
+                sample={"vae_slicing": True, "vae_tiling": True})
 
 if __name__ == "__main__":
-    main()
+    main(SDXL, __file__, __doc__, "models/bench/sdxl")

@@ -172,3 +172,13 @@ def test_lora_on_klein_text_encoder_is_refused(scene, tmp_path, run_cli):
     code, _, err = run_cli("learn", "-m", "lora", "-c", "<a1>=cat", "-i", scene["image"], "--base", "tiny-flux2",
                            "-o", tmp_path / "l.safetensors", "--param", "train_text_encoder=true")
     assert code == 2 and "Flux2KleinPipeline" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_prior_preservation_draws_class_images_with_the_flow_pipeline(scene, tmp_path, run_cli):
+    """--reg-generate: the base draws the class prompt (klein's pipeline takes the prompt by keyword, at the
+    sequence length training uses), and those images are sampled beside the concept's."""
+    out = tmp_path / "cd.safetensors"
+    code, _, err = run_cli("learn", "-m", "custom-diffusion", "-c", "<a1>=cat", "-i", scene["image"], "--base", "tiny-flux2",
+                           "-o", out, "--reg-generate", "2", "--reg-steps", "2", "--param", "steps=2")
+    assert code == 0, err
+    assert len(list((tmp_path / "cd.reg").glob("reg_*.png"))) == 2 and out.is_file()

@@ -235,8 +235,10 @@ def load_regularisation(folder: str | Path) -> list[RegExample]:
     return out
 
 
-def generate_regularisation(pipe, prompt: str, n: int, folder: str | Path, seed: int = 0, steps: int = 25) -> list[RegExample]:
-    """Class-prompt images drawn by the base itself (prior preservation), cached on disk."""
+def generate_regularisation(pipe, prompt: str, n: int, folder: str | Path, seed: int = 0, steps: int = 25,
+                            **call) -> list[RegExample]:
+    """Class-prompt images drawn by the base itself (prior preservation), cached on disk; `call`: more arguments
+    of the pipeline call (a flow base's sequence length)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -244,7 +246,7 @@ def generate_regularisation(pipe, prompt: str, n: int, folder: str | Path, seed:
         f = folder / f"reg_{i:04d}.png"
         if not f.exists():
             g = torch.Generator(pipe.device).manual_seed(seed + i)
-            img = pipe(prompt, num_inference_steps=steps, generator=g).images[0]
+            img = pipe(prompt=prompt, num_inference_steps=steps, generator=g, **call).images[0]
             tmp = f.with_suffix(".tmp.png")
             img.save(tmp)
             tmp.replace(f)

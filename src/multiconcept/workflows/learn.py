@@ -60,7 +60,8 @@ def learn_concepts(method: str, data: ConceptSet, out: str | Path, *, config=Non
         reg = load_regularisation(reg_dir)
     if reg_generate:
         folder = Path(out).with_name(Path(out).stem + ".reg")
+        flow = {"max_sequence_length": base.sequence_length} if base.flow is not None else {}
         reg += generate_regularisation(base.pipe, class_caption(data.concepts), reg_generate, folder, seed=cfg.seed,
-                                       steps=reg_steps)
+                                       steps=reg_steps, **flow)
     return train(cls, base, data, cfg, out, reg=reg, resume=resume, progress=progress, work_dir=work_dir,
                  stop_after=stop_after, on_step=on_step, cancel=cancel)

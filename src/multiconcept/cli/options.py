@@ -47,9 +47,9 @@ def number(default, *decls: str, help: str, minimum=None, above=None):
                         callback=lambda v: _check_number(v, minimum=minimum, above=above))
 
 
-BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD or SDXL), single-file checkpoint (FILE.safetensors: SD 1.x, "
-                                             "2.x, SDXL), hub id, 'tiny' or 'tiny-sdxl' (random SD- or SDXL-shaped "
-                                             "test models) or 'toyworld' (default)")
+BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD, SDXL, FLUX.1, FLUX.2 klein, SD3), single-file checkpoint "
+                                             "(FILE.safetensors: SD 1.x, 2.x, SDXL), hub id, 'tiny', 'tiny-sdxl', "
+                                             "'tiny-flux', 'tiny-flux2', 'tiny-sd3' (random test models) or 'toyworld' (default)")
 BaseConfigOpt = typer.Option(None, "--base-config", help="with --base FILE.safetensors: the diffusers pipeline folder or hub "
                                                          "id whose configs fit it (default: the one diffusers picks for "
                                                          "the file, from the hub)")

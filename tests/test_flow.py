@@ -182,3 +182,18 @@ def test_prior_preservation_draws_class_images_with_the_flow_pipeline(scene, tmp
                            "-o", out, "--reg-generate", "2", "--reg-steps", "2", "--param", "steps=2")
     assert code == 0, err
     assert len(list((tmp_path / "cd.reg").glob("reg_*.png"))) == 2 and out.is_file()
+
+
+@pytest.mark.parametrize("name", FLOW_BASES)
+def test_a_saved_pipeline_folder_is_a_base(tmp_path, run_cli, name):
+    """--base FOLDER: diffusers' own from_pretrained of the pipeline class its model_index.json names (T5's and Qwen's
+    trained tokenizers saved and read back), the same weights and sequence."""
+    from multiconcept.models.tiny_flow import TINY_FLOW
+
+    TINY_FLOW[name]().save_pretrained(tmp_path / "pipe")
+    tiny, folder = load_base(name), load_base(str(tmp_path / "pipe"))
+    assert folder.architecture == tiny.architecture and folder.weights == tiny.weights
+    prompt = "photo of a red cat"
+    assert folder.sequence_tokenizer(prompt)["input_ids"] == tiny.sequence_tokenizer(prompt)["input_ids"]
+    code, _, err = run_cli("generate", prompt, "--base", tmp_path / "pipe", "--steps", "1", "-n", "1", "-o", tmp_path / "img")
+    assert code == 0 and (tmp_path / "img" / "000000.png").is_file(), err

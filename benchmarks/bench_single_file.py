@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # on a shared CPU, spinning
 
 import torch  # noqa: E402
 from bench_infusion_size import SD15_UNET  # noqa: E402
-from sdxl_full_geometry import CLIP_L, SDXL_VAE  # noqa: E402
+from geometry import CLIP_L  # noqa: E402
+from sdxl_full_geometry import SDXL_VAE  # noqa: E402
 
 SD15_VAE = {**SDXL_VAE, "sample_size": 512, "scaling_factor": 0.18215, "force_upcast": True}
 

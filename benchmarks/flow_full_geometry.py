@@ -20,7 +20,7 @@ trained tensors' sizes come from configs in flow_bundle_sizes.py.
 
 from __future__ import annotations
 
-from geometry import Geometry, main
+from geometry import Geometry, clip_encoders, main
 
 # gradient checkpointing where the method allows it; DisenDiff and Infusion read attention maps or place residuals
 # in the forward pass, which the recomputation would repeat (docs/flow.md)
@@ -34,10 +34,6 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768, hidden_act="quick_gelu")
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              projection_dim=1280, hidden_act="gelu")
 SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=1024,
                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=1.5305, shift_factor=0.0609,
@@ -46,26 +42,15 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_blo
 SMALL_TRANSFORMER = {**SD35_MEDIUM, "sample_size": 32, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
                      "joint_attention_dim": 64, "caption_projection_dim": 16, "pooled_projection_dim": 64,
                      "pos_embed_max_size": 32, "dual_attention_layers": (0,)}
-SMALL_L = {**CLIP_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "projection_dim": 32}
-SMALL_G = {**CLIP_G, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "projection_dim": 32}
 SMALL_VAE = {**SD3_VAE, "sample_size": 256, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8}
 
 
 def build_pipeline(small: bool):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from multiconcept.models.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
-    tok, tok2 = tiny_tokenizer(), tiny_tokenizer()
-    ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    te = CLIPTextModelWithProjection(CLIPTextConfig(**(SMALL_L if small else CLIP_L), **ids))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**(SMALL_G if small else CLIP_G), **ids))
+    tok, tok2, te, te2 = clip_encoders(small, 32, first_projects=True)  # small: 32 + 32 = the joint dimension
     transformer = SD3Transformer2DModel(**(SMALL_TRANSFORMER if small else SD35_MEDIUM))
     vae = AutoencoderKL(**(SMALL_VAE if small else SD3_VAE))
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 METHODS = ("textual-inversion", "lora", "custom-diffusion", "disendiff", "infusion")
+# the text encoders SDXL and SD3 share: CLIP ViT-L and OpenCLIP ViT-bigG, as their published configs
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu")
 
 
 @dataclass
@@ -31,6 +36,25 @@ class Geometry:
     savers: dict[str, dict]  # method -> settings over its defaults
     sample: dict = field(default_factory=dict)  # SampleSettings fields for the generation step
     resolution: int = 1024  # the generation size (and training's, unless --train-resolution)
+
+
+def clip_encoders(small: bool, small_width_2: int, first_projects: bool):
+    """(tokenizer, tokenizer_2, CLIP-L, CLIP-bigG) at full size, or narrow and shallow (`small`; the second
+    `small_width_2` wide). The tokenizers are the tiny test tokenizer, so the token tables are a few hundred rows
+    instead of 49,408. `first_projects`: CLIP-L with its projection (SD3 pools both encoders; SDXL the second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from multiconcept.models.tiny import tiny_tokenizer
+
+    tok, tok2 = tiny_tokenizer(), tiny_tokenizer()
+    ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shallow = dict(num_hidden_layers=2, num_attention_heads=2)
+    first = {**CLIP_L, **shallow, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32} if small else CLIP_L
+    second = {**CLIP_BIGG, **shallow, "hidden_size": small_width_2, "intermediate_size": 2 * small_width_2,
+              "projection_dim": small_width_2} if small else CLIP_BIGG
+    te = (CLIPTextModelWithProjection if first_projects else CLIPTextModel)(CLIPTextConfig(**first, **ids))
+    return tok, tok2, te, CLIPTextModelWithProjection(CLIPTextConfig(**second, **ids))
 
 
 def peak_mb() -> float:

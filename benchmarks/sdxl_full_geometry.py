@@ -18,7 +18,7 @@ table on stdout.
 
 from __future__ import annotations
 
-from geometry import Geometry, main
+from geometry import Geometry, clip_encoders, main
 
 # gradient checkpointing where the method allows it; DisenDiff and Infusion read attention maps or
 # place residuals in the forward pass, which the recomputation would repeat (docs/sdxl.md)
@@ -36,10 +36,6 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768, hidden_act="quick_gelu")
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 projection_dim=1280, hidden_act="gelu")
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True)
@@ -47,26 +43,15 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
 SMALL_UNET = {**SDXL_UNET, "sample_size": 32, "block_out_channels": (32, 64, 128), "transformer_layers_per_block": (1, 1, 2),
               "attention_head_dim": (2, 4, 8), "cross_attention_dim": 96, "addition_time_embed_dim": 8,
               "projection_class_embeddings_input_dim": 6 * 8 + 64, "norm_num_groups": 8}
-SMALL_L = {**CLIP_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "projection_dim": 32}
-SMALL_G = {**CLIP_BIGG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "projection_dim": 64}
 SMALL_VAE = {**SDXL_VAE, "sample_size": 256, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8}
 
 
 def build_pipeline(small: bool):
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from multiconcept.models.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
-    tok, tok2 = tiny_tokenizer(), tiny_tokenizer()
-    ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    te = CLIPTextModel(CLIPTextConfig(**(SMALL_L if small else CLIP_L), **ids))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**(SMALL_G if small else CLIP_BIGG), **ids))
+    tok, tok2, te, te2 = clip_encoders(small, 64, first_projects=False)
     unet = UNet2DConditionModel(**(SMALL_UNET if small else SDXL_UNET))
     vae = AutoencoderKL(**(SMALL_VAE if small else SDXL_VAE))
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,

@@ -99,7 +99,7 @@ def check_deltas(bundle_path, deltas: dict[str, torch.Tensor], base: Base) -> di
     projections = tuple(PROJECTIONS[base.denoiser_name].values())
     out = {}
     for name, d in deltas.items():
-        require(name in params, f"bundle {bundle_path} changes {name}, which this base's {base.denoiser_name} does not "
+        require(name in params, f"bundle {bundle_path} changes {name}, which this base's {base.denoiser_label} does not "
                                 f"have: export it with the base it was learned on")
         require(d.shape == params[name].shape,
                 f"bundle {bundle_path}'s delta for {name} has shape {tuple(d.shape)} but the base's weight is "

@@ -231,7 +231,7 @@ class Method:
             params = dict(base.denoiser.named_parameters())
             for name, d in deltas.items():
                 if name not in params:
-                    raise UserError(f"bundle changes {name}, which this base's {base.denoiser_name} does not have: "
+                    raise UserError(f"bundle changes {name}, which this base's {base.denoiser_label} does not have: "
                                     "the bundle is for another base")
                 with torch.no_grad():
                     params[name].add_(d.to(params[name]))

@@ -447,7 +447,7 @@ class Infusion(Method):
                     proj = getattr(layers[name], projection(base, kind)) if name in layers else None
                     if proj is None or proj.out_features != d.numel():
                         raise UserError(f"Infusion bundle for {word!r} has a {kind} residual for layer {name} "
-                                        f"({d.numel()} values) that this base's {base.denoiser_name} does not have: "
+                                        f"({d.numel()} values) that this base's {base.denoiser_label} does not have: "
                                         "use the base it was learned on")
             value = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{VALUE_PREFIX}{word}/").items()}
             key = {n: d.to(base.device, dtype) for n, d in bundle.with_prefix(f"{KEY_PREFIX}{word}/").items()}

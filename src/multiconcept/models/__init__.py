@@ -97,6 +97,11 @@ class Base:
         return getattr(self.pipe, self.denoiser_name)
 
     @property
+    def denoiser_label(self) -> str:
+        """How messages name the denoiser: "UNet" or "transformer"."""
+        return "transformer" if self.flow is not None else "UNet"
+
+    @property
     def sequence_length(self) -> int:
         """The T5 / Qwen tokens a flow base's prompts are padded to (flow.sequence_length)."""
         return sequence_length(self.pipe, self.architecture)

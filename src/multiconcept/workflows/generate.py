@@ -25,9 +25,10 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler",
-    "flow-euler": "FlowMatchEulerDiscreteScheduler",
 }
-FLOW_SCHEDULERS = ("flow-euler",)  # what a flow-matching transformer base samples with (its pipeline's own)
+# what a flow-matching transformer base samples with (its pipeline's own); the UNet samplers above do not apply there
+FLOW_SCHEDULERS = {"flow-euler": "FlowMatchEulerDiscreteScheduler"}
+ALL_SCHEDULERS = {**SCHEDULERS, **FLOW_SCHEDULERS}
 
 
 @dataclass
@@ -49,8 +50,8 @@ class SampleSettings:
         require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
         require(self.height >= 0 and self.width >= 0, f"height and width must be >= 0 (0: the base's), "
                                                       f"got {self.height}x{self.width}")
-        require(self.scheduler in SCHEDULERS or self.scheduler == "auto",
-                f"unknown scheduler {self.scheduler!r}: choose auto or one of {', '.join(SCHEDULERS)}")
+        require(self.scheduler in ALL_SCHEDULERS or self.scheduler == "auto",
+                f"unknown scheduler {self.scheduler!r}: choose auto or one of {', '.join(ALL_SCHEDULERS)}")
 
     def scheduler_for(self, base: Base) -> str:
         """The scheduler's name on `base`: auto is ddim on a UNet, flow-euler on a transformer; a UNet scheduler
@@ -129,12 +130,12 @@ def make_scheduler(pipe, name: str):
     """A fresh scheduler of kind `name` from the base's config (schedulers keep state)."""
     import diffusers
 
-    require(name in SCHEDULERS, f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    require(name in ALL_SCHEDULERS, f"unknown scheduler {name!r}: choose one of {', '.join(ALL_SCHEDULERS)}")
+    return getattr(diffusers, ALL_SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 def set_scheduler(pipe, name: str) -> None:
-    if type(pipe.scheduler).__name__ != SCHEDULERS.get(name):
+    if type(pipe.scheduler).__name__ != ALL_SCHEDULERS.get(name):
         pipe.scheduler = make_scheduler(pipe, name)
 
 

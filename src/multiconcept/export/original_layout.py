@@ -17,6 +17,11 @@ are the original training code's (CompVis latent-diffusion for SD 1.x / 2.x, Sta
   ``cond_stage_model.model.``, SDXL's second ``conditioner.embedders.1.model.``) has its own: q, k, v
   stacked in one ``attn.in_proj_weight``, ``text_projection`` stored transposed (x @ P, not a Linear).
 
+FLUX.1, FLUX.2 [klein] and SD3 / 3.5 files keep their transformer in BFL's or Stability's names
+(models/flow_layout.py), SD3's and FLUX.1's VAE in the same layout as SD's (under ``first_stage_model.`` or ComfyUI's
+``vae.``) and their text encoders in transformers' names under ``text_encoders.clip_l.transformer.``,
+``text_encoders.clip_g.transformer.`` and ``text_encoders.t5xxl.transformer.``.
+
 `original_keys` maps every weight of a pipeline to its key; `original_tensors` builds the tensors.
 diffusers' single-file loader reads them back (the tests check the round trip).
 """
@@ -24,19 +29,20 @@ diffusers' single-file loader reads them back (the tests check the round trip).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError, require
+from ..models.flow_layout import FILE_PARTS, WRITTEN_PREFIX, transformer_keys
+from ..models.layout import Source, build
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 # text encoder component -> (prefix, OpenCLIP layout?) by architecture
 TEXT_ENCODERS = {
-    "sd1": {"text_encoder": ("cond_stage_model.transformer.text_model.", False)},
+    "sd1": {"text_encoder": ("cond_stage_model.transformer.", False)},
     "sd2": {"text_encoder": ("cond_stage_model.model.", True)},
-    "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.text_model.", False),
+    "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", False),
              "text_encoder_2": ("conditioner.embedders.1.model.", True)},
 }
 
@@ -51,15 +57,6 @@ OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
 OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                    "self_attn.out_proj": "attn.out_proj"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """How one original tensor is made: from these `component.parameter` weights of the pipeline,
-    copied ("copy"), as a 1x1 convolution ("conv1x1"), transposed ("transpose") or stacked ("stack")."""
-
-    params: tuple[str, ...]
-    how: str = "copy"
 
 
 def unet_module(module: str, layers_per_block: int, up_has_attention: tuple[bool, ...] = ()) -> str:
@@ -82,12 +79,12 @@ def unet_module(module: str, layers_per_block: int, up_has_attention: tuple[bool
         (r"up_blocks\.(\d+)\.upsamplers\.0\.conv(.*)",
          lambda b, r: f"{up(b, layers_per_block)}.{2 if up_has_attention[b] else 1}.conv{r}"),
     )
-    for pattern, build in rules:
+    for pattern, make in rules:
         m = re.fullmatch(pattern, module)
         if m:
             groups = [int(g) if g.isdigit() else g for g in m.groups()]
             try:
-                return build(*groups)
+                return make(*groups)
             except (KeyError, IndexError):
                 break
     raise UserError(f"the UNet weight {module} has no place in the original SD / SDXL layout: "
@@ -109,10 +106,10 @@ def vae_key(name: str, up_blocks: int) -> tuple[str, str]:
         (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", lambda i, r: f"up.{up_blocks - 1 - int(i)}.upsample.conv.{r}"),
         (r"mid_block\.resnets\.(\d+)\.(.+)", lambda i, r: f"mid.block_{int(i) + 1}.{r}"),
     )
-    for pattern, build in rules:
+    for pattern, make in rules:
         m = re.fullmatch(pattern, rest)
         if m:
-            return f"{part}.{build(*m.groups()).replace('conv_shortcut', 'nin_shortcut')}", "copy"
+            return f"{part}.{make(*m.groups()).replace('conv_shortcut', 'nin_shortcut')}", "copy"
     m = re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", rest)
     if m:
         layer, kind = m.groups()
@@ -140,8 +137,12 @@ def open_clip_key(name: str) -> tuple[str, str, int]:
 
 
 def original_keys(pipe, architecture: str) -> dict[str, Source]:
-    """{original key: Source} for every weight of an SD 1.x / 2.x / SDXL pipeline's UNet, VAE and text encoders."""
-    require(architecture in TEXT_ENCODERS, f"unknown architecture {architecture!r}: the original layout knows sd1, sd2, sdxl")
+    """{original key: Source} for every weight of an SD 1.x / 2.x / SDXL pipeline's UNet, VAE and text encoders, or of
+    a FLUX.1 / FLUX.2 [klein] / SD3 pipeline's transformer and the parts its single file holds (FILE_PARTS)."""
+    if architecture in FILE_PARTS:
+        return _flow_keys(pipe, architecture)
+    require(architecture in TEXT_ENCODERS, f"unknown architecture {architecture!r}: the original layout knows "
+                                           f"{', '.join([*TEXT_ENCODERS, *FILE_PARTS])}")
     cfg = pipe.unet.config
     layers = cfg.layers_per_block
     require(isinstance(layers, int), f"the UNet has per-level layer counts {layers}, which the original layout cannot "
@@ -150,47 +151,78 @@ def original_keys(pipe, architecture: str) -> dict[str, Source]:
     keys: dict[str, Source] = {}
     for name in pipe.unet.state_dict():
         keys[UNET + unet_module(name, layers, up_attention)] = Source((f"unet.{name}",))
+    keys.update(_vae_keys(pipe, VAE))
+    for component, (prefix, open_clip) in TEXT_ENCODERS[architecture].items():
+        keys.update(_text_encoder_keys(pipe, component, prefix, "open_clip" if open_clip else "clip"))
+    return keys
+
+
+def _flow_keys(pipe, architecture: str) -> dict[str, Source]:
+    keys = transformer_keys(architecture, pipe.transformer, WRITTEN_PREFIX[architecture])
+    for component, prefix in FILE_PARTS[architecture].items():
+        if component == "vae":
+            keys.update(_vae_keys(pipe, prefix))
+        elif getattr(pipe, component, None) is not None:  # SD3 may come without its T5
+            kind = "t5" if type(getattr(pipe, component)).__name__.startswith("T5") else "clip"
+            keys.update(_text_encoder_keys(pipe, component, prefix, kind))
+    if architecture == "sd3":
+        # SD3's reference code pools CLIP-L without a projection; diffusers reads the file's as the identity
+        proj = getattr(pipe.text_encoder, "text_projection", None)
+        require(proj is None or torch.equal(proj.weight, torch.eye(*proj.weight.shape, dtype=proj.weight.dtype,
+                                                                      device=proj.weight.device)),
+                "the SD3 pipeline's CLIP-L has a text projection other than the identity, which SD3's single-file "
+                "layout cannot hold (diffusers loads it as the identity): use a base whose CLIP-L projection is the "
+                "identity, as SD3's is")
+    return keys
+
+
+def _vae_keys(pipe, prefix: str) -> dict[str, Source]:
     up_blocks = len(pipe.vae.config.up_block_types)
+    keys = {}
     for name in pipe.vae.state_dict():
         key, how = vae_key(name, up_blocks)
-        keys[VAE + key] = Source((f"vae.{name}",), how)
-    for component, (prefix, open_clip) in TEXT_ENCODERS[architecture].items():
-        stacks: dict[str, list[str | None]] = {}
-        for name in getattr(pipe, component).state_dict():
-            if name.endswith("position_ids"):  # a buffer of 0..n-1, not a weight
-                continue
-            path = name.removeprefix("text_model.")  # transformers 5's CLIPTextModel has no text_model level
-            if not open_clip:
-                keys[prefix + path] = Source((f"{component}.{name}",))
-                continue
+        keys[prefix + key] = Source((f"vae.{name}",), how)
+    return keys
+
+
+def _text_encoder_keys(pipe, component: str, prefix: str, kind: str) -> dict[str, Source]:
+    """A text encoder's keys: OpenAI CLIP and T5 in transformers' names (CLIP with transformers 4's `text_model.`
+    level, its projection beside it), OpenCLIP in its own. A tied weight is stored once: T5's token table under
+    `shared` (its encoder's embed_tokens is the same tensor, as ComfyUI's T5 has only `shared`)."""
+    keys: dict[str, Source] = {}
+    stacks: dict[str, list[str | None]] = {}
+    seen: set[int] = set()
+    for name, t in getattr(pipe, component).state_dict().items():
+        if name.endswith("position_ids") or t.data_ptr() in seen:  # a buffer of 0..n-1, or a tied weight's alias
+            continue
+        seen.add(t.data_ptr())
+        path = name.removeprefix("text_model.")  # transformers 5's CLIPTextModel has no text_model level
+        if kind == "t5" or (kind == "clip" and path.startswith("text_projection.")):
+            keys[prefix + path] = Source((f"{component}.{name}",))
+        elif kind == "clip":
+            keys[f"{prefix}text_model.{path}"] = Source((f"{component}.{name}",))
+        else:
             key, how, which = open_clip_key(path)
             if how == "stack":
                 stacks.setdefault(prefix + key, [None, None, None])[which] = f"{component}.{name}"
             else:
                 keys[prefix + key] = Source((f"{component}.{name}",), how)
-        for key, parts in stacks.items():
-            require(None not in parts, f"{component} lacks q, k or v for {key}: the text encoder is incomplete")
-            keys[key] = Source(tuple(parts), "stack")
+    for key, parts in stacks.items():
+        require(None not in parts, f"{component} lacks q, k or v for {key}: the text encoder is incomplete")
+        keys[key] = Source(tuple(parts), "stack")
     return keys
 
 
-def build(source: Source, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The original tensor from the pipeline's `tensors` ({component.parameter: tensor})."""
-    parts = [tensors[p] for p in source.params]
-    if source.how == "stack":
-        return torch.cat(parts, 0)
-    t = parts[0]
-    if source.how == "conv1x1":
-        return t[:, :, None, None]
-    if source.how == "transpose":
-        return t.T
-    return t
+def layout_parts(pipe, architecture: str) -> list[str]:
+    """The pipeline components the original layout holds."""
+    if architecture in FILE_PARTS:
+        return ["transformer", *(c for c in FILE_PARTS[architecture] if getattr(pipe, c, None) is not None)]
+    return ["unet", "vae", *TEXT_ENCODERS[architecture]]
 
 
 def pipeline_tensors(pipe, architecture: str) -> dict[str, torch.Tensor]:
     """{component.parameter: tensor} of the pipeline parts the original layout holds."""
-    parts = ["unet", "vae", *TEXT_ENCODERS[architecture]]
-    return {f"{c}.{k}": v for c in parts for k, v in getattr(pipe, c).state_dict().items()}
+    return {f"{c}.{k}": v for c in layout_parts(pipe, architecture) for k, v in getattr(pipe, c).state_dict().items()}
 
 
 def original_tensors(pipe, architecture: str, keys: dict[str, Source] | None = None) -> dict[str, torch.Tensor]:

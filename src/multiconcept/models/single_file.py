@@ -1,5 +1,6 @@
 """Single-file checkpoints as a base (`--base FILE.safetensors`): SD 1.x, SD 2.x and SDXL as AUTOMATIC1111,
-ComfyUI and kohya's sd-scripts hold them, loaded by diffusers' `from_single_file` of the family's pipeline.
+ComfyUI and kohya's sd-scripts hold them, FLUX.1 and SD3 / 3.5 as Black Forest Labs, Stability and ComfyUI ship
+them, and FLUX.2 [klein]'s transformer as BFL ships it, loaded by diffusers' `from_single_file`.
 
 What the file is comes from its safetensors header alone, before any tensor is read: the length-prefixed
 JSON naming every tensor's dtype, shape and byte range (a file shorter than its last range is truncated).
@@ -9,6 +10,14 @@ The family comes from the text encoders' keys (the original layouts: export/orig
 (a diffusers folder or hub id: `--base-config`) or, without one, from the hub repository it picks for the
 file (which needs the network or its cache). Nothing is ever unpickled: `.ckpt`, `.pt`, `.pth` and `.bin`
 files, and pickles renamed `.safetensors`, are refused before they are opened as anything but bytes.
+
+The flow transformers (flow_layout.py has their names): a FLUX.1 or SD3 file goes through the pipeline's
+`from_single_file` (with `--base-config` supplying the parts the file lacks: BFL's FLUX.1 file is the transformer
+alone), except FLUX.1's transformer, which is read here with flow_layout's map: diffusers 0.42's FLUX.1 reader
+splits a single-stream block's fused `linear1` at FLUX.1's own widths (3072, MLP 4x) only, and a test checks this
+map against that reader at those widths. Flux2KleinPipeline has no `from_single_file` in diffusers 0.42; its
+transformer has (`Flux2Transformer2DModel.from_single_file`, BFL's FLUX.2 names), so a FLUX.2 [klein] file is the
+transformer and `--base-config` (a klein pipeline) gives the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, gist, is_dir, is_file, require
+from .flow_layout import FILE_PARTS, TRANSFORMER_PREFIX, VAE_PREFIXES, read_transformer
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -30,8 +40,16 @@ FAMILIES = {  # a text encoder key prefix -> the architecture (models.ARCHITECTU
     "cond_stage_model.model.": "sd2",
     "cond_stage_model.transformer.": "sd1",
 }
-PIPELINE_OF = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+PIPELINE_OF = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+               "flux1": "FluxPipeline", "flux2": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline"}
+NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux1": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3"}
+# where an SD 1.x / 2.x / SDXL file keeps the parts besides its UNet (the flow transformers': flow_layout.FILE_PARTS)
+SD_PARTS = {"text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+            "text_encoder_2": ("conditioner.embedders.1.",), "vae": ("first_stage_model.",)}
+# the hub repositories diffusers takes FLUX.1's configs from when no --base-config is given (by the guidance input)
+FLUX1_CONFIGS = {True: "black-forest-labs/FLUX.1-dev", False: "black-forest-labs/FLUX.1-schnell"}
+# FLUX.1 transformers whose image input also takes a mask or a control image (diffusers: flux-fill, flux-depth)
+FLUX1_NOT_TEXT_TO_IMAGE = {384: "Fill (inpainting)", 128: "Depth / Canny (control)"}
 HEADER_LIMIT = 100 * 2 ** 20  # safetensors' own cap on the JSON header
 CONVERT = ("download the model's .safetensors version, or convert this file once, somewhere you trust it "
            "(torch.load(f, weights_only=True), then safetensors.torch.save_file), and pass that")
@@ -88,8 +106,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
 
 
 def checkpoint_family(path: Path, header: dict, meta: dict) -> str | None:
-    """"sd1", "sd2" or "sdxl" from the text encoders' keys; None when the file holds a UNet but no text
-    encoder to tell; a UserError naming what the file is when it is no SD / SDXL checkpoint."""
+    """"sd1", "sd2" or "sdxl" from the text encoders' keys, "flux1", "flux2" or "sd3" from the transformer's; None when
+    the file holds a UNet but no text encoder to tell; a UserError naming what the file is when it is none of these."""
     keys = set(header)
     require("multiconcept" not in meta, f"{path} is a multiconcept bundle, not a base checkpoint: pass it with -b, "
                                         "and the checkpoint it was learned on as --base")
@@ -100,15 +118,15 @@ def checkpoint_family(path: Path, header: dict, meta: dict) -> str | None:
         raise UserError(f"{path} is a textual-inversion embedding, not a checkpoint: add it with "
                         f"`generate --embedding {path}`, and pass a checkpoint as --base")
     if UNET_IN not in keys:
-        if any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.double_blocks.",
-                             "model.diffusion_model.joint_blocks.")) for k in keys):
-            raise UserError(f"{path} is a FLUX or SD3 checkpoint, which --base does not load yet: "
-                            "pass an SD 1.x, SD 2.x or SDXL checkpoint")
+        flow = flow_family(path, header)
+        if flow is not None:
+            return flow
         if any(k.startswith(("down_blocks.", "conv_in.", "encoder.down_blocks.", "text_model.")) for k in keys):
             raise UserError(f"{path} holds one diffusers model (its keys are diffusers' names), not a whole checkpoint: "
                             "pass the diffusers pipeline folder it belongs to, or a single-file checkpoint")
-        raise UserError(f"{path} is not a Stable Diffusion checkpoint (it has no {UNET_IN}): pass a single-file "
-                        "SD 1.x, SD 2.x or SDXL checkpoint, or a diffusers folder")
+        raise UserError(f"{path} is not a Stable Diffusion, FLUX or SD3 checkpoint (it has no {UNET_IN}, "
+                        "double_blocks or joint_blocks): pass a single-file SD 1.x, SD 2.x, SDXL, FLUX.1, FLUX.2 [klein] "
+                        "or SD3 checkpoint, or a diffusers folder")
     channels = header[UNET_IN].get("shape", [0, 0])[1]
     require(channels == 4, f"{path}'s UNet takes {channels} input channels (an inpainting or instruct-pix2pix model), "
                            "not a text-to-image model's 4: pass a text-to-image checkpoint")
@@ -116,6 +134,22 @@ def checkpoint_family(path: Path, header: dict, meta: dict) -> str | None:
         raise UserError(f"{path} is an SDXL refiner (one OpenCLIP encoder, no CLIP ViT-L), which learns no concepts: "
                         "pass an SDXL base checkpoint")
     return next((arch for prefix, arch in FAMILIES.items() if any(k.startswith(prefix) for k in keys)), None)
+
+
+def flow_family(path: Path, header: dict) -> str | None:
+    """"flux1", "flux2" or "sd3" from a transformer's original names (flow_layout.py); None for no flow transformer."""
+    names = {k.removeprefix(TRANSFORMER_PREFIX) for k in header}
+    if any(k.startswith("joint_blocks.") for k in names):
+        return "sd3"
+    if not any(k.startswith("double_blocks.") for k in names):
+        return None
+    if "single_stream_modulation.lin.weight" in names:  # FLUX.2 modulates every block from shared projections
+        return "flux2"
+    width = (header.get(TRANSFORMER_PREFIX + "img_in.weight") or header.get("img_in.weight") or {}).get("shape", [0, 0])[1]
+    require(width not in FLUX1_NOT_TEXT_TO_IMAGE,
+            f"{path} is a FLUX.1 {FLUX1_NOT_TEXT_TO_IMAGE.get(width)} model (its image input takes {width} channels), "
+            "not text-to-image: pass a FLUX.1 [dev] or [schnell] checkpoint")
+    return "flux1"
 
 
 def pipeline_for(src: SingleFile, family: str | None):
@@ -138,14 +172,22 @@ def pipeline_for(src: SingleFile, family: str | None):
                 "pass --base-config DIR, a diffusers pipeline folder of the same family (it also supplies the text "
                 "encoders and VAE the file lacks)")
         return getattr(diffusers, config_class)
+    require(family != "flux2" or src.config is not None,
+            f"{src.path} is a FLUX.2 transformer: pass --base-config DIR_OR_HUB_ID, the FLUX.2 [klein] pipeline it belongs "
+            "to (diffusers 0.42 loads klein's transformer from a single file, its text encoder and VAE from the pipeline; "
+            "the file alone cannot tell klein from FLUX.2 [dev])")
     want = PIPELINE_OF[family]
     require(config_class in (None, want),
-            f"{src.path} is an {NAMES[family]} checkpoint but --base-config {src.config} holds a {config_class}: "
-            f"pass the configs of an {NAMES[family]} pipeline")
+            f"{src.path} is {_a(NAMES[family])} checkpoint but --base-config {src.config} holds a {config_class}: "
+            f"pass the configs of {_a(NAMES[family])} pipeline")
     return getattr(diffusers, want)
 
 
-def parts_from_config(src: SingleFile, header: dict, dtype: torch.dtype) -> dict:
+def _a(name: str) -> str:
+    return ("an " if name.startswith("S") else "a ") + name  # "an SD 1.x", "a FLUX.1"
+
+
+def parts_from_config(src: SingleFile, family: str | None, header: dict, dtype: torch.dtype) -> dict:
     """{component: model} for the text encoders and VAE a file lacks, from the --base-config folder. diffusers'
     from_single_file would look for them there under diffusers' own weight file names only, which a folder's
     transformers models (model.safetensors) do not use; the family was told from the text encoders, so a file
@@ -153,9 +195,11 @@ def parts_from_config(src: SingleFile, header: dict, dtype: torch.dtype) -> dict
     import diffusers
     import transformers
 
-    has = {"text_encoder": any(k.startswith(("cond_stage_model.", "conditioner.embedders.0.")) for k in header),
-           "text_encoder_2": any(k.startswith("conditioner.embedders.1.") for k in header),
-           "vae": any(k.startswith("first_stage_model.") for k in header)}
+    if family in FILE_PARTS:
+        prefixes = {c: VAE_PREFIXES if c == "vae" else (p,) for c, p in FILE_PARTS[family].items()}
+    else:
+        prefixes = SD_PARTS
+    has = {c: any(k.startswith(p) for k in header) for c, p in prefixes.items()}
     if all(has.values()) or src.config is None or not is_dir(src.config):
         return {}
     index = json.loads((Path(src.config) / "model_index.json").read_text())
@@ -166,6 +210,75 @@ def parts_from_config(src: SingleFile, header: dict, dtype: torch.dtype) -> dict
             model_class = getattr(diffusers if library == "diffusers" else transformers, class_name)
             parts[name] = model_class.from_pretrained(src.config, subfolder=name, dtype=dtype)
     return parts
+
+
+class _Tensors:
+    """The tensors of an open safetensors file by name, each read when asked (a transformer's, not the whole file)."""
+
+    def __init__(self, f):
+        self.f, self.names = f, set(f.keys())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __getitem__(self, name):
+        return self.f.get_tensor(name)
+
+
+def flux1_transformer(src: SingleFile, header: dict, dtype: torch.dtype):
+    """FLUX.1's transformer from the file, read with flow_layout's map into a model of --base-config's config (or the
+    hub's [dev] / [schnell] config, by the file's guidance input): see the module's docstring for why not diffusers'."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    guided = any(k.removeprefix(TRANSFORMER_PREFIX).startswith("guidance_in.") for k in header)
+    config = FluxTransformer2DModel.load_config(src.config or FLUX1_CONFIGS[guided], subfolder="transformer")
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    with safe_open(str(src.path), framework="pt") as f:
+        state = read_transformer("flux1", model, _Tensors(f), src.path)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dtype).eval()
+
+
+def flux2_transformer(src: SingleFile, header: dict, dtype: torch.dtype):
+    """FLUX.2's transformer by diffusers' own reader, given the file's transformer tensors (its converter expects them
+    without ComfyUI's ``model.diffusion_model.`` prefix)."""
+    from diffusers import Flux2Transformer2DModel
+    from safetensors import safe_open
+
+    prefix = TRANSFORMER_PREFIX if any(k.startswith(TRANSFORMER_PREFIX) for k in header) else ""
+    with safe_open(str(src.path), framework="pt") as f:
+        state = {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    return Flux2Transformer2DModel.from_single_file(state, config=src.config, subfolder="transformer", dtype=dtype)
+
+
+def _same_width_clips(path: Path, header: dict) -> None:
+    # diffusers tells SD3's CLIP-L from its CLIP-G in a file by their widths (768 and 1280 in SD3); equal widths
+    # would load the first into both
+    widths = [header.get(f"text_encoders.{c}.transformer.text_model.embeddings.position_embedding.weight",
+                         {}).get("shape", [0, None])[1] for c in ("clip_l", "clip_g")]
+    require(None in widths or widths[0] != widths[1],
+            f"{path}'s CLIP-L and CLIP-G are both {widths[0]} wide, so diffusers' reader cannot tell them apart: pass a "
+            "file without its text encoders, with --base-config naming the pipeline whose encoders it uses")
+
+
+def _load(src: SingleFile, family: str | None, cls, header: dict, dtype: torch.dtype):
+    if family == "flux2":
+        transformer = flux2_transformer(src, header, dtype)
+        return cls.from_pretrained(src.config, transformer=transformer, dtype=dtype)
+    extra = parts_from_config(src, family, header, dtype)
+    if family == "flux1":
+        extra["transformer"] = flux1_transformer(src, header, dtype)
+    elif family == "sd3":
+        _same_width_clips(src.path, header)
+    elif cls.__name__ == "StableDiffusionPipeline":  # SD loads without its safety checker
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_single_file(str(src.path), config=src.config, dtype=dtype, **extra)
 
 
 def load_single_file(src: SingleFile, dtype: torch.dtype):
@@ -182,22 +295,25 @@ def load_single_file(src: SingleFile, dtype: torch.dtype):
     header, meta = read_safetensors_header(path)
     family = checkpoint_family(path, header, meta)
     cls = pipeline_for(src, family)
-    extra = {} if cls.__name__ == "StableDiffusionXLPipeline" else dict(safety_checker=None, requires_safety_checker=False)
     try:
-        extra.update(parts_from_config(src, header, dtype))
-        pipe = cls.from_single_file(str(path), config=src.config, dtype=dtype, **extra)
+        pipe = _load(src, family, cls, header, dtype)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a user's file and configs: whatever diffusers raises means "does not fit"
         why = gist(e)
         if src.config is None:
-            raise UserError(f"could not load {path} as an {NAMES[family]} checkpoint with the configs diffusers picks for it "
-                            f"from the hub ({why}): offline, or the file has unusual shapes; pass --base-config "
+            raise UserError(f"could not load {path} as {_a(NAMES[family])} checkpoint with the configs diffusers picks "
+                            f"for it from the hub ({why}): offline, or the file has unusual shapes; pass --base-config "
                             f"DIR_OR_HUB_ID, a diffusers pipeline of the same model") from e
         raise UserError(f"{path} does not fit the configs of --base-config {src.config} ({why}): pass the diffusers "
                         f"pipeline this checkpoint was made from, or one of the same shapes") from e
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, part, None)
+        if part.startswith("text_encoder") and model is not None:
+            # diffusers loads a file's T5 into an empty model by name: transformers 5 ties its encoder's token table
+            # to `shared` only when told again (from_pretrained does), and the file stores the table once
+            model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta] if model is not None else []
         require(not missing, f"{path} lacks {len(missing)} of the {part}'s weights (e.g. {missing[0] if missing else ''}): "
                              "it is incomplete, or --base-config describes another model")
     return pipe
-

@@ -172,24 +172,34 @@ def tiny_flux2_pipeline(seed: int = 0):
     return ready(pipe)
 
 
-def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = True, clip_widths: tuple[int, int] = (16, 16),
+                      unprojected_clip_l: bool = False):
     """SD3.5-shaped: CLIP-L and CLIP-G (pooled and sequence, side by side) then T5 after them in the sequence
     (`t5` False: a pipeline loaded without it, as SD3 allows), an SD3Transformer2DModel of JointTransformerBlocks
-    whose first block has SD3.5's second, image-only attention (dual attention) and qk RMS norms."""
+    whose first block has SD3.5's second, image-only attention (dual attention) and qk RMS norms.
+
+    What a single file can hold (export/original_layout.py) asks two things of SD3's own encoders that the default
+    tiny does not have: `clip_widths` CLIP-G wider than CLIP-L (768 and 1280 in SD3; diffusers tells the two apart
+    in a file by width; their sum stays the T5's 32, which the pipeline pads their side-by-side states to), and
+    `unprojected_clip_l`: CLIP-L's projection the identity (SD3's reference code pools CLIP-L unprojected, and
+    diffusers reads a file's CLIP-L projection as the identity)."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                                        caption_projection_dim=16, pooled_projection_dim=sum(clip_widths), pos_embed_max_size=16,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
     encoder_3 = tiny_t5(tokenizer_3)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=flow_scheduler(shift=3.0), vae=tiny_vae(**SD3_VAE),
-        text_encoder=tiny_clip(tokenizer, 16, True), tokenizer=tokenizer,
-        text_encoder_2=tiny_clip(tokenizer_2, 16, True), tokenizer_2=tokenizer_2,
+        text_encoder=tiny_clip(tokenizer, clip_widths[0], True), tokenizer=tokenizer,
+        text_encoder_2=tiny_clip(tokenizer_2, clip_widths[1], True), tokenizer_2=tokenizer_2,
         text_encoder_3=encoder_3 if t5 else None, tokenizer_3=tokenizer_3 if t5 else None)
+    if unprojected_clip_l:
+        with torch.no_grad():
+            pipe.text_encoder.text_projection.weight.copy_(torch.eye(clip_widths[0]))
     return ready(pipe)
 
 

@@ -12,21 +12,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
-@pytest.fixture
-def scene(tmp_path):
-    """A 32x32 image with a red square (concept 1) and a blue square (concept 2) and their masks."""
+def write_scene(folder) -> dict:
+    """A 32x32 image with a red square (concept 1) and a blue square (concept 2) and their masks, in `folder`."""
     a = np.full((32, 32, 3), 128, np.uint8)
     a[4:14, 4:14] = (230, 30, 30)
     a[18:30, 18:30] = (30, 30, 230)
-    img = tmp_path / "scene.png"
+    img = folder / "scene.png"
     Image.fromarray(a).save(img)
     m1 = np.zeros((32, 32), np.uint8)
     m1[4:14, 4:14] = 255
     m2 = np.zeros((32, 32), np.uint8)
     m2[18:30, 18:30] = 255
-    Image.fromarray(m1).save(tmp_path / "m1.png")
-    Image.fromarray(m2).save(tmp_path / "m2.png")
-    return {"image": str(img), "m1": str(tmp_path / "m1.png"), "m2": str(tmp_path / "m2.png"), "dir": tmp_path}
+    Image.fromarray(m1).save(folder / "m1.png")
+    Image.fromarray(m2).save(folder / "m2.png")
+    return {"image": str(img), "m1": str(folder / "m1.png"), "m2": str(folder / "m2.png"), "dir": folder}
+
+
+@pytest.fixture
+def scene(tmp_path):
+    return write_scene(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_scene(tmp_path_factory):
+    """`scene`, once per test module (for module-scoped fixtures that learn from it)."""
+    return write_scene(tmp_path_factory.mktemp("scene"))
 
 
 @pytest.fixture

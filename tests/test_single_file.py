@@ -40,25 +40,16 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def learned(tiny, tmp_path_factory):
+def learned(tiny, module_scene, tmp_path_factory):
     """Bundles learned on the single files through the command line: Custom Diffusion on SD, LoRA (UNet and
     both text encoders) on SDXL; {"sd" | "sdxl": bundle path}."""
-    from PIL import Image as PILImage
-
     root = tmp_path_factory.mktemp("learned")
-    a = np.full((32, 32, 3), 128, np.uint8)
-    a[4:14, 4:14], a[18:30, 18:30] = (230, 30, 30), (30, 30, 230)
-    PILImage.fromarray(a).save(root / "scene.png")
-    for name, box in (("m1", (4, 14)), ("m2", (18, 30))):
-        m = np.zeros((32, 32), np.uint8)
-        m[box[0]:box[1], box[0]:box[1]] = 255
-        PILImage.fromarray(m).save(root / f"{name}.png")
     out = {}
     for kind, method, extra in (("sd", "custom-diffusion", []), ("sdxl", "lora", ["-p", "train_text_encoder=true"])):
         folder, file = tiny[kind]
         out[kind] = root / f"{kind}.safetensors"
-        main(["learn", "-m", method, "-c", "<a1>=cat", "-c", "<b1>=dog", "-i", str(root / "scene.png"),
-              "--mask", f"<a1>={root / 'm1.png'}", "--mask", f"<b1>={root / 'm2.png'}", "-o", str(out[kind]),
+        main(["learn", "-m", method, "-c", "<a1>=cat", "-c", "<b1>=dog", "-i", module_scene["image"],
+              "--mask", f"<a1>={module_scene['m1']}", "--mask", f"<b1>={module_scene['m2']}", "-o", str(out[kind]),
               "--base", file, "--base-config", folder, "--steps", "2", "--grad-accum", "1", "--lr", "0.05",
               "--no-progress", *extra])
     return out

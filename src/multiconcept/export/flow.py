@@ -60,10 +60,13 @@ def embedding_loading_code(path: str, token: str, base: Base) -> list[str]:
     return lines
 
 
-def loading_preamble(base: Base, load: str, with_tokens: bool) -> list[str]:
+def loading_preamble(base: Base, with_tokens: bool, make: list[str] | None = None, classes: tuple = ()) -> list[str]:
+    """The imports and the lines that make `pipe` (`make`; by default the base's from_pretrained), with ADD_TOKEN
+    when tokens go in by hand; `classes`: diffusers classes `make` uses besides the pipeline's."""
     pipeline = type(base.pipe).__name__
-    lines = ["import torch", "from safetensors.torch import load_file", f"from diffusers import {pipeline}", "",
-             f"pipe = {pipeline}.{load}"]
+    make = make or [f'pipe = {pipeline}.from_pretrained("{base.name}")']
+    lines = ["import torch", "from safetensors.torch import load_file",
+             f"from diffusers import {', '.join((pipeline, *classes))}", "", *make]
     if with_tokens and base.architecture != "flux1":
         lines += [""] + ADD_TOKEN
     return lines
@@ -128,7 +131,7 @@ def export_flow_diffusers(bundle_path, bundle: Bundle, base: Base, out: Path, ra
         raise UserError(f"bundle {bundle_path} ({bundle.method}) holds nothing diffusers can load: export supports "
                         "tokens, Custom Diffusion, DisenDiff and LoRA")
     prompt = "photo of a " + " and ".join(f"{t} {c}" for t, c in zip(bundle.tokens, bundle.class_words))
-    lines = loading_preamble(base, f'from_pretrained("{base.name}")', bool(code_tokens)) + code_tokens
+    lines = loading_preamble(base, bool(code_tokens)) + code_tokens
     if LORA_WEIGHTS in files:
         lines.append(f'pipe.load_lora_weights("{out}", weight_name="{LORA_WEIGHTS}")')
     lines += call_line(base, prompt)
@@ -183,7 +186,7 @@ def flow_tools_readme(bundle_name: str, bundle: Bundle, base: Base, result) -> s
               "`ComfyUI/models/embeddings/`; put a **LoraLoader** node (strength 1.0) after the model loader.", "",
               "## Forge", "", "Copy `loras/*` into `models/Lora/` and `embeddings/*` into `embeddings/`.", "",
               "## diffusers", "", "```python"]
-    code = loading_preamble(base, f'from_pretrained("{base.name}")', bool(words))
+    code = loading_preamble(base, bool(words))
     for token, w in words.items():
         code += embedding_loading_code(f"embeddings/{w}.safetensors", token, base)
     if lora:
@@ -208,3 +211,54 @@ def export_flow_tools(bundle_path, bundle: Bundle, base: Base, out: Path, rank: 
     result = ToolExport([], words, None, svd=svd, rank=rank)
     return write_tool_files(out, files, result, bundle_path, bundle, sd, meta,
                             lambda: flow_tools_readme(Path(bundle_path).name, bundle, base, result))
+
+
+# how a baked checkpoint loads: (ComfyUI's node and folder, the diffusers lines that make the pipeline, its T5's name)
+BAKED_LOADING = {
+    "flux1": ("**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L and T5 in one file",
+              ["# diffusers 0.42 reads a FLUX.1 transformer from a single file at FLUX.1's own widths (3072) only",
+               'pipe = FluxPipeline.from_single_file("{checkpoint}", config="{config}")'], "text_encoder_2"),
+    "sd3": ("**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L, CLIP-G (and T5) in "
+            "one file", ['pipe = StableDiffusion3Pipeline.from_single_file("{checkpoint}", config="{config}")'],
+            "text_encoder_3"),
+    "flux2": ("**Load Diffusion Model** (`ComfyUI/models/diffusion_models/`): the transformer alone, as BFL ships "
+              "klein; its VAE and Qwen3 are the base's",
+              ['transformer = Flux2Transformer2DModel.from_single_file("{checkpoint}", config="{config}", '
+               'subfolder="transformer")',
+               'pipe = Flux2KleinPipeline.from_pretrained("{config}", transformer=transformer)'], None),
+}
+# diffusers 0.42's from_single_file builds a file's T5 without switching it to inference (its dropout stays on)
+T5_EVAL = "pipe.{t5}.eval()  # diffusers 0.42 leaves a single file's T5 in training mode: its dropout would be on"
+
+
+def flow_baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, str], base: Base,
+                      config: str | None = None) -> str:
+    """The README beside a checkpoint baked from a flow base (export/checkpoint.py); `config`: the diffusers pipeline
+    of the base's configs (`--base-config`), when the base was a single file."""
+    model = ARCHITECTURES[base.architecture]
+    keys = ", ".join(f"`{k}`" for k in embedding_keys(base))
+    concepts = [(t, c) for b in bundles for t, c in zip(b.tokens, b.class_words)]
+    prompt = "photo of a " + " and ".join(f"{t} {c}" for t, c in concepts)
+    typed = "photo of a " + " and ".join(f"<{words[t]}> {c}" if t in words else f"{t} {c}" for t, c in concepts)
+    emb = [f"embeddings/{w}.safetensors" for w in words.values()]
+    # diffusers takes the configs (and klein's other parts) from a pipeline: the base's, when it was loaded as one
+    config = config or ("BASE_PIPELINE" if base.name.endswith(".safetensors") else base.name)
+    comfy, make, t5 = BAKED_LOADING[base.architecture]
+    if t5 is not None and getattr(base.pipe, t5, None) is not None:
+        make = [*make, T5_EVAL.format(t5=t5)]
+    methods = ", ".join(sorted({b.method for b in bundles}))
+    lines = [f"# {checkpoint}: the base `{base.name}` with {methods} concepts baked in", "",
+             f"A single-file {model} checkpoint in the original layout, the concepts' weight changes added; a "
+             "checkpoint's vocabulary cannot grow, so each learned token is an embedding file beside it (its row in "
+             f"each text encoder: {keys}), named after the word the prompt types.", "",
+             "| file | what |", "|---|---|", f"| `{checkpoint}` | the checkpoint |"]
+    lines += [f"| `embeddings/{w}.safetensors` | the token `{t}` |" for t, w in words.items()]
+    lines += ["", "## ComfyUI", "", f"Load it with {comfy}. AUTOMATIC1111 itself does not run {model}.", "",
+              "## multiconcept", "", "```bash",
+              f"multiconcept generate '{typed}' --base {checkpoint} --base-config {config}"
+              + "".join(f" --embedding {e}" for e in emb), "```", "", "## diffusers", "", "```python"]
+    make = [line.format(checkpoint=checkpoint, config=config) for line in make]
+    code = loading_preamble(base, bool(words), make, ("Flux2Transformer2DModel",) if base.architecture == "flux2" else ())
+    for token, w in words.items():
+        code += embedding_loading_code(f"embeddings/{w}.safetensors", token, base)
+    return "\n".join(lines + code + call_line(base, prompt) + ["```"]) + "\n"

@@ -49,16 +49,21 @@ FLUX_DOUBLE_ATTENTION = {
     "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
     "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
 }
+
+
+def _mlp(diffusers: str, original: str, layers=("in_layer", "out_layer")) -> dict[str, str]:
+    """An embedder's two linear layers (diffusers' linear_1 / linear_2) under their original names."""
+    return {f"{diffusers}.linear_1": f"{original}.{layers[0]}", f"{diffusers}.linear_2": f"{original}.{layers[1]}"}
+
+
+# FLUX.1's and FLUX.2's inputs and output layer
+FLUX_ENDS = {"context_embedder": "txt_in", "x_embedder": "img_in", "norm_out.linear": "final_layer.adaLN_modulation.1",
+             "proj_out": "final_layer.linear"}
 LAYOUTS = {
     "flux1": {
-        "top": {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-                "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-                "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-                "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-                "context_embedder": "txt_in", "x_embedder": "img_in",
-                "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
+        "top": {**_mlp("time_text_embed.timestep_embedder", "time_in"),
+                **_mlp("time_text_embed.guidance_embedder", "guidance_in"),
+                **_mlp("time_text_embed.text_embedder", "vector_in"), **FLUX_ENDS},
         "transformer_blocks": ("double_blocks", {
             **FLUX_DOUBLE_ATTENTION, "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
             "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
@@ -68,15 +73,11 @@ LAYOUTS = {
             "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm", "norm.linear": "modulation.lin"}),
     },
     "flux2": {
-        "top": {"time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-                "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-                "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-                "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-                "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-                "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-                "single_stream_modulation.linear": "single_stream_modulation.lin",
-                "context_embedder": "txt_in", "x_embedder": "img_in",
-                "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
+        # FLUX.2 modulates every block of a kind from one projection of the timestep embedding
+        "top": {**_mlp("time_guidance_embed.timestep_embedder", "time_in"),
+                **_mlp("time_guidance_embed.guidance_embedder", "guidance_in"),
+                **{f"{m}.linear": f"{m}.lin" for m in ("double_stream_modulation_img", "double_stream_modulation_txt",
+                                                        "single_stream_modulation")}, **FLUX_ENDS},
         "transformer_blocks": ("double_blocks", {
             **FLUX_DOUBLE_ATTENTION, "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
             "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}),
@@ -87,10 +88,8 @@ LAYOUTS = {
     },
     "sd3": {
         "top": {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
-                "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-                "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-                "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-                "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+                **_mlp("time_text_embed.timestep_embedder", "t_embedder.mlp", ("0", "2")),
+                **_mlp("time_text_embed.text_embedder", "y_embedder.mlp", ("0", "2")),
                 "context_embedder": "context_embedder",
                 "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
         "transformer_blocks": ("joint_blocks", {

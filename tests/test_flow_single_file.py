@@ -205,3 +205,50 @@ def test_a_baked_checkpoint_with_its_embeddings_draws_what_the_bundle_draws(tiny
         theirs = pipe(prompt=[PROMPT], num_inference_steps=3, guidance_scale=6.0, height=32, width=32,
                       max_sequence_length=base.sequence_length, generator=[torch.Generator().manual_seed(3)]).images[0]
         assert np.abs(np.asarray(theirs, dtype=np.int16) - bundle).max() <= BAKE_TOLERANCE[arch]
+
+
+# ---------------------------------------------------------------- refusals: one line, exit 2, nothing written
+
+
+def test_flow_files_that_cannot_load_are_refused_in_one_line(tiny, scene, run_cli, tmp_path, monkeypatch, capsys):
+    from test_bad_input import refused, tree
+
+    from multiconcept.errors import UserError
+    from multiconcept.export.original_layout import original_keys
+
+    monkeypatch.chdir(scene["dir"])
+    work = tmp_path / "work"
+    work.mkdir()
+    flux_folder, flux_file = tiny["flux1"]
+    # a FLUX.1 Fill transformer's image input takes the masked image too (384 channels; diffusers: flux-fill)
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 2), "double_blocks.0.img_mod.lin.weight":
+               torch.zeros(6, 2), "img_in.weight": torch.zeros(2, 384)}, str(work / "fill.safetensors"))
+    # SD3's CLIP-L and CLIP-G of one width: diffusers' reader would load the first into both
+    save_file(original_tensors(tiny_sd3_pipeline(unprojected_clip_l=True), "sd3"), str(work / "same-width.safetensors"))
+    # a FLUX.1 of two double blocks and no single block: the file has weights the tiny's configs have no place for
+    other = tiny_flux_pipeline(single_layers=0)
+    other.save_pretrained(work / "flux-joint-only")
+    save_file(original_tensors(other, "flux1"), str(work / "flux-joint-only.safetensors"))
+    cases = [(tiny["flux2"][1], [], "is a FLUX.2 transformer: pass --base-config"),
+             (work / "fill.safetensors", [], "is a FLUX.1 Fill (inpainting) model"),
+             (work / "same-width.safetensors", ["--base-config", tiny["sd3"][0]], "both 16 wide"),
+             (flux_file, ["--base-config", tiny["sd3"][0]], "is a FLUX.1 checkpoint but --base-config"),
+             (flux_file, ["--base-config", str(work / "flux-joint-only")], "has no place for (e.g. "
+                                                                            "model.diffusion_model.single_blocks.0."),
+             (work / "flux-joint-only.safetensors", ["--base-config", flux_folder], "lacks 8 of the transformer's"),
+             (flux_file, [], "pass --base-config")]  # offline: the hub's FLUX.1 [dev] configs cannot be fetched
+    before = tree(scene["dir"])
+    capsys.readouterr()  # save_pretrained's progress bars
+    for file, extra, phrase in cases:
+        args = ["learn", "-m", "textual-inversion", "-c", "<a1>=cat", "-i", "scene.png", "-o",
+                tmp_path / "out" / "b.safetensors", "--steps", "1", "--no-progress", "--base", file, *extra]
+        line = refused(run_cli(*args), phrase)
+        assert str(file) in line, line
+        assert not (tmp_path / "out").exists() and tree(scene["dir"]) == before, phrase
+    # tuning-free encoders train on UNet bases only: a flow single file tells by its header, before anything loads
+    refused(run_cli("train-encoder", "--method", "fastcomposer", "--data", "toyworld", "--out", tmp_path / "fc",
+                    "--base", flux_file, "--base-config", flux_folder), "runs on a UNet base", flux_file)
+    assert not (tmp_path / "fc").exists()
+    # the writer: SD3's layout has no CLIP-L projection, so a pipeline whose projection is not the identity is refused
+    with pytest.raises(UserError, match="CLIP-L has a text projection other than the identity"):
+        original_keys(tiny_sd3_pipeline(clip_widths=(12, 20)), "sd3")

@@ -232,12 +232,19 @@ def require_text_encoders(pipeline: str, present, source: str) -> None:
 
 def is_flow_source(source) -> bool:
     """Whether a --base names a flow transformer, as far as can be told without loading it: a tiny flow base, a
-    folder whose model_index.json names a flow pipeline, or a loaded Base that is one (a hub id: only once loaded)."""
+    folder whose model_index.json names a flow pipeline, a single file whose header names a flow transformer's
+    weights, or a loaded Base that is one (a hub id: only once loaded)."""
     import json
     from pathlib import Path
 
+    from ..errors import is_file
+    from .single_file import SUFFIX, SingleFile, flow_family, read_safetensors_header
+
     if getattr(source, "flow", None) is not None:
         return True
+    if isinstance(source, SingleFile) or (isinstance(source, str) and source.endswith(SUFFIX) and is_file(source)):
+        path = Path(str(source))  # a single file tells by its header's names, before anything loads
+        return is_file(path) and flow_family(path, read_safetensors_header(path)[0]) is not None
     if not isinstance(source, str):
         return False
     if source.startswith("tiny-") and source not in ("tiny-sdxl",):
@@ -252,7 +259,7 @@ def is_flow_source(source) -> bool:
 def refuse_flow_base(source, what: str) -> None:
     if is_flow_source(source):
         raise UserError(f"{what} runs on a UNet base (SD 1.x, SD 2.x, SDXL, ToyWorld), not on a flow-matching "
-                        f"transformer ({source if isinstance(source, str) else source.name}) yet: pass such a --base")
+                        f"transformer ({getattr(source, 'name', source)}) yet: pass such a --base")
 
 
 def flow_architecture(pipe) -> str | None:

@@ -154,15 +154,19 @@ def read_transformer(architecture: str, transformer, tensors, path) -> dict[str,
     missing = [k for k in keys if prefix + k not in tensors]
     require(not missing, f"{path} lacks {len(missing)} of the transformer's weights (e.g. {prefix}"
                          f"{missing[0] if missing else ''}): it is incomplete, or --base-config describes another model")
+    others = (*VAE_PREFIXES, "text_encoders.")
+    unused = next((k for k in tensors if k.startswith(prefix) and not k.startswith(others) and k[len(prefix):] not in keys),
+                  None)
+    require(unused is None, f"{path} holds transformer weights that --base-config's transformer has no place for (e.g. "
+                            f"{unused}): pass the configs of the model this file holds")
     out = {}
     for key, source in keys.items():
         t = tensors[prefix + key]
-        rows = sum(shapes[p][0] for p in source.params) if source.how == "stack" else None
-        for p, v in (split(source, t, shapes) if rows in (None, t.shape[0]) else {}).items():
-            out[p.removeprefix("transformer.")] = v
-        fits = rows in (None, t.shape[0]) and all(out[p.removeprefix("transformer.")].shape == shapes[p]
-                                                  for p in source.params)
-        require(fits, f"{path}'s {prefix}{key} {tuple(t.shape)} does not fit --base-config's transformer "
-                      f"({', '.join(f'{p} {tuple(shapes[p])}' for p in source.params)}): pass the configs of the model "
-                      "this file holds")
+        stacked = sum(shapes[p][0] for p in source.params) if source.how == "stack" else t.shape[0]
+        parts = split(source, t, shapes) if t.shape[0] == stacked else {}
+        fits = bool(parts) and all(parts[p].shape == shapes[p] for p in source.params)
+        want = ", ".join(f"{p.removeprefix('transformer.')} {tuple(shapes[p])}" for p in source.params)
+        require(fits, f"{path}'s {prefix}{key} {tuple(t.shape)} does not fit --base-config's transformer ({want}): "
+                      "pass the configs of the model this file holds")
+        out.update({p.removeprefix("transformer."): v for p, v in parts.items()})
     return out

@@ -79,7 +79,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         head = f.read(9)
         not_safetensors = f"{path} is not a safetensors file (its first bytes are no safetensors header): pass a " \
-                          f"single-file SD 1.x, SD 2.x or SDXL checkpoint (.safetensors), or a diffusers folder"
+                          f"single-file SD 1.x, SD 2.x, SDXL, FLUX.1, FLUX.2 [klein] or SD3 checkpoint (.safetensors), " \
+                          "or a diffusers folder"
         # safetensors: an 8-byte length, then the JSON header's "{"; PyTorch's formats: a zip, or a raw pickle
         if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
             raise UserError(f"{path} is a PyTorch pickle (zip or pickle bytes), not safetensors, whatever its name says; "
@@ -179,7 +180,7 @@ def pipeline_for(src: SingleFile, family: str | None):
     want = PIPELINE_OF[family]
     require(config_class in (None, want),
             f"{src.path} is {_a(NAMES[family])} checkpoint but --base-config {src.config} holds a {config_class}: "
-            f"pass the configs of {_a(NAMES[family])} pipeline")
+            f"pass the configs of {_a(NAMES[family])} pipeline ({want})")
     return getattr(diffusers, want)
 
 

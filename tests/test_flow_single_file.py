@@ -207,6 +207,30 @@ def test_a_baked_checkpoint_with_its_embeddings_draws_what_the_bundle_draws(tiny
         assert np.abs(np.asarray(theirs, dtype=np.int16) - bundle).max() <= BAKE_TOLERANCE[arch]
 
 
+@pytest.mark.parametrize("arch", ["sd3", "flux2"])
+def test_export_from_a_single_file_writes_what_the_folder_writes_and_its_readme_loads_the_file(tiny, learned, run_cli,
+                                                                                                 tmp_path, arch):
+    """The README's code makes the pipeline from the single file (from_single_file with --base-config's configs;
+    klein: its transformer from the file, the rest from the pipeline) and draws what `generate` draws. (FLUX.1:
+    diffusers' from_single_file reads its transformer at FLUX.1's real widths only.)"""
+    folder, file = tiny[arch]
+    for name, base in (("file", ["--base", file, "--base-config", folder]), ("folder", ["--base", folder])):
+        code, _, err = run_cli("export", learned[arch], "--format", "diffusers", "-o", tmp_path / name, *base)
+        assert code == 0, err
+    a, b = (load_file(str(tmp_path / n / "pytorch_lora_weights.safetensors")) for n in ("file", "folder"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    readme = (tmp_path / "file" / "README.md").read_text()
+    assert f'from_single_file("{file}"' in readme and f'"{folder}"' in readme
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    scope = {}
+    exec(code[: code.index("image = pipe(")], scope)
+    base = load_base(folder)
+    theirs = scope["pipe"](prompt=[PROMPT], num_inference_steps=3, guidance_scale=6.0, height=32, width=32,
+                           max_sequence_length=base.sequence_length, generator=[torch.Generator().manual_seed(3)]).images[0]
+    ours = image(tmp_path / "ours", SingleFile(Path(file), folder), [learned[arch]])
+    assert np.abs(np.asarray(theirs, dtype=np.int16) - ours).max() <= 2
+
+
 # ---------------------------------------------------------------- refusals: one line, exit 2, nothing written
 
 

@@ -66,11 +66,10 @@ def weight_changes(bundle_path, bundle: Bundle, base: Base) -> dict[str, torch.T
 
 
 def bake_checkpoint(bundle_paths: list[str | Path], base: Base, out: str | Path, dtype: str | None = None,
-                    overwrite: bool = False, config: str | None = None) -> Baked:
+                    overwrite: bool = False) -> Baked:
     """Write `out` (a .safetensors checkpoint), `embeddings/<word>.safetensors` beside it for every learned
     token and `<out's stem>.README.md`. `dtype`: fp32 | fp16 | bf16 for every floating tensor (None: the
-    base's); `config`: the --base-config of a single-file base, which the README's loading code names.
-    Everything is computed and checked before the first file is written (files.write_all)."""
+    base's). Everything is computed and checked before the first file is written (files.write_all)."""
     out = Path(out)
     require(out.suffix == ".safetensors", f"-o {out} must name a .safetensors file (the checkpoint to write)")
     require(dtype is None or dtype in DTYPES, f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -97,7 +96,7 @@ def bake_checkpoint(bundle_paths: list[str | Path], base: Base, out: str | Path,
     meta = {"multiconcept_baked": json.dumps([Path(p).name for p, _ in bundles]), "multiconcept_base": base.name}
     files[out.name] = lambda f: save_file(tensors, f, metadata=meta)
     read = [b for _, b in bundles]
-    text = (flow_baked_readme(out.name, read, words, base, config) if base.flow is not None
+    text = (flow_baked_readme(out.name, read, words, base) if base.flow is not None
             else baked_readme(out.name, read, words, base))
     files[f"{out.stem}.README.md"] = lambda f: Path(f).write_text(text)
     return Baked(write_all(out.parent, files), words, len(changes))

@@ -21,6 +21,7 @@ from ..models import Base, text_encoder_component
 from .files import token_file, write_all
 from .flow import export_flow_diffusers
 from .kohya import SDXL_EMBEDDING_KEYS, exportable_bundle, sdxl_embedding_file_tensors, sdxl_embedding_loading_code
+from .loading import pipeline_lines
 
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -35,9 +36,8 @@ def export_diffusers(bundle_path: str | Path, base: Base, out_dir: str | Path, r
     if base.flow is not None:
         return export_flow_diffusers(bundle_path, bundle, base, out, rank)
     files: dict[str, callable] = {}  # file name -> write(path)
-    pipeline = "StableDiffusionXLPipeline" if base.is_sdxl else "StableDiffusionPipeline"
-    lines = ["import torch", f"from diffusers import {pipeline}", "",
-             f'pipe = {pipeline}.from_pretrained("{base.name}")']
+    classes, make = pipeline_lines(base)
+    lines = ["import torch", f"from diffusers import {', '.join(classes)}", "", *make]
 
     for token, rows in token_rows(bundle_path, bundle, base).items():
         name = token_file(token)

@@ -24,6 +24,7 @@ from ..errors import UserError, require
 from ..models import ARCHITECTURES, Base
 from .files import token_file, write_all
 from .kohya_flow import fuse_deltas, fuse_lora, text_encoder_lora
+from .loading import pipeline_lines
 
 EMBEDDING_KEYS = {"flux1": ("clip_l", "t5"), "sd3": ("clip_l", "clip_g", "t5"), "flux2": ("qwen3",)}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -60,13 +61,12 @@ def embedding_loading_code(path: str, token: str, base: Base) -> list[str]:
     return lines
 
 
-def loading_preamble(base: Base, with_tokens: bool, make: list[str] | None = None, classes: tuple = ()) -> list[str]:
-    """The imports and the lines that make `pipe` (`make`; by default the base's from_pretrained), with ADD_TOKEN
-    when tokens go in by hand; `classes`: diffusers classes `make` uses besides the pipeline's."""
-    pipeline = type(base.pipe).__name__
-    make = make or [f'pipe = {pipeline}.from_pretrained("{base.name}")']
-    lines = ["import torch", "from safetensors.torch import load_file",
-             f"from diffusers import {', '.join((pipeline, *classes))}", "", *make]
+def loading_preamble(base: Base, with_tokens: bool, checkpoint: str | None = None) -> list[str]:
+    """The imports and the lines that make `pipe` (loading.pipeline_lines: the base's, or `checkpoint`'s), with
+    ADD_TOKEN when tokens go in by hand."""
+    classes, make = pipeline_lines(base, checkpoint)
+    lines = ["import torch", "from safetensors.torch import load_file", f"from diffusers import {', '.join(classes)}",
+             "", *make]
     if with_tokens and base.architecture != "flux1":
         lines += [""] + ADD_TOKEN
     return lines
@@ -213,39 +213,25 @@ def export_flow_tools(bundle_path, bundle: Bundle, base: Base, out: Path, rank: 
                             lambda: flow_tools_readme(Path(bundle_path).name, bundle, base, result))
 
 
-# how a baked checkpoint loads: (ComfyUI's node and folder, the diffusers lines that make the pipeline, its T5's name)
-BAKED_LOADING = {
-    "flux1": ("**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L and T5 in one file",
-              ["# diffusers 0.42 reads a FLUX.1 transformer from a single file at FLUX.1's own widths (3072) only",
-               'pipe = FluxPipeline.from_single_file("{checkpoint}", config="{config}")'], "text_encoder_2"),
-    "sd3": ("**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L, CLIP-G (and T5) in "
-            "one file", ['pipe = StableDiffusion3Pipeline.from_single_file("{checkpoint}", config="{config}")'],
-            "text_encoder_3"),
-    "flux2": ("**Load Diffusion Model** (`ComfyUI/models/diffusion_models/`): the transformer alone, as BFL ships "
-              "klein; its VAE and Qwen3 are the base's",
-              ['transformer = Flux2Transformer2DModel.from_single_file("{checkpoint}", config="{config}", '
-               'subfolder="transformer")',
-               'pipe = Flux2KleinPipeline.from_pretrained("{config}", transformer=transformer)'], None),
+# ComfyUI's loader of a baked checkpoint: all-in-one files as ComfyUI and Stability save them; klein's transformer alone
+COMFYUI_LOADER = {
+    "flux1": "**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L and T5 in one file",
+    "sd3": "**Load Checkpoint** (`ComfyUI/models/checkpoints/`): the transformer, VAE, CLIP-L, CLIP-G (and T5) in one file",
+    "flux2": "**Load Diffusion Model** (`ComfyUI/models/diffusion_models/`): the transformer alone, as BFL ships klein; "
+             "its VAE and Qwen3 are the base's",
 }
-# diffusers 0.42's from_single_file builds a file's T5 without switching it to inference (its dropout stays on)
-T5_EVAL = "pipe.{t5}.eval()  # diffusers 0.42 leaves a single file's T5 in training mode: its dropout would be on"
 
 
-def flow_baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, str], base: Base,
-                      config: str | None = None) -> str:
-    """The README beside a checkpoint baked from a flow base (export/checkpoint.py); `config`: the diffusers pipeline
-    of the base's configs (`--base-config`), when the base was a single file."""
+def flow_baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, str], base: Base) -> str:
+    """The README beside a checkpoint baked from a flow base (export/checkpoint.py)."""
     model = ARCHITECTURES[base.architecture]
     keys = ", ".join(f"`{k}`" for k in embedding_keys(base))
     concepts = [(t, c) for b in bundles for t, c in zip(b.tokens, b.class_words)]
     prompt = "photo of a " + " and ".join(f"{t} {c}" for t, c in concepts)
     typed = "photo of a " + " and ".join(f"<{words[t]}> {c}" if t in words else f"{t} {c}" for t, c in concepts)
     emb = [f"embeddings/{w}.safetensors" for w in words.values()]
-    # diffusers takes the configs (and klein's other parts) from a pipeline: the base's, when it was loaded as one
-    config = config or ("BASE_PIPELINE" if base.name.endswith(".safetensors") else base.name)
-    comfy, make, t5 = BAKED_LOADING[base.architecture]
-    if t5 is not None and getattr(base.pipe, t5, None) is not None:
-        make = [*make, T5_EVAL.format(t5=t5)]
+    # the configs (and klein's other parts) come from a diffusers pipeline: the base's folder, or its --base-config
+    config = base.base_config or base.name
     methods = ", ".join(sorted({b.method for b in bundles}))
     lines = [f"# {checkpoint}: the base `{base.name}` with {methods} concepts baked in", "",
              f"A single-file {model} checkpoint in the original layout, the concepts' weight changes added; a "
@@ -253,12 +239,12 @@ def flow_baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, s
              f"each text encoder: {keys}), named after the word the prompt types.", "",
              "| file | what |", "|---|---|", f"| `{checkpoint}` | the checkpoint |"]
     lines += [f"| `embeddings/{w}.safetensors` | the token `{t}` |" for t, w in words.items()]
-    lines += ["", "## ComfyUI", "", f"Load it with {comfy}. AUTOMATIC1111 itself does not run {model}.", "",
+    lines += ["", "## ComfyUI", "", f"Load it with {COMFYUI_LOADER[base.architecture]}. AUTOMATIC1111 itself does not "
+              f"run {model}.", "",
               "## multiconcept", "", "```bash",
               f"multiconcept generate '{typed}' --base {checkpoint} --base-config {config}"
               + "".join(f" --embedding {e}" for e in emb), "```", "", "## diffusers", "", "```python"]
-    make = [line.format(checkpoint=checkpoint, config=config) for line in make]
-    code = loading_preamble(base, bool(words), make, ("Flux2Transformer2DModel",) if base.architecture == "flux2" else ())
+    code = loading_preamble(base, bool(words), checkpoint)
     for token, w in words.items():
         code += embedding_loading_code(f"embeddings/{w}.safetensors", token, base)
     return "\n".join(lines + code + call_line(base, prompt) + ["```"]) + "\n"

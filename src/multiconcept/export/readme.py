@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..bundle import Bundle
 from .kohya import sdxl_embedding_loading_code
+from .loading import pipeline_lines
 
 TOOL_NAMES = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "kohya": "kohya's sd-scripts"}
 
@@ -19,11 +20,13 @@ def prompts(bundles: list[Bundle], words: dict[str, str], lora: str | None) -> d
             "kohya": phrase("{}"), "diffusers": "photo of a " + " and ".join(f"{t} {c}" for t, c in concepts)}
 
 
-def diffusers_loading(load: str, words: dict[str, str], sdxl: bool) -> list[str]:
-    """The diffusers lines that make the pipeline (`pipe = Pipeline.<load>`) and load every embedding file."""
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+def diffusers_loading(base, words: dict[str, str], checkpoint: str | None = None) -> list[str]:
+    """The diffusers lines that make the pipeline (loading.pipeline_lines: the base's, or `checkpoint`'s) and load
+    every embedding file."""
+    sdxl = base.is_sdxl
+    classes, make = pipeline_lines(base, checkpoint)
     code = ["import torch", *(["from safetensors.torch import load_file"] if sdxl and words else []),
-            f"from diffusers import {pipeline}", "", f"pipe = {pipeline}.{load}"]
+            f"from diffusers import {', '.join(classes)}", "", *make]
     for t, w in words.items():
         if sdxl:  # diffusers reads each encoder's row on its own
             code += sdxl_embedding_loading_code(f"embeddings/{w}.safetensors", t)
@@ -32,14 +35,14 @@ def diffusers_loading(load: str, words: dict[str, str], sdxl: bool) -> list[str]
     return code
 
 
-def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, result) -> str:
+def tools_readme(bundle_name: str, bundle: Bundle, base, tool: str, result) -> str:
     words, lora = result.embeddings, result.lora
     sdxl = bundle.architecture == "sdxl"
     p = prompts([bundle], words, lora)
     emb = [f"embeddings/{w}.safetensors" for w in words.values()]
     lora_file = f"loras/{lora}.safetensors" if lora else None
     lines = [f"# {bundle_name} for {TOOL_NAMES[tool]} (the same files load in AUTOMATIC1111, ComfyUI and kohya's sd-scripts)",
-             "", f"Learned on the base `{base_name}` ({bundle.method}): generate with that checkpoint; on another the "
+             "", f"Learned on the base `{base.name}` ({bundle.method}): generate with that checkpoint; on another the "
              "concepts do not hold.", "", "| file | what | in the prompt |", "|---|---|---|"]
     for token, w in words.items():
         what = "`clip_l` and `clip_g`, SDXL's two encoders, 1 vector each" if sdxl else "`emb_params`, 1 vector"
@@ -72,7 +75,7 @@ def tools_readme(bundle_name: str, bundle: Bundle, base_name: str, tool: str, re
     order = [tool] + [t for t in sections if t != tool]
     for t in order:
         lines += [""] + sections[t]
-    code = diffusers_loading(f'from_pretrained("{base_name}")', words, sdxl)
+    code = diffusers_loading(base, words)
     if lora:
         code.append(f'pipe.load_lora_weights("loras", weight_name="{lora}.safetensors")')
     code += [f'image = pipe("{p["diffusers"]}", num_inference_steps=50, guidance_scale=6.0).images[0]']
@@ -114,6 +117,6 @@ def baked_readme(checkpoint: str, bundles: list[Bundle], words: dict[str, str], 
               + f" \\\n    --prompt \"{p['kohya']}\"", "```", "", "## multiconcept", "", "```bash",
               f"multiconcept generate '{p['diffusers']}' --base {checkpoint}"
               + "".join(f" --embedding {e}" for e in emb), "```"]
-    code = diffusers_loading(f'from_single_file("{checkpoint}")', words, sdxl)
+    code = diffusers_loading(base, words, checkpoint)
     code += [f'image = pipe("{p["diffusers"]}", num_inference_steps=50, guidance_scale=6.0).images[0]']
     return "\n".join(lines + ["", "## diffusers", "", "```python", *code, "```"]) + "\n"

@@ -118,7 +118,7 @@ def export_for_tools(bundle_path: str | Path, base: Base, out_dir: str | Path, t
         meta.update(ss_network_dim=f"{alpha:g}", ss_network_alpha=f"{alpha:g}",
                     multiconcept_svd_relative_error=f"{result.svd.relative_error:.6g}")
     return write_tool_files(out, files, result, bundle_path, bundle, sd, meta,
-                            lambda: tools_readme(Path(bundle_path).name, bundle, base.name, tool, result))
+                            lambda: tools_readme(Path(bundle_path).name, bundle, base, tool, result))
 
 
 def write_tool_files(out: Path, files: dict, result: ToolExport, bundle_path, bundle: Bundle, sd: dict | None,

@@ -73,6 +73,8 @@ class Base:
     fingerprint: str
     architecture: str = "sd1"  # a key of ARCHITECTURES, from architecture_of(pipe)
     weights: dict[str, str] = field(default_factory=dict)  # weights_digest(pipe): {grid: digest}
+    # a single-file base's diffusers configs (--base-config), which code written for other tools must name too
+    base_config: str | None = None
     # what methods installed on the pipeline: peft LoRA adapters by name with their weights
     # (LoRA bundles, --lora files), and Infusion's class-word residuals (methods/infusion.py)
     lora_adapters: dict[str, float] = field(default_factory=dict)
@@ -279,6 +281,9 @@ def load_base(name: str | SingleFile | None = None, device: str = "auto", dtype:
     elif is_checkpoint_path(name):
         source = name if isinstance(name, SingleFile) else SingleFile(Path(name))
         pipe = load_single_file(source, dt)
+        base = base_from_pipeline(pipe, str(name), dev)
+        base.base_config = source.config
+        return base
     else:
         path = Path(name)
         if path.exists():

@@ -26,7 +26,6 @@ def bake(bundle_paths: list[str | Path], out: str | Path, *, base: Base | str | 
     headers = [read_header(p) for p in bundle_paths]
     for p, h in zip(bundle_paths, headers):
         refuse_infusion(h["method"], p)
-    config = base.config if isinstance(base, SingleFile) else None
     if not isinstance(base, Base):
         base = load_base(base if base is not None else headers[0]["base_name"], device="cpu", dtype=dtype)
-    return bake_checkpoint(bundle_paths, base, out, save_dtype, overwrite=overwrite, config=config)
+    return bake_checkpoint(bundle_paths, base, out, save_dtype, overwrite=overwrite)

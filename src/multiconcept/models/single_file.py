@@ -6,14 +6,16 @@ What the file is comes from its safetensors header alone, before any tensor is r
 JSON naming every tensor's dtype, shape and byte range (a file shorter than its last range is truncated).
 The family comes from the text encoders' keys (the original layouts: export/original_layout.py):
 ``cond_stage_model.transformer.`` is SD 1.x's CLIP, ``cond_stage_model.model.`` SD 2.x's OpenCLIP,
-``conditioner.embedders.1.model.`` SDXL's second encoder. diffusers then takes the configs from `config`
+``conditioner.embedders.1.model.`` SDXL's second encoder; or from the transformer's: ``joint_blocks.`` SD3,
+``double_blocks.`` FLUX, FLUX.2 when it has ``single_stream_modulation``. diffusers then takes the configs from `config`
 (a diffusers folder or hub id: `--base-config`) or, without one, from the hub repository it picks for the
 file (which needs the network or its cache). Nothing is ever unpickled: `.ckpt`, `.pt`, `.pth` and `.bin`
 files, and pickles renamed `.safetensors`, are refused before they are opened as anything but bytes.
 
 The flow transformers (flow_layout.py has their names): a FLUX.1 or SD3 file goes through the pipeline's
-`from_single_file` (with `--base-config` supplying the parts the file lacks: BFL's FLUX.1 file is the transformer
-alone), except FLUX.1's transformer, which is read here with flow_layout's map: diffusers 0.42's FLUX.1 reader
+`from_single_file` (with `--base-config` supplying the parts the file lacks; BFL's FLUX.1 file is the transformer
+alone, and then the pipeline's `from_pretrained` gives the rest), except FLUX.1's transformer, which is read here,
+one tensor at a time, with flow_layout's map: diffusers 0.42's FLUX.1 reader
 splits a single-stream block's fused `linear1` at FLUX.1's own widths (3072, MLP 4x) only, and a test checks this
 map against that reader at those widths. Flux2KleinPipeline has no `from_single_file` in diffusers 0.42; its
 transformer has (`Flux2Transformer2DModel.from_single_file`, BFL's FLUX.2 names), so a FLUX.2 [klein] file is the
@@ -272,9 +274,15 @@ def _load(src: SingleFile, family: str | None, cls, header: dict, dtype: torch.d
     if family == "flux2":
         transformer = flux2_transformer(src, header, dtype)
         return cls.from_pretrained(src.config, transformer=transformer, dtype=dtype)
+    if family == "flux1":
+        transformer = flux1_transformer(src, header, dtype)
+        if src.config is not None and not any(k.startswith((*VAE_PREFIXES, "text_encoders.")) for k in header):
+            # BFL's file is the transformer alone: the rest comes from the pipeline, and the file is not read twice
+            # (from_single_file would load all of it again to find nothing else there)
+            return cls.from_pretrained(src.config, transformer=transformer, dtype=dtype)
     extra = parts_from_config(src, family, header, dtype)
     if family == "flux1":
-        extra["transformer"] = flux1_transformer(src, header, dtype)
+        extra["transformer"] = transformer
     elif family == "sd3":
         _same_width_clips(src.path, header)
     elif cls.__name__ == "StableDiffusionPipeline":  # SD loads without its safety checker

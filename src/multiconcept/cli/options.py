@@ -48,7 +48,8 @@ def number(default, *decls: str, help: str, minimum=None, above=None):
 
 
 BaseOpt = typer.Option(None, "--base", help="pipeline folder (SD, SDXL, FLUX.1, FLUX.2 klein, SD3), single-file checkpoint "
-                                             "(FILE.safetensors: SD 1.x, 2.x, SDXL), hub id, 'tiny', 'tiny-sdxl', "
+                                             "(FILE.safetensors: SD 1.x, 2.x, SDXL, FLUX.1, SD3, FLUX.2 klein's transformer), "
+                                             "hub id, 'tiny', 'tiny-sdxl', "
                                              "'tiny-flux', 'tiny-flux2', 'tiny-sd3' (random test models) or 'toyworld' (default)")
 BaseConfigOpt = typer.Option(None, "--base-config", help="with --base FILE.safetensors: the diffusers pipeline folder or hub "
                                                          "id whose configs fit it (default: the one diffusers picks for "

@@ -11,8 +11,9 @@
   (FLUX.1 [dev] / [schnell]), Flux2KleinPipeline or StableDiffusion3Pipeline (``model_index.json``) or a hub id
   (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``black-forest-labs/FLUX.1-dev``,
   ``stabilityai/stable-diffusion-3.5-medium``), loaded by diffusers;
-- a single-file checkpoint ``FILE.safetensors`` (SD 1.x, SD 2.x, SDXL; A1111's, ComfyUI's and kohya's
-  format), or a `SingleFile` naming the diffusers configs that fit it (single_file.py).
+- a single-file checkpoint ``FILE.safetensors`` (SD 1.x, SD 2.x, SDXL as A1111, ComfyUI and kohya hold them;
+  FLUX.1 and SD3 / 3.5 as BFL, Stability and ComfyUI ship them; FLUX.2 [klein]'s transformer with its pipeline's
+  configs), or a `SingleFile` naming the diffusers configs that fit it (single_file.py).
 
 Every base has an architecture (`architecture_of`): ``"sdxl"`` when the UNet
 takes SDXL's size/crop micro-conditioning and pooled text (``addition_embed_type

@@ -46,7 +46,7 @@ from ..methods.subject_diffusion import (
     place_mask,
 )
 from ..models import Base, SingleFile
-from ..training import Progress, discard_checkpoint
+from ..training import Progress, adamw, discard_checkpoint
 from .train_encoder import CHECKPOINT, EncoderTrainer, Record, fit, localisation, start
 
 
@@ -186,7 +186,7 @@ def train_subject_diffusion(
     torch.manual_seed(cfg.seed)
     model = SubjectDiffusion(base, load_image_encoder(image_encoder, base), cfg)
     trainables = model.set_trainable()
-    optimizer = torch.optim.AdamW(list(trainables.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(trainables.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     trainer = SubjectDiffusionTrainer(model, source, cfg)
     digest = config_digest(cfg, f"subject-diffusion|{source.name}|{image_encoder}", base.fingerprint)
     if acc.is_main_process:

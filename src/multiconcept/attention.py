@@ -294,6 +294,9 @@ class CaptureAttnProcessor:
         self.name = name
         self.fallback = fallback if exists(fallback) else AttnProcessor2_0()
 
+    # outside torch.compile's graph (models/compiled.py): a new processor every step, writing maps into a
+    # Python store, would otherwise retrace its block each step; the rest of the block stays compiled
+    @torch.compiler.disable
     def __call__(
         self,
         attn: Attention,

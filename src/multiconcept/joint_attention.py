@@ -84,6 +84,7 @@ class JointCaptureProcessor:
     def __init__(self, store: AttentionStore, name: str, fallback, text_first: bool):
         self.store, self.name, self.fallback, self.text_first = store, name, fallback, text_first
 
+    @torch.compiler.disable  # as CaptureAttnProcessor's (attention.py): new every step, writes a Python store
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
         if encoder_hidden_states is None or attention_mask is not None:

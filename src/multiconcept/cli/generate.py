@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UserError, require
-from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, number, out
+from .options import BaseConfigOpt, BaseOpt, CompileOpt, DeviceOpt, DtypeOpt, base_source, number, out
 
 
 def generate(
@@ -39,6 +39,7 @@ def generate(
     base_config: Optional[str] = BaseConfigOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compile: str = CompileOpt,
 ):
     """Generate images with learned concepts (optionally inpainted into another image)."""
     from ..images import read_image, read_mask
@@ -53,7 +54,7 @@ def generate(
     from ..workflows.generate import generate as run
 
     settings = SampleSettings(steps=steps, guidance=guidance, scheduler=scheduler, negative_prompt=negative,
-                              vae_slicing=vae_slicing, vae_tiling=vae_tiling)
+                              vae_slicing=vae_slicing, vae_tiling=vae_tiling, compile=compile)
     if (init_image is None) != (inpaint_mask is None):
         raise UserError("inpainting needs both --init-image and --inpaint-mask")
     require(not output.exists() or output.is_dir(), f"--out {output} is a file: give a folder for the PNGs")

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
+from .options import BaseConfigOpt, BaseOpt, CompileOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
 
 IMAGE_RULES = ("Images: PNG, JPEG, WebP or BMP, at least 32 and at most 8192 pixels on a side (--max-image-side); "
                "transparent pixels count as white in images and as black in masks; a mask is white on black.")
@@ -41,6 +41,7 @@ def learn(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
+    compile: str = CompileOpt,
 ):
     from ..workflows.learn import learn as run
 
@@ -50,6 +51,7 @@ def learn(
             overrides[k] = str(v)
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
+    overrides["compile"] = compile
     path = run(method, concept, image, mask, output, base=base_source(base, base_config), overrides=overrides,
                reg_dir=reg_dir, reg_generate=reg_generate, reg_steps=reg_steps, resume=resume, device=device, dtype=dtype,
                progress=progress, overwrite=overwrite)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import require
-from .options import BaseConfigOpt, BaseOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
+from .options import BaseConfigOpt, BaseOpt, CompileOpt, DeviceOpt, DtypeOpt, base_source, key_values, main_process, number, out
 
 ENCODER_METHODS = ("fastcomposer", "subject-diffusion")
 
@@ -50,6 +50,7 @@ def train_encoder(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     progress: bool = typer.Option(True, help="show a progress bar"),
+    compile: str = CompileOpt,
 ):
     """Train a tuning-free subject model (FastComposer, Subject-Diffusion) on subject-annotated images."""
     from ..methods.fastcomposer import FastComposerConfig
@@ -66,6 +67,7 @@ def train_encoder(
             overrides[k] = str(v)
     overrides["seed"] = str(seed)
     overrides["mixed_precision"] = mixed_precision
+    overrides["compile"] = compile
     if method == "subject-diffusion":
         run, cfg = train_subject_diffusion, apply_overrides(SubjectDiffusionConfig(), overrides)
     else:

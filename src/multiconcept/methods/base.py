@@ -20,7 +20,7 @@ from ..losses import FLOW_WEIGHTINGS
 from ..models import Base
 from ..prompts import Concept, add_concept_tokens, set_token_rows
 from ..training import OPTIMIZERS
-from .settings import PROBABILITY, Settings, hp
+from .settings import PROBABILITY, Settings, compile_setting, hp
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig(Settings):
     quantize_frozen: str = hp("no", "nf4: the denoiser's frozen linear layers in 4-bit NormalFloat (bitsandbytes' own "
                                     "layers; diffusers' FLUX.2 LoRA script's --bnb_quantization_config_path), the "
                                     "trained ones kept; the base stays quantized after training", choices=("no", "nf4"))
+    compile: str = compile_setting()
     optimizer: str = hp("adamw", "adamw | adamw8bit (bitsandbytes' 8-bit moments: a quarter of AdamW's state memory; "
                          "pip install 'multiconcept[bnb]')", choices=OPTIMIZERS)
     weighting_scheme: str = hp("none", "flow-matching bases (FLUX, SD3): the timestep density and loss weight of "

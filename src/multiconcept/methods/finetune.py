@@ -26,6 +26,7 @@ from ..errors import UserError, require
 from ..latents import choose_latent_mode, latents_from_moments
 from ..losses import denoising_loss, flow_matching_loss
 from ..models import Base
+from ..models.compiled import compile_denoiser
 from ..models.conditioning import TextConditioning, added_conditioning, encode_flow, encode_ids, token_ids
 from ..prompts import locate_concepts
 from ..training import (
@@ -266,8 +267,11 @@ def _training_scheduler(base: Base):
 # ---------------------------------------------------------------- the run
 
 def config_digest(cfg: TrainConfig, method: str, fingerprint: str) -> str:
-    # where logs go, and whether activations are recomputed, do not change what is trained
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "gradient_checkpointing")}
+    # where logs go, and whether activations are recomputed, do not change what is trained; a compiled step
+    # differs from an eager one in the last bits, so `compile` counts (left out when off: digests of runs
+    # from before the setting existed stay valid)
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("log_file", "gradient_checkpointing") and not (k == "compile" and v == "off")}
     blob = json.dumps({"cfg": settings, "method": method, "base": fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -325,6 +329,7 @@ def train(
     groups = method.setup()
     if cfg.gradient_checkpointing:
         base.denoiser.enable_gradient_checkpointing()
+    uncompile = compile_denoiser(base.denoiser, cfg.compile)  # after setup: its hooks and fp32 weights are traced
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
     optimizer = make_optimizer(cfg.optimizer, groups, lr=lr, weight_decay=cfg.weight_decay)
     trainer = Trainer(method, base, data, cfg, reg)
@@ -343,6 +348,7 @@ def train(
                       cancel=cancel, stop_after=stop_after)
         bundle = method.to_bundle() if outcome.finished else None  # before teardown puts weights back in their dtype
     finally:
+        uncompile()
         method.teardown()
         if cfg.gradient_checkpointing:
             base.denoiser.disable_gradient_checkpointing()

@@ -249,6 +249,8 @@ class ClassWordResiduals:
         self.selection = None
 
     def _residual_hook(self, layer: str, kind: str):
+        # outside torch.compile's graph (models/compiled.py): the rows it adds change with every caption
+        @torch.compiler.disable
         def hook(module, args, out):
             sel = self.selection
             if sel is None:

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, field, fields, replace
 
 from ..errors import UserError, require
+from ..models.compiled import COMPILE_MODES
 
 PROBABILITY = dict(at_least=0.0, at_most=1.0)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -24,6 +25,13 @@ def hp(default, help: str, *, choices: tuple | None = None, items: type | None =
     (`items`: the type of a tuple's members, when the default is empty)."""
     bounds = {k: v for k, v in dict(at_least=at_least, above=above, at_most=at_most, below=below).items() if v is not None}
     return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds, "items": items})
+
+
+def compile_setting():
+    """The `compile` setting every trained model shares (models/compiled.py says what compiles and what stays eager)."""
+    return hp("off", "on: torch.compile the denoiser's repeated blocks, forward and backward (attention capture and "
+                     "Infusion's residuals stay eager); off: eager. Part of the checkpoint's settings",
+              choices=COMPILE_MODES)
 
 
 def _item_type(f):

@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..bundle import Bundle, atomic_write, check_base, load_bundle, read_header
 from ..errors import UserError, require
 from ..models import Base, SingleFile, load_base
+from ..models.compiled import COMPILE_MODES, compile_denoiser
 from ..models.conditioning import pipeline_conditioning
 from ..prompts import Concept, concept_tokens_in, locate_concepts
 
@@ -42,6 +43,7 @@ class SampleSettings:
     width: int = 0
     vae_slicing: bool = False  # decode one image at a time: the batch's decoder activations never coexist
     vae_tiling: bool = False  # decode in overlapping tiles (diffusers' AutoencoderKL), for large images
+    compile: str = "off"  # on: torch.compile the denoiser's repeated blocks while sampling (models/compiled.py)
 
     def __post_init__(self):
         require(isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1, got {self.steps}")
@@ -50,6 +52,7 @@ class SampleSettings:
         require(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
         require(self.height >= 0 and self.width >= 0, f"height and width must be >= 0 (0: the base's), "
                                                       f"got {self.height}x{self.width}")
+        require(self.compile in COMPILE_MODES, f"compile must be on or off, got {self.compile!r}: fix --compile")
         require(self.scheduler in ALL_SCHEDULERS or self.scheduler == "auto",
                 f"unknown scheduler {self.scheduler!r}: choose auto or one of {', '.join(ALL_SCHEDULERS)}")
 
@@ -177,17 +180,21 @@ def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSetting
                                                   "leave out --init-image / --inpaint-mask")
     set_scheduler(pipe, settings.scheduler_for(base))
     h, w = settings.height or base.resolution, settings.width or base.resolution
-    for start in range(0, n, settings.batch_size):
-        seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        store = None
-        if attention_maps:
-            with maps_captured(base, settings) as store:
+    uncompile = compile_denoiser(base.denoiser, settings.compile)
+    try:
+        for start in range(0, n, settings.batch_size):
+            seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]
+            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            store = None
+            if attention_maps:
+                with maps_captured(base, settings) as store:
+                    images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
+            else:
                 images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
-        else:
-            images = _sample(base, prompt, seeds, gens, settings, h, w, inpaint)
-        for i, (s, img) in enumerate(zip(seeds, images)):
-            yield s, img, store, i
+            for i, (s, img) in enumerate(zip(seeds, images)):
+                yield s, img, store, i
+    finally:
+        uncompile()
 
 
 @contextmanager

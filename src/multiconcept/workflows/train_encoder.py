@@ -56,11 +56,13 @@ from ..methods.fastcomposer import (
 from ..methods.finetune import config_digest
 from ..methods.settings import config_dict
 from ..models import Base, SingleFile, load_base
+from ..models.compiled import compile_denoiser
 from ..models.flow import refuse_flow_base
 from ..prompts import find_word_spans
 from ..training import (
     LoopSettings,
     Progress,
+    adamw,
     discard_checkpoint,
     main_process_value,
     make_accelerator,
@@ -312,8 +314,7 @@ def train_encoder(
     model = FastComposer(base, load_image_encoder(image_encoder, base))
     trainables = model.set_trainable(cfg)
     require(bool(trainables), "nothing trains: enable train_unet, train_fusion or vision_layers")
-    optimizer = torch.optim.AdamW(list(trainables.values()), lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay, eps=1e-8)
+    optimizer = adamw(trainables.values(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     trainer = EncoderTrainer(model, source, cfg)
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
     outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="fastcomposer", digest=digest, resume=resume,
@@ -363,11 +364,13 @@ def fit(trainer, trainables: dict, optimizer, cfg, acc, out: Path, *, name: str,
     settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                             mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
                             max_minutes=max_minutes, progress_bar=progress, name=name, log_file=log_file)
+    uncompile = compile_denoiser(trainer.unet, cfg.compile)
     try:
         outcome = run(EncoderJob(trainer, graph, trainables, acc), optimizer, list(trainables.values()), settings,
                       checkpoint=out / CHECKPOINT, digest=digest, resume=resume, accelerator=acc, stop_after=stop_after,
                       lr_at=lr_at, on_step=on_step, cancel=cancel)
     finally:
+        uncompile()
         if stream:
             stream.close()
     if outcome.reason in ("stopped", "cancelled"):

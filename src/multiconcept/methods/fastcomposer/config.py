@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import PROBABILITY, Settings, hp
+from ..settings import PROBABILITY, Settings, compile_setting, hp
 
 # "<img>" is ours; "<|image|>" is what the reference release writes.
 MARKER = "<img>"
@@ -60,6 +60,7 @@ class FastComposerConfig(Settings):
     batch_size: int = hp(16, "images per micro-batch and process (paper: 16 per GPU x 8 GPUs)", at_least=1)
     grad_accum: int = hp(1, "micro-batches per optimiser step", at_least=1)
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate; paper: bf16)", choices=("no", "fp16", "bf16"))
+    compile: str = compile_setting()
     resolution: int = hp(0, "training image size; 0 = the base's native size", at_least=0)
     seed: int = hp(0, "seed for data, crops, noise and timesteps")
     latents: str = hp("auto", "VAE posterior: sample | mean | auto (mean when a channel's posterior std > 0.5, "

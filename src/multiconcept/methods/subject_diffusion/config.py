@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import require
-from ..settings import PROBABILITY, Settings, hp
+from ..settings import PROBABILITY, Settings, compile_setting, hp
 
 # The placeholder whose input embedding the subject's image embedding replaces: one token in CLIP's
 # vocabulary and in ToyWorld's ("*", as textual inversion writes its pseudo-word).
@@ -62,6 +62,7 @@ class SubjectDiffusionConfig(Settings):
     batch_size: int = hp(8, "images per micro-batch and process (paper: 256 over 32 GPUs)", at_least=1)
     grad_accum: int = hp(1, "micro-batches per optimiser step", at_least=1)
     mixed_precision: str = hp("no", "no | fp16 | bf16 (accelerate; paper: fp16)", choices=("no", "fp16", "bf16"))
+    compile: str = compile_setting()
     resolution: int = hp(0, "training image size; 0 = the base's native size", at_least=0)
     seed: int = hp(0, "seed for data, crops, dropout, noise and timesteps")
     latents: str = hp("auto", "VAE posterior: sample | mean | auto (see FastComposer's setting)",

@@ -1,0 +1,90 @@
+"""`--compile on`: a compiled training step agrees with an eager one, attention capture stays out of the graph
+without retracing it, and a bad value is one line (models/compiled.py)."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from multiconcept.data import build_concept_set
+from multiconcept.methods import get_method
+from multiconcept.methods.finetune import Trainer
+from multiconcept.models import load_base
+from multiconcept.models.compiled import compile_denoiser, is_compiled
+from multiconcept.prompts import Concept
+
+
+def disendiff_step(scene):
+    """DisenDiff on the tiny base: tokens, attn2 K/V, and its losses on captured maps (every kind of part a
+    compiled step must carry). Returns a function of step -> (loss, gradients), the trainer and the base."""
+    torch.manual_seed(0)
+    base = load_base("tiny")
+    data = build_concept_set([Concept("<s1>", "square"), Concept("<s2>", "box")], [scene["image"]],
+                             [f"<s1>={scene['m1']}", f"<s2>={scene['m2']}"])
+    cls = get_method("disendiff")
+    m = cls(base, data, cls.Config(batch_size=2, grad_accum=1, augment=False, attention_resolution=16))
+    params = [p for g in m.setup() for p in g["params"]]
+    tr = Trainer(m, base, data, m.cfg)
+
+    def step(s: int):
+        for p in params:
+            p.grad = None
+        loss, logs = tr.loss(tr.batch(s, 0), torch.Generator().manual_seed(s))
+        loss.backward()
+        return loss.detach(), logs, [p.grad.clone() for p in params]
+
+    return step, base
+
+
+def test_compiled_step_agrees_with_eager_and_capture_does_not_retrace(scene):
+    step, base = disendiff_step(scene)
+    eager = [step(s) for s in (0, 1, 2)]
+    undo = compile_denoiser(base.denoiser, "on")
+    assert is_compiled(base.denoiser)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = [step(s) for s in (0, 1)]
+    traced = counters["stats"]["unique_graphs"] - graphs
+    assert traced > 0  # the blocks really went through torch.compile
+    compiled.append(step(2))  # a third step: new capture processors, same graphs
+    assert counters["stats"]["unique_graphs"] - graphs == traced
+    for (le, logs_e, ge), (lc, logs_c, gc) in zip(eager, compiled):
+        assert torch.allclose(le, lc, rtol=1e-4, atol=1e-6)
+        assert logs_c["bind"] == pytest.approx(logs_e["bind"], rel=1e-4, abs=1e-6)  # maps captured while compiled
+        for a, b in zip(ge, gc):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    undo()
+    assert not is_compiled(base.denoiser)
+    again = step(0)
+    assert torch.equal(again[0], eager[0][0])  # eager again, bit for bit
+
+
+@pytest.mark.parametrize("verb", ["learn", "generate"])
+def test_a_bad_compile_value_is_one_line(scene, run_cli, tmp_path, verb):
+    if verb == "learn":
+        args = ["learn", "-m", "textual-inversion", "-c", "<s1>=square", "-i", scene["image"], "-o",
+                tmp_path / "b.safetensors", "--base", "tiny", "--steps", "1"]
+    else:
+        args = ["generate", "a square", "--base", "tiny", "-o", tmp_path / "out", "-n", "1", "--steps", "1"]
+    code, _, err = run_cli(*args, "--compile", "maybe")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "compile" in err and "maybe" in err
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_compiled_run_resumes_bit_identical_and_only_compiled(scene, tmp_path):
+    from multiconcept import UserError
+    from multiconcept.bundle import load_bundle
+    from multiconcept.methods.finetune import train
+
+    cls = get_method("custom-diffusion")
+    data = lambda: build_concept_set([Concept("<s1>", "square")], [scene["image"]], [f"<s1>={scene['m1']}"])
+    cfg = cls.Config(steps=4, grad_accum=1, batch_size=2, augment=False, checkpoint_every=2, compile="on")
+    full = load_bundle(train(cls, load_base("tiny"), data(), cfg, tmp_path / "full.safetensors", progress=False))
+    part = tmp_path / "part.safetensors"
+    assert train(cls, load_base("tiny"), data(), cfg, part, progress=False, stop_after=2) is None
+    with pytest.raises(UserError, match="made with other settings"):  # an eager resume would drift in the last bits
+        train(cls, load_base("tiny"), data(), cls.Config(**{**vars(cfg), "compile": "off"}), part, progress=False,
+              resume=True)
+    resumed = load_bundle(train(cls, load_base("tiny"), data(), cfg, part, progress=False, resume=True))
+    assert full.tensors.keys() == resumed.tensors.keys()
+    assert all(torch.equal(full.tensors[k], resumed.tensors[k]) for k in full.tensors)
+    assert resumed.hyperparameters["compile"] == "on"

@@ -88,3 +88,13 @@ def test_a_compiled_run_resumes_bit_identical_and_only_compiled(scene, tmp_path)
     assert full.tensors.keys() == resumed.tensors.keys()
     assert all(torch.equal(full.tensors[k], resumed.tensors[k]) for k in full.tensors)
     assert resumed.hyperparameters["compile"] == "on"
+
+
+def test_the_toyworld_build_refuses_a_bad_compile_value_and_resumes_either_way():
+    from multiconcept import UserError
+    from multiconcept.workflows.toyworld_build.settings import BuildConfig, stage_digest
+
+    with pytest.raises(UserError, match=r"compile \(--compile\) must be one of off, on, got 'maybe'"):
+        BuildConfig(compile="maybe")
+    # a runtime field, as threads: a build started before the setting existed resumes with it
+    assert stage_digest(BuildConfig(compile="on"), "unet") == stage_digest(BuildConfig(), "unet")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import number, out
+from .options import CompileOpt, number, out
 
 app = typer.Typer(no_args_is_help=True, help="The embedded synthetic world: build its models.")
 DEFAULT_WORK = Path.home() / ".cache" / "multiconcept" / "toyworld-build"
@@ -42,6 +42,7 @@ def build_cmd(
     max_unet_hours: Optional[float] = number(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
     resume: bool = typer.Option(True, help="continue from WORK's checkpoints (--no-resume starts over)"),
+    compile: str = CompileOpt,
 ):
     """Build ToyWorld from nothing (seeded, resumable, about 2.5 h on 2 cores)."""
     from ..models import TOYWORLD_DIR  # here, not at the top: torch loads on first use, not for --help
@@ -51,7 +52,7 @@ def build_cmd(
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
              "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std,
              "easy_share": easy_share, "base_layout": base_layout, "caption_colour_p": caption_colour_p,
-             "max_unet_hours": max_unet_hours}
+             "max_unet_hours": max_unet_hours, "compile": compile}
     if steps is not None:
         extra["unet_steps"] = steps
     cfg = BuildConfig.smoke(**extra) if smoke else BuildConfig(**extra)

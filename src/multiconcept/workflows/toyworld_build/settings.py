@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ...errors import UserError
+from ...models.compiled import COMPILE_MODES
 from ...toyworld.scenes import BASE_LAYOUTS
 from .common import write_json
 
@@ -126,6 +127,7 @@ class BuildConfig:
     monitor_every: int = 2000  # steps between quick checker scores during UNet training
     checkpoint_minutes: float = 5.0
     threads: int = 2
+    compile: str = "off"  # on: the UNet stage's UNet compiled (models/compiled.py); a runtime field, as threads
 
     def __post_init__(self):
         validate(self)
@@ -149,7 +151,7 @@ class BuildConfig:
 
 
 _RUNTIME_FIELDS = {"unet_steps", "max_unet_hours", "vae_max_minutes", "evaluator_max_minutes", "monitor_every",
-                   "checkpoint_minutes", "threads", "eval_seeds", "sample_steps", "guidance"}
+                   "checkpoint_minutes", "threads", "eval_seeds", "sample_steps", "guidance", "compile"}
 
 # Prompt vocabulary beyond the world, so "a photo of <tok> star on the beach"
 # tokenizes into whole words (DreamBooth's DreamBench prompt templates).
@@ -205,6 +207,7 @@ def validate(cfg: BuildConfig) -> None:
     for name in ("unet_steps", "vae_steps", "evaluator_steps", "threads", "unet_batch", "vae_batch", "evaluator_batch"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     choose("world", WORLD_NAMES)
+    choose("compile", COMPILE_MODES)
     choose("text_encoder", TEXT_ENCODERS)
     choose("prediction_type", ("v_prediction", "epsilon"))
     choose("noise_schedule", sorted(NOISE_SCHEDULES))

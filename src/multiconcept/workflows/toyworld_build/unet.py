@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ...errors import UserError
 from ...losses import diffusion_target, min_snr_weights
+from ...models.compiled import compile_denoiser
 from ...training import discard_checkpoint
 from .common import (
     Log,
@@ -177,6 +178,18 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     if cfg.easy_share and not len(singles):
         raise UserError("easy_share needs single-object scenes in the base pool; it has none: raise base_pool")
 
+    # captions are re-drawn every step but come from a small vocabulary: each is tokenized once
+    # (the same ids as tokenizing the batch, so the build's outputs do not change)
+    caption_ids: dict[str, torch.Tensor] = {}
+
+    def ids_of(captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in caption_ids]
+        if new:
+            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            caption_ids.update(zip(new, ids))
+        return torch.stack([caption_ids[c] for c in captions])
+
     def loss_of(step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, 50, step])
         idx, easy = batch_indices(cfg, len(mean), singles, rng)
@@ -193,8 +206,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         t = sample_timesteps(cfg, len(idx), ddpm.config.num_train_timesteps, g)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = ids_of(captions)
         target = diffusion_target(ddpm, latents, noise, t)
         err = F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, target, reduction="none").mean((1, 2, 3))
         return (err * min_snr_weights(ddpm, t, cfg.snr_gamma)).mean() if cfg.snr_gamma else err.mean()
@@ -209,12 +221,17 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
             for m in modules.values():
                 m.train()
 
+    uncompile = compile_denoiser(unet, cfg.compile)
     # checker scores during training ("monitor") are checkpointed with the loop
-    info, loop_state = stage_loop("unet", StageJob(loss_of, {**modules, "ema": ema}, after_step), opt,
-                                  steps=cfg.unet_steps, max_minutes=cfg.max_unet_hours * 60 if cfg.max_unet_hours else None,
-                                  peak_lr=cfg.unet_lr, warmup=cfg.warmup, checkpoint=work / CHECKPOINTS["unet"],
-                                  digest=stage_digest(cfg, "unet"), checkpoint_minutes=cfg.checkpoint_minutes, log=log,
-                                  extra={"monitor": []})
+    try:
+        info, loop_state = stage_loop("unet", StageJob(loss_of, {**modules, "ema": ema}, after_step), opt,
+                                      steps=cfg.unet_steps,
+                                      max_minutes=cfg.max_unet_hours * 60 if cfg.max_unet_hours else None,
+                                      peak_lr=cfg.unet_lr, warmup=cfg.warmup, checkpoint=work / CHECKPOINTS["unet"],
+                                      digest=stage_digest(cfg, "unet"), checkpoint_minutes=cfg.checkpoint_minutes,
+                                      log=log, extra={"monitor": []})
+    finally:
+        uncompile()  # before the copies below: a compiled module does not deep-copy
     averaged = {name: copy.deepcopy(m) for name, m in modules.items()}
     with torch.no_grad():
         for name, m in averaged.items():

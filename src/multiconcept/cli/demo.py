@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
-from .options import BaseOpt, number, out
+from .options import BaseOpt, CompileOpt, number, out
 
 
 def demo(output: Path = typer.Option(Path("demo-out"), "--out", "-o", help="folder for the page and images"),
          base: Optional[str] = BaseOpt,
-         steps: Optional[int] = number(None, help="training steps (default: the demo's budget)", minimum=1)):
+         steps: Optional[int] = number(None, help="training steps (default: the demo's budget)", minimum=1),
+         compile: str = CompileOpt):
     """The main job: learn two concepts from one image, generate, write an HTML page."""
     from ..workflows.demo import run_demo
 
-    page = run_demo(output, base=base, steps=steps)
+    page = run_demo(output, base=base, steps=steps, compile=compile)
     out.print(f"demo page: {page}")

@@ -52,7 +52,7 @@ def demo_settings(method: str, background: str) -> dict[str, object]:
 
 
 def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = None, n_images: int = 4,
-             overrides: dict[str, object] | None = None) -> Path:
+             overrides: dict[str, object] | None = None, compile: str = "off") -> Path:
     out = Path(out_dir)
     if base is None:
         base = "toyworld" if toyworld_available() else "tiny"
@@ -64,7 +64,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
                                                    TOKENS[1]: src / f"{b.concept}_mask.png"})])
     method = "disendiff"
     steps = steps or (DEMO_STEPS if base != "tiny" else 10)
-    settings_used = {**demo_settings(method, scene.background), "steps": steps, **(overrides or {})}
+    settings_used = {**demo_settings(method, scene.background), "steps": steps, "compile": compile, **(overrides or {})}
     bundle_path = out / "concepts.safetensors"
     t0 = time.perf_counter()
     learn_concepts(method, data, bundle_path, settings=settings_used, base=base, progress=True)
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path, base: str | None = None, steps: int | None = N
         "concept 1": f"a {TOKENS[0]} {a.noun} on a {bg} background",
         "concept 2": f"a {TOKENS[1]} {b.noun} on a {bg} background",
     }
-    settings = SampleSettings(steps=25, guidance=4.0)
+    settings = SampleSettings(steps=25, guidance=4.0, compile=compile)
     t0 = time.perf_counter()
     grid, rows = {}, []
     for i, (kind, prompt) in enumerate(prompts.items()):

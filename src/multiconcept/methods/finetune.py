@@ -88,6 +88,7 @@ class Trainer:
         self.size = cfg.resolution or base.resolution
         self.text_cache: dict[str, tuple] = {}  # prompt -> (hidden, pooled or None)
         self.latent_cache: dict[int, torch.Tensor] = {}
+        self.example_cache: dict[int, tuple] = {}  # example -> (pixels, {token: mask}) at the training size
         self.encoded_cache: dict[str, object] = {}
         self.ids_cache: dict[str, list[torch.Tensor]] = {}
         self.scheduler = _training_scheduler(base)
@@ -107,18 +108,20 @@ class Trainer:
         if self.reg and rng.random() < cfg.reg_fraction:
             i = rng.randrange(len(self.reg))
             ex = self.reg[i]
-            return {"key": ("reg", i), "pixels": to_tensor(ex.image, size), "loss_mask": torch.ones(1, size, size),
+            key = ("reg", i)  # (regularisation sets run to hundreds of images: their pixels are not kept)
+            pixels = None if key in self.latent_cache else to_tensor(ex.image, size)
+            return {"key": key, "pixels": pixels, "loss_mask": torch.ones(1, size, size),
                     "prompt": ex.caption, "masks": {}, "target": False}
         i = rng.randrange(len(self.data.examples))
         ex = self.data.examples[i]
         tokens = self.method.choose_tokens(ex, rng)
         concepts = [self.data.concept(t) for t in tokens]
         prompt = caption(concepts, rng.choice(cfg.templates))
-        pixels = to_tensor(ex.image, size)
+        pixels, mask_of = self.example_tensors(i)
         named = [t for t in tokens if t in ex.masks]
         # the unnamed concepts' masks ride along so the loss can leave their pixels out
         names = named + [t for t in ex.tokens if t in ex.masks and t not in named]
-        masks = torch.cat([mask_tensor(ex.masks[t], size) for t in names]) if names else torch.zeros(0, size, size)
+        masks = torch.cat([mask_of[t] for t in names]) if names else torch.zeros(0, size, size)
         region = torch.ones(1, size, size)
         key = ("ex", i)
         if cfg.unnamed == "erase" and len(names) > len(named):
@@ -136,12 +139,21 @@ class Trainer:
             loss_mask = region * loss_region(cfg.loss_region, masks[: len(named)], masks[len(named):])
         return {"key": key, "pixels": pixels, "loss_mask": loss_mask, "prompt": prompt, "masks": concept_masks, "target": True}
 
+    def example_tensors(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Example `i`'s pixels and masks at the training size, made once (a user's few images; every later
+        step's augmentation, erasing and flips make new tensors from them)."""
+        if i not in self.example_cache:
+            ex = self.data.examples[i]
+            self.example_cache[i] = (to_tensor(ex.image, self.size),
+                                     {t: mask_tensor(m, self.size) for t, m in ex.masks.items()})
+        return self.example_cache[i]
+
     def batch(self, step: int, micro: int) -> dict:
         rng = random.Random(step_seed(self.cfg.seed, step, micro))
         samples = [self.sample(rng) for _ in range(self.cfg.batch_size)]
         return {
             "keys": [s["key"] for s in samples],
-            "pixels": torch.stack([s["pixels"] for s in samples]),
+            "pixels": [s["pixels"] for s in samples],  # None where the latents are cached
             "loss_mask": torch.stack([s["loss_mask"] for s in samples]),
             "prompts": [s["prompt"] for s in samples],
             "masks": [s["masks"] for s in samples],
@@ -173,16 +185,21 @@ class Trainer:
 
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         hidden, pooled = [], []
+        trained: dict[str, tuple] = {}  # captions with trained tokens: encoded once per batch, not once per sample
         for p in prompts:
             cacheable = not self.method.trainable_tokens_in(p)
             if cacheable and p in self.text_cache:
                 h, q = self.text_cache[p]
+            elif p in trained:
+                h, q = trained[p]
             else:
                 with torch.set_grad_enabled(not cacheable):
                     c = self._encode(p)
                 h, q = c.hidden[0], (c.pooled[0] if c.pooled is not None else None)
                 if cacheable:
                     self.text_cache[p] = (h.detach(), q.detach() if q is not None else None)
+                else:
+                    trained[p] = (h, q)
             hidden.append(h)
             pooled.append(q)
         return TextConditioning(torch.stack(hidden), torch.stack(pooled) if pooled[0] is not None else None)

@@ -55,11 +55,7 @@ class Reading:
     kind: str | None
     parts: dict[str, str | None]
     scores: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
-    occluded: bool = False
-
-    def box(self) -> tuple[float, float, float, float]:
-        s = self.scale
-        return (self.cx - 12 * s, self.cy - 22 * s, self.cx + 12 * s, self.cy + 21 * s)
+    occluded: bool = False  # read from its visible pixels only: another subject stands in front of it
 
 
 @dataclass

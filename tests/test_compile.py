@@ -98,3 +98,20 @@ def test_the_toyworld_build_refuses_a_bad_compile_value_and_resumes_either_way()
         BuildConfig(compile="maybe")
     # a runtime field, as threads: a build started before the setting existed resumes with it
     assert stage_digest(BuildConfig(compile="on"), "unet") == stage_digest(BuildConfig(), "unet")
+
+
+def test_compiled_sampling_draws_the_eager_images_and_maps():
+    import numpy as np
+
+    from multiconcept.workflows.generate import Loaded, SampleSettings, draw
+
+    loaded = Loaded(load_base("tiny"))
+    runs = {}
+    for mode in ("off", "on"):
+        got = list(draw("a square and a box", loaded, 2, 0, SampleSettings(steps=2, batch_size=2, compile=mode),
+                        attention_maps=True))
+        runs[mode] = ([np.asarray(img, dtype=np.int16) for _, img, _, _ in got], got[0][2].maps(16))
+    assert not is_compiled(loaded.base.denoiser)  # undone after sampling
+    for a, b in zip(runs["off"][0], runs["on"][0]):
+        assert np.abs(a - b).max() <= 2
+    assert torch.allclose(runs["off"][1], runs["on"][1], rtol=1e-3, atol=1e-5)  # maps captured while compiled

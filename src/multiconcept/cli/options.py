@@ -68,9 +68,10 @@ def base_source(base: str | None, config: str | None):
         raise UserError("--base-config goes with a single-file checkpoint (--base FILE.safetensors): pass one, "
                         "or leave --base-config out")
     return SingleFile(Path(base), config)
-CompileOpt = typer.Option("off", "--compile", help="on | off: torch.compile the UNet's (transformer's) repeated blocks, "
-                                                   "forward and backward; the first run of new shapes compiles (tens of "
-                                                   "seconds on a CPU), later ones read the cache (docs/speed.md)")
+CompileOpt = typer.Option("off", "--compile", help="on | off: torch.compile the UNet (transformer): its repeated blocks "
+                                                   "when training, all of it when sampling; the first run of new shapes "
+                                                   "compiles (tens of seconds on a CPU), later ones read the cache "
+                                                   "(docs/speed.md)")
 DeviceOpt = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps")
 DtypeOpt = typer.Option("fp32", help="fp32 | fp16 | bf16 (weights of the frozen base)")
 

@@ -43,7 +43,7 @@ class SampleSettings:
     width: int = 0
     vae_slicing: bool = False  # decode one image at a time: the batch's decoder activations never coexist
     vae_tiling: bool = False  # decode in overlapping tiles (diffusers' AutoencoderKL), for large images
-    compile: str = "off"  # on: torch.compile the denoiser's repeated blocks while sampling (models/compiled.py)
+    compile: str = "off"  # on: torch.compile the whole denoiser while sampling (models/compiled.py)
 
     def __post_init__(self):
         require(isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1, got {self.steps}")
@@ -180,7 +180,7 @@ def draw(prompt: str, loaded: Loaded, n: int, seed: int, settings: SampleSetting
                                                   "leave out --init-image / --inpaint-mask")
     set_scheduler(pipe, settings.scheduler_for(base))
     h, w = settings.height or base.resolution, settings.width or base.resolution
-    uncompile = compile_denoiser(base.denoiser, settings.compile)
+    uncompile = compile_denoiser(base.denoiser, settings.compile, scope="model")
     try:
         for start in range(0, n, settings.batch_size):
             seeds = [seed + i for i in range(start, min(n, start + settings.batch_size))]

@@ -220,7 +220,7 @@ def test_lora_with_text_encoder_exports_and_matches(scene, run_cli, tmp_path):
     (("--timestep-std", "0"), "timestep_std (--timestep-std) must be positive"),
     (("--noise-offset", "-0.1"), "noise_offset (--noise-offset) must be within [0, 1)"),
     (("--easy-share", "1.5"), "easy_share (--easy-share) must be within [0, 1]"),
-    (("--base-layout", "grid"), "base_layout (--base-layout) must be one of free, fixed"),
+    (("--world", "shapes"), "No such option: --world"),
     (("--caption-colour-p", "0"), "caption_colour_p (--caption-colour-p) must be within (0, 1]"),
     (("--timestep-mean", "nan"), "'--timestep-mean': nan is not a finite number"),
 ])

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from multiconcept.toyworld import creatures as cw
+from multiconcept import toyworld as cw
 
 
 def _read_right(scene) -> dict:
@@ -137,6 +137,37 @@ def test_swaps_and_blends_are_counted_against_the_best_assignment():
     assert cw.identity(None, a) == 0.0
 
 
+def test_leakage_is_the_most_of_the_other_concept_on_any_subject_and_undefined_without_a_difference():
+    a, b = cw.concept("robot_a").creature, cw.concept("bird_b").creature
+    assert cw.differ_in_every_part(a, b)
+
+    def read(*creatures, layout="pair"):
+        return cw.analyse(cw.render(cw.layout_specs(list(creatures), layout, np.random.default_rng(0)), "gray",
+                                    layout).image).subjects
+    assert cw.leakage(read(a, layout="center"), [a], b) == 0.0
+    assert cw.leakage(read(a, b), [a], b) == 1.0  # the other concept drawn whole beside it
+    hat = cw.Creature(**{**a.to_dict(), "hat": b.hat})  # its hat on the asked subject: 1 of its 6 traits
+    assert a.hat != b.hat and cw.leakage(read(hat, layout="center"), [a], b) == pytest.approx(1 / 6)
+    assert cw.leakage([], [a], b) == 0.0
+    assert cw.leakage(read(a, layout="center"), [a], a) is None  # nothing tells them apart: no guess
+    # a trait the asked concept shares with the other says nothing and is left out
+    twin = cw.Creature(**{**b.to_dict(), "hat": a.hat})
+    assert cw.leakage(read(twin, layout="center"), [a], twin) == pytest.approx(1.0)
+    assert cw.leakage(read(a, layout="center"), [a], twin) == 0.0
+
+
+def test_each_reading_carries_its_subjects_pixels_and_none_of_its_neighbours():
+    a, b = cw.concept("robot_a").creature, cw.concept("robot_b").creature  # a gray marking on a gray background
+    for layout in ("pair", "overlap"):
+        scene = cw.render(cw.layout_specs([a, b], layout, np.random.default_rng(2)), "gray", layout)
+        readings = cw.analyse(scene.image).subjects
+        for s in scene.subjects:
+            r = min(readings, key=lambda r: abs(r.cx - s.cx))
+            inter = (r.mask & s.mask).sum()
+            # behind another subject, the part of its marking the front one cuts open is lost
+            assert inter / r.mask.sum() > 0.95 and inter / s.mask.sum() > (0.8 if r.occluded else 0.95), (layout, s.position)
+
+
 def test_the_methods_scenes_hold_their_concepts_and_say_no_part():
     scene = cw.two_concept_scene("robot_a", "bird_a", seed=3)
     assert [s.concept for s in scene.subjects] == ["robot_a", "bird_a"]
@@ -154,7 +185,7 @@ def test_the_methods_scenes_hold_their_concepts_and_say_no_part():
 
 
 def test_chance_is_judged_with_an_interval_that_a_small_or_lopsided_sample_fails():
-    from multiconcept.workflows.toyworld_build.quality_creatures import chance_report
+    from multiconcept.workflows.toyworld_build.quality import chance_report
 
     even = chance_report(["cone", "block", "horns"] * 150 + [None] * 20, cw.HATS)
     assert even["n"] == 450 and even["at_chance"] and even["half_width_ok"]

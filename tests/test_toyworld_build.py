@@ -17,6 +17,25 @@ def test_a_work_dir_resumes_only_with_its_own_settings(tmp_path):
         check_state(tmp_path, BuildConfig(vae_lr=1.0), resume=True)
 
 
+def test_a_build_started_as_the_creatures_world_resumes_and_a_shapes_one_is_refused(tmp_path):
+    """Work dirs started when the build had two worlds hold "world" and "base_layout" in state.json and in
+    every checkpoint's digest; the first creatures build's checkpoints carry this UNet digest."""
+    import json
+    from dataclasses import asdict
+
+    from multiconcept.workflows.toyworld_build.settings import stage_digest
+
+    old = asdict(BuildConfig()) | {"world": "creatures", "base_layout": "fixed", "vae_max_minutes": 60.0}
+    (tmp_path / "state.json").write_text(json.dumps({"config": old}))
+    check_state(tmp_path, BuildConfig(), resume=True)
+    assert stage_digest(BuildConfig(**old), "unet") == stage_digest(BuildConfig(), "unet") == "60068bcdfb113034"
+    (tmp_path / "state.json").write_text(json.dumps({"config": old | {"world": "shapes", "base_layout": "free"}}))
+    with pytest.raises(UserError, match="world"):
+        check_state(tmp_path, BuildConfig(), resume=True)
+    with pytest.raises(UserError, match="world .*must be one of creatures"):
+        BuildConfig(world="shapes")
+
+
 def test_an_old_work_dirs_checkpoint_is_refused_with_how_to_start_over(tmp_path):
     """Checkpoints in the build's former format (one 'meta' key) are not resumed into the one loop."""
     import torch
@@ -85,8 +104,7 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     a caption longer than it would lose its last words in training."""
     import numpy as np
 
-    from multiconcept.toyworld.render import describe
-    from multiconcept.toyworld.scenes import base_training_scene
+    from multiconcept.toyworld import base_training_scene, caption
     from multiconcept.workflows.toyworld_build.common import Log
     from multiconcept.workflows.toyworld_build.tokenizer import train_tokenizer
 
@@ -94,8 +112,8 @@ def test_every_training_caption_fits_the_text_context(tmp_path):
     tokenizer = train_tokenizer(cfg, tmp_path / "tok", Log(tmp_path / "log", echo=False))
     assert tokenizer.model_max_length == cfg.max_length
     rng = np.random.default_rng(3)
-    lengths = [len(tokenizer(describe(s.objects, s.background, rng)).input_ids)
-               for s in (base_training_scene(rng) for _ in range(2000))]
+    lengths = [len(tokenizer(caption(s.to_dict(), rng if i % 2 else None)).input_ids)
+               for i, s in enumerate(base_training_scene(rng) for _ in range(2000))]
     assert max(lengths) <= cfg.max_length, max(lengths)
 
 
@@ -160,14 +178,15 @@ def test_the_curriculum_share_draws_single_object_scenes():
 
 
 def test_a_quick_build_runs_every_stage_end_to_end(tmp_path):
-    """Tokenizer, VAE, evaluator, latent pool, UNet, shipping and the quality report, each through
+    """Tokenizer, VAE, the two CLIPs, latent pool, UNet, shipping and the quality report, each through
     the one training loop, with tiny step counts; the shipped folder loads as a base and draws."""
     from multiconcept.models import load_base
     from multiconcept.workflows.toyworld_build import build
 
     report = build(tmp_path / "out", tmp_path / "work", config=BuildConfig.quick(), progress=False)
     assert report["unet_training"]["steps"] == 3 and report["single_object"]["prompts"] > 0
+    assert set(report["clips"]) == {"evaluator", "encoder"} and (tmp_path / "out" / "encoder" / "config.json").is_file()
     assert not list((tmp_path / "work").glob("ckpt_*.safetensors"))  # finished stages discard their checkpoints
     base = load_base(str(tmp_path / "out" / "base"))
-    image = base.pipe("a red star on a gray background", num_inference_steps=2).images[0]
+    image = base.pipe("a red robot on a gray background", num_inference_steps=2).images[0]
     assert image.size == (64, 64)

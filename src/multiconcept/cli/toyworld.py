@@ -1,4 +1,4 @@
-"""`multiconcept toyworld build`: train ToyWorld's base pipeline and evaluator."""
+"""`multiconcept toyworld build`: train ToyWorld's base pipeline and its two CLIPs (evaluator, encoder)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ DEFAULT_WORK = Path.home() / ".cache" / "multiconcept" / "toyworld-build"
 
 @app.command("build")
 def build_cmd(
-    output: Optional[Path] = typer.Option(None, "--out", "-o", help="where base/, evaluator/, quality.json go "
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="where base/, evaluator/, encoder/, quality.json go "
                                           "(default: inside the package, where `--base toyworld` finds them)"),
     work: Path = typer.Option(DEFAULT_WORK, help="checkpoints, caches and build.log; a re-run resumes from here"),
     seed: int = number(0, help="the whole build is seeded"),
-    world: str = typer.Option("shapes", help="shapes (the shipped world) | creatures (subjects of one kind "
-                              "told apart by parts no word names; two CLIPs)"),
     steps: Optional[int] = number(None, help="UNet training steps (default 12000)"),
-    text_encoder: str = typer.Option("evaluator-tuned", help="evaluator-tuned (the evaluator's text tower, trained with "
-                                     "the UNet) | evaluator (that tower, frozen) | scratch (random init, trained)"),
+    text_encoder: str = typer.Option("evaluator-tuned", help="evaluator-tuned (the encoder CLIP's text tower, trained "
+                                     "with the UNet) | evaluator (that tower, frozen) | scratch (random init, trained)"),
     prediction_type: str = typer.Option("v_prediction", help="what the UNet predicts: v_prediction | epsilon"),
     noise_schedule: str = typer.Option("scaled_linear_zero_snr", help="training betas: scaled_linear_zero_snr "
                                        "(needs v_prediction) | scaled_linear | linear"),
@@ -33,11 +31,9 @@ def build_cmd(
                                           "(t/T = sigmoid(N(mean, std))) | mixed (half of each)"),
     timestep_mean: float = number(1.0, help="logit-normal mean"),
     timestep_std: float = number(1.0, help="logit-normal std"),
-    easy_share: float = number(0.0, help="share of each batch from single-object scenes, fully captioned"),
-    base_layout: str = typer.Option("fixed", help="base training scenes: fixed (one centred object or a "
-                                    "left/right pair) | free (five positions, two sizes, 1-3 objects)"),
-    caption_colour_p: float = number(0.75, help="share of objects whose colour the base's captions say "
-                                           "(below 1, 'a star' is in distribution too)"),
+    easy_share: float = number(0.0, help="share of each batch from single-subject scenes, fully captioned"),
+    caption_colour_p: float = number(0.75, help="share of subjects whose body colour the base's captions say "
+                                           "(below 1, 'a robot' is in distribution too)"),
     threads: int = number(2, help="torch CPU threads"),
     max_unet_hours: Optional[float] = number(None, help="stop UNet training after this long"),
     smoke: bool = typer.Option(False, help="tiny step counts: prove every stage in a few minutes"),
@@ -48,10 +44,10 @@ def build_cmd(
     from ..models import TOYWORLD_DIR  # here, not at the top: torch loads on first use, not for --help
     from ..workflows.toyworld_build import BuildConfig, build
 
-    extra = {"world": world, "threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
+    extra = {"threads": threads, "text_encoder": text_encoder, "prediction_type": prediction_type,
              "noise_schedule": noise_schedule, "snr_gamma": snr_gamma, "noise_offset": noise_offset,
              "timestep_sampling": timestep_sampling, "timestep_mean": timestep_mean, "timestep_std": timestep_std,
-             "easy_share": easy_share, "base_layout": base_layout, "caption_colour_p": caption_colour_p,
+             "easy_share": easy_share, "caption_colour_p": caption_colour_p,
              "max_unet_hours": max_unet_hours, "compile": compile}
     if steps is not None:
         extra["unet_steps"] = steps
@@ -59,6 +55,6 @@ def build_cmd(
     output = output or TOYWORLD_DIR
     report = build(output, work, seed=seed, resume=resume, progress=True, config=cfg)
     single, ev = report["single_object"], report["evaluator"]
-    out.print(f"ToyWorld built in {output}: prompted class present {single['class_present']:.2f} (goal 0.80), "
-              f"colour {single['colour_present']:.2f} (goal 0.70), evaluator top-1 retrieval "
-              f"{ev['top1_caption_retrieval_full']:.2f} (goal 0.90); details in {output / 'quality.json'}")
+    out.print(f"ToyWorld built in {output}: prompted kind {single['class_present']:.2f}, body colour "
+              f"{single['colour_present']:.2f} (goal 0.80 each), evaluator top-1 retrieval "
+              f"{ev['top1_caption_retrieval_full']:.2f}; details in {output / 'quality.json'}")

@@ -1,43 +1,61 @@
-"""ToyWorld: the embedded synthetic world (docs/toyworld.md).
+"""ToyWorld: the embedded synthetic world (docs/toyworld.md): creatures of three kinds whose identity is a
+combination of five parts.
 
-`render` draws scenes with exact ground truth, `scenes` samples them, `check` scores images from
-pixels alone; `workflows/toyworld_build` trains and ships the base pipeline
-and the evaluator.
+`render` draws them with exact ground truth, `scenes` says which scenes the base, the world pool and the
+methods' data are made of (and the personal concepts), `check` reads every part back from pixels, `score`
+turns readings into identity, swaps and leaks, `files` writes the folders the methods read;
+`workflows/toyworld_build` trains and ships the base pipeline and the two CLIPs.
 """
 
-from .check import Analysis, Detection, analyse, check, checker_accuracy
+from .check import Analysis, Reading, analyse
+from .files import left_to_right, save_png, write_concept_folder, write_two_concept_folder
 from .render import (
     BACKGROUNDS,
-    CLASS_NOUNS,
-    COLOURS,
+    BODY_COLOURS,
+    HATS,
+    HEAD_COLOURS,
     IMAGE_SIZE,
-    PERSONAL_CONCEPTS,
-    Appearance,
-    ObjectSpec,
-    PersonalConcept,
+    KINDS,
+    MARKING_COLOURS,
+    MARKINGS,
+    NAMED_PARTS,
+    PART_VALUES,
+    PARTS,
+    UNNAMED_PARTS,
+    Creature,
+    Placed,
     Scene,
-    SceneObject,
-    describe,
-    is_personal,
-    render_scene,
+    Spec,
+    article,
+    render,
 )
 from .scenes import (
-    Subject,
-    SubjectRecord,
+    EVIDENCE_CONCEPTS,
+    PERSONAL_CONCEPTS,
+    PILOT_CONCEPTS,
+    PersonalConcept,
     base_training_scene,
+    caption,
+    caption_in_order,
+    concept,
     concept_reference_set,
-    left_to_right,
-    subject_dataset,
+    differ_in_every_part,
+    free_specs,
+    full_caption,
+    layout_specs,
+    random_creature,
+    subject_scene,
     two_concept_scene,
     world_scene,
-    write_concept_folder,
-    write_two_concept_folder,
 )
+from .score import TRAITS, identity, leakage, match, pair_outcomes, part_outcomes
 
 __all__ = [
-    "Analysis", "Appearance", "BACKGROUNDS", "CLASS_NOUNS", "COLOURS", "Detection", "IMAGE_SIZE",
-    "ObjectSpec", "PERSONAL_CONCEPTS", "PersonalConcept", "Scene", "SceneObject", "Subject",
-    "SubjectRecord", "analyse", "base_training_scene", "check", "checker_accuracy",
-    "concept_reference_set", "describe", "is_personal", "left_to_right", "render_scene", "subject_dataset",
+    "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
+    "KINDS", "MARKINGS", "MARKING_COLOURS", "NAMED_PARTS", "PARTS", "PART_VALUES", "PERSONAL_CONCEPTS",
+    "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "TRAITS", "UNNAMED_PARTS", "analyse",
+    "article", "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set",
+    "differ_in_every_part", "free_specs", "full_caption", "identity", "layout_specs", "leakage", "left_to_right",
+    "match", "pair_outcomes", "part_outcomes", "random_creature", "render", "save_png", "subject_scene",
     "two_concept_scene", "world_scene", "write_concept_folder", "write_two_concept_folder",
 ]

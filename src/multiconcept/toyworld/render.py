@@ -1,304 +1,239 @@
-"""ToyWorld scenes: 64×64 renders of coloured shapes with exact ground truth.
+"""ToyWorld creatures: 64×64 renders of subjects whose identity is a combination of parts.
 
-A scene is a background plus 1–3 objects; an object is a class noun (the
-shape) with an appearance (colour, pattern). Every render carries its
-caption, and per object its box and the boolean mask of exactly the pixels
-drawn for it. Everything is numpy + PIL and deterministic per seed.
+A creature is a kind (the class noun: robot, bird, ghost — the body's silhouette) and five parts, each
+with a few known values: body colour, head colour, hat, marking and marking colour. Prompts can name
+the kind and the body colour; the other four parts have no words in the base's captions, so a
+personal concept ("my robot") is a combination no prompt can say, as a real subject is
+(../../shared/spec/toyworld2.md, "Identity beyond words").
 
-Personal concepts (`PERSONAL_CONCEPTS`) are appearances the base model never
-sees: held-out pattern families (checkered, dotted, two-tone) and one
-held-out combination of base attributes. `base_training_scene` excludes
-them; the VAE and the evaluator are trained on `world_scene`, which includes
-them, because neither sees the base model's prompts.
+Every part is at least ~8 px at the base's scale, so it survives the VAE's 4× downsampling (16×16
+latents). The parts live in separate palettes (bodies and hats in the body colours, heads in the head
+colours, markings achromatic), which is what lets `check` read each part back from pixels and find
+each subject by its head, even when two subjects of one kind overlap.
+
+Geometry is in frame units: a creature at scale 1 spans x ∈ [-12, 12], y ∈ [-22, 21] around its
+centre (43 px tall, 24 px wide); the hat sits above the head, the head on the body.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
-CLASS_NOUNS = ("circle", "square", "triangle", "star", "heart", "ring", "cross")
-# Eight hues with pairwise RGB distance >= ~95, so a blurry generation still
-# lands nearest the right one, and whose 55% shade (stripes) stays far from
-# every background colour.
-COLOURS = {
-    "red": (220, 30, 40), "orange": (250, 130, 0), "yellow": (245, 225, 20),
-    "green": (30, 170, 50), "cyan": (0, 200, 210), "blue": (30, 70, 230),
-    "purple": (140, 40, 210), "pink": (255, 120, 200),
-}
-SHADE = 0.55  # stripes, checks and dots are the object colour darkened, so hue is kept
-# Low-saturation backgrounds, so "non-background" and "coloured" coincide.
+KINDS = ("robot", "bird", "ghost")
+BODY_COLOURS = {"red": (220, 30, 40), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (245, 225, 20)}
+HEAD_COLOURS = {"orange": (250, 130, 0), "cyan": (0, 200, 210), "purple": (140, 40, 210), "pink": (255, 120, 200)}
+HATS = ("cone", "block", "horns")
+MARKINGS = ("band", "stripe", "spot")
+MARKING_COLOURS = {"white": (245, 245, 245), "gray": (120, 120, 120), "black": (15, 15, 15)}
+# Low-saturation backgrounds: every creature outline (body, head, hat) is saturated against them;
+# only markings, always inside a body, are achromatic.
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128),
                "black": (25, 25, 25), "beige": (220, 205, 170)}
-TEXTURES = ("plain", "gradient")
-GRADIENT_AMPLITUDE = 10  # ± per channel; small enough that the checker's background threshold holds
-BASE_PATTERNS = ("plain", "striped")
-HELD_OUT_PATTERNS = ("checkered", "dotted", "two-tone")
-SIZES = {"small": (7, 8), "large": (12, 14)}  # half-extent range in pixels
-# (x, y) centres, spread so two small objects fit at adjacent positions.
-POSITIONS = {"left": (14, 32), "right": (50, 32), "top": (32, 14),
-             "bottom": (32, 50), "center": (32, 32)}
-POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
-                    "bottom": "at the bottom", "center": "in the center"}
-JITTER = 3  # px of random offset around a position's centre
-MIN_GAP = 2  # px between object boxes, so objects are separate components
+# Which parts the base's captions may name (with the kind); the rest have no words there.
+NAMED_PARTS = ("body_colour",)
+PART_VALUES = {"body_colour": tuple(BODY_COLOURS), "head_colour": tuple(HEAD_COLOURS), "hat": HATS,
+               "marking": MARKINGS, "marking_colour": tuple(MARKING_COLOURS)}
+UNNAMED_PARTS = tuple(p for p in PART_VALUES if p not in NAMED_PARTS)
+PARTS = tuple(PART_VALUES)
+
+HEAD_CENTRE, HEAD_RADIUS = (0.0, -7.0), 6.0
+FRAME_TOP, FRAME_BOTTOM, FRAME_HALF_WIDTH = -22.0, 21.0, 12.0
 
 
 @dataclass(frozen=True)
-class Appearance:
-    colour: str
-    pattern: str = "plain"
-    second_colour: str | None = None  # the right half of a two-tone object
+class Creature:
+    kind: str
+    body_colour: str
+    head_colour: str
+    hat: str
+    marking: str
+    marking_colour: str
 
     def __post_init__(self):
-        if self.colour not in COLOURS:
-            raise ValueError(f"unknown colour {self.colour!r}; choose from {sorted(COLOURS)}")
-        if self.pattern not in BASE_PATTERNS + HELD_OUT_PATTERNS:
-            raise ValueError(f"unknown pattern {self.pattern!r}")
-        if (self.pattern == "two-tone") != (self.second_colour is not None):
-            raise ValueError("second_colour is required for, and only for, pattern 'two-tone'")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; choose from {KINDS}")
+        for part, values in PART_VALUES.items():
+            if getattr(self, part) not in values:
+                raise ValueError(f"unknown {part} {getattr(self, part)!r}; choose from {values}")
 
-    def words(self) -> str:
-        """Adjectives in caption order: 'red', 'red striped', 'yellow and blue two-tone'."""
-        if self.pattern == "two-tone":
-            return f"{self.colour} and {self.second_colour} two-tone"
-        return self.colour if self.pattern == "plain" else f"{self.colour} {self.pattern}"
+    def parts(self) -> dict[str, str]:
+        return {p: getattr(self, p) for p in PARTS}
 
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, **self.parts()}
 
-@dataclass(frozen=True)
-class PersonalConcept:
-    name: str
-    noun: str
-    appearance: Appearance
+    def words(self, colour: bool = True) -> str:
+        """What the base's vocabulary can say of it: 'red robot', or 'robot'."""
+        return f"{self.body_colour} {self.kind}" if colour else self.kind
 
-    def description(self) -> str:
-        return f"{self.appearance.words()} {self.noun}"
+    def full_description(self) -> str:
+        """Every part in words: the evaluator's captions only (the base never reads these)."""
+        return (f"{self.body_colour} {self.kind} with {article(self.head_colour)} {self.head_colour} head, "
+                f"{article(self.hat)} {self.hat} hat and {article(self.marking_colour)} {self.marking_colour} {self.marking}")
 
-
-PERSONAL_CONCEPTS: dict[str, PersonalConcept] = {c.name: c for c in [
-    PersonalConcept("checkered_star", "star", Appearance("orange", "checkered")),
-    PersonalConcept("dotted_heart", "heart", Appearance("purple", "dotted")),
-    PersonalConcept("twotone_circle", "circle", Appearance("yellow", "two-tone", "blue")),
-    PersonalConcept("checkered_square", "square", Appearance("green", "checkered")),
-    PersonalConcept("twotone_triangle", "triangle", Appearance("pink", "two-tone", "cyan")),
-    PersonalConcept("dotted_cross", "cross", Appearance("red", "dotted")),
-    PersonalConcept("twotone_ring", "ring", Appearance("cyan", "two-tone", "red")),
-    # Not a new pattern family: a combination of base attributes the base never sees.
-    PersonalConcept("striped_yellow_heart", "heart", Appearance("yellow", "striped")),
-]}
-
-
-def is_personal(noun: str, appearance: Appearance) -> bool:
-    """True if this object looks like a personal concept or uses a held-out pattern."""
-    return appearance.pattern in HELD_OUT_PATTERNS or any(
-        c.noun == noun and c.appearance == appearance for c in PERSONAL_CONCEPTS.values())
+    @classmethod
+    def from_dict(cls, d: dict) -> "Creature":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+# ---------------------------------------------------------------- geometry (frame units)
+
+def _polygons(kind: str) -> list[tuple[str, list]]:
+    """The body silhouette of a kind as (shape, points) in frame units, y down."""
+    if kind == "robot":  # a box on two legs
+        return [("rect", [(-11, 0), (11, 16)]), ("rect", [(-8.5, 15), (-3.5, 21)]), ("rect", [(3.5, 15), (8.5, 21)])]
+    if kind == "bird":  # an egg-shaped body
+        return [("ellipse", [(-12, -1), (12, 20)])]
+    if kind == "ghost":  # a bell widening downwards, with a toothed hem
+        hem = [(12, 17), (9, 21), (6, 17), (3, 21), (0, 17), (-3, 21), (-6, 17), (-9, 21), (-12, 17)]
+        return [("polygon", [(-6, 0), (6, 0), *hem]), ("ellipse", [(-6, -3), (6, 3)])]
+    raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+
+
+def _hat(hat: str) -> list[tuple[str, list]]:
+    if hat == "cone":
+        return [("polygon", [(-7, -11), (7, -11), (0, -22)])]
+    if hat == "block":  # a tall hat; wide enough (8) to stay a column after the VAE
+        return [("rect", [(-4.5, -22), (4.5, -11)])]
+    if hat == "horns":  # two peaks with a gap between them
+        return [("polygon", [(-8, -9), (-2, -12), (-7.5, -22)]), ("polygon", [(8, -9), (2, -12), (7.5, -22)])]
+    raise ValueError(f"unknown hat {hat!r}; choose from {HATS}")
+
+
+def _marking(marking: str) -> list[tuple[str, list]]:
+    if marking == "band":  # across the body
+        return [("rect", [(-7.5, 5), (7.5, 11)])]
+    if marking == "stripe":  # down the body
+        return [("rect", [(-3, 1.5), (3, 15)])]
+    if marking == "spot":
+        return [("ellipse", [(-4.5, 3.5), (4.5, 12.5)])]
+    raise ValueError(f"unknown marking {marking!r}; choose from {MARKINGS}")
+
+
+def _head() -> list[tuple[str, list]]:
+    (hx, hy), r = HEAD_CENTRE, HEAD_RADIUS
+    return [("ellipse", [(hx - r, hy - r), (hx + r, hy + r)])]
+
+
+def _draw(shapes, cx: float, cy: float, scale: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    canvas = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(canvas)
+    for kind, pts in shapes:
+        xy = [(cx + x * scale, cy + y * scale) for x, y in pts]
+        if kind == "rect":
+            d.rectangle(xy, fill=255)
+        elif kind == "ellipse":
+            d.ellipse(xy, fill=255)
+        else:
+            d.polygon(xy, fill=255)
+    return np.asarray(canvas) > 127
+
+
+def part_masks(c: Creature, cx: float, cy: float, scale: float) -> dict[str, np.ndarray]:
+    """Pixels of each region of one creature drawn alone: hat, head, body (marking included), marking."""
+    body = _draw(_polygons(c.kind), cx, cy, scale)
+    head = _draw(_head(), cx, cy, scale)
+    hat = _draw(_hat(c.hat), cx, cy, scale) & ~head & ~body
+    head &= ~body
+    marking = _draw(_marking(c.marking), cx, cy, scale) & body
+    return {"hat": hat, "head": head, "body": body, "marking": marking}
+
+
+def template(kind: str | None = None, hat: str | None = None, marking: str | None = None,
+             cx: float = 32, cy: float = 32, scale: float = 1.0) -> np.ndarray:
+    """One region's mask at a frame: what the checker compares a reading with."""
+    shapes = _polygons(kind) if kind else _hat(hat) if hat else _marking(marking)
+    return _draw(shapes, cx, cy, scale)
+
+
+# ---------------------------------------------------------------- scenes
+
 @dataclass
-class SceneObject:
-    noun: str
-    appearance: Appearance
-    size: str  # "small" | "large"
-    position: str  # a key of POSITIONS
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
-    mask: np.ndarray = field(repr=False)  # bool (H, W), exactly the pixels drawn for it
-    concept: str | None = None  # name in PERSONAL_CONCEPTS, if it is one
+class Placed:
+    """A creature as drawn: its frame, and per region exactly the pixels visible in the image."""
+    creature: Creature
+    cx: float
+    cy: float
+    scale: float
+    position: str  # "center", "left", "right" or "free"
+    masks: dict[str, np.ndarray] = field(repr=False)  # hat, head, body, marking; visible pixels only
+    full_masks: dict[str, np.ndarray] = field(repr=False)  # the same drawn alone (before occlusion)
+    concept: str | None = None
 
     @property
-    def colour(self) -> str:
-        return self.appearance.colour
+    def mask(self) -> np.ndarray:
+        return self.masks["hat"] | self.masks["head"] | self.masks["body"]
 
-    def phrase(self, size: bool = True, pattern: bool = True, position: bool = True, colour: bool = True) -> str:
-        """'a small red striped star on the left' with optional parts left out
-        (without colour: 'a small striped star', 'a two-tone circle', 'a star')."""
-        words = [self.size] if size else []
-        if colour:
-            words.append(self.appearance.words() if pattern else self.appearance.colour)
-        elif pattern and self.appearance.pattern != "plain":
-            words.append(self.appearance.pattern)
-        words.append(self.noun)
-        text = f"{article(words[0])} {' '.join(words)}"
-        return f"{text} {POSITION_PHRASES[self.position]}" if position else text
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        ys, xs = np.nonzero(self.mask)
+        return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+    def visible_parts(self, min_share: float = 0.5) -> dict[str, bool]:
+        """Which parts can be read: the region carrying each is at least `min_share` visible."""
+        region = {"body_colour": "body", "head_colour": "head", "hat": "hat", "marking": "marking",
+                  "marking_colour": "marking"}
+        return {p: self.masks[r].sum() >= min_share * max(1, self.full_masks[r].sum()) for p, r in region.items()}
 
     def to_dict(self) -> dict:
-        """JSON-ready ground truth; the mask is summarised by its area."""
-        a = self.appearance
-        return {"noun": self.noun, "colour": a.colour, "pattern": a.pattern,
-                "second_colour": a.second_colour, "size": self.size, "position": self.position,
-                "box": list(self.box), "mask_area": int(self.mask.sum()), "concept": self.concept}
+        return {**self.creature.to_dict(), "cx": self.cx, "cy": self.cy,
+                "scale": self.scale, "position": self.position, "box": list(self.box), "concept": self.concept,
+                "visible": {k: bool(v) for k, v in self.visible_parts().items()}}
 
 
 @dataclass
 class Scene:
     image: np.ndarray = field(repr=False)  # uint8 (H, W, 3)
     background: str
-    texture: str
-    objects: list[SceneObject]
-    caption: str
-    # For concept scenes: class nouns and a layout template whose {a}/{b} stand
-    # for "noun" (class prompt) or "<token> noun" (concept prompt).
+    subjects: list[Placed]  # in drawing order: later ones occlude earlier ones
+    layout: str  # "center", "pair", "overlap" or "free"
+    caption: str = ""
     caption_parts: dict[str, str] = field(default_factory=dict)
 
     def pil(self) -> Image.Image:
         return Image.fromarray(self.image)
 
     def to_dict(self) -> dict:
-        return {"background": self.background, "texture": self.texture, "caption": self.caption,
-                "caption_parts": dict(self.caption_parts),
-                "objects": [o.to_dict() for o in self.objects]}
+        return {"background": self.background, "layout": self.layout, "caption": self.caption,
+                "caption_parts": dict(self.caption_parts), "subjects": [s.to_dict() for s in self.subjects]}
 
 
 @dataclass(frozen=True)
-class ObjectSpec:
-    """What to draw; where exactly (jitter, radius) is drawn from the rng."""
-    noun: str
-    appearance: Appearance
-    size: str = "large"
+class Spec:
+    """What to draw, where."""
+    creature: Creature
+    cx: float
+    cy: float
+    scale: float = 1.0
     position: str = "center"
     concept: str | None = None
 
 
-# ---------------------------------------------------------------- drawing
-
-def shape_mask(noun: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boolean mask of one shape whose extent is about [c - r, c + r] on both axes."""
-    canvas = Image.new("L", (size, size), 0)
-    d = ImageDraw.Draw(canvas)
-    if noun in ("circle", "ring"):
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        if noun == "ring":  # 0.55: thick enough to survive 4x VAE downsampling
-            q = 0.55 * r
-            d.ellipse((cx - q, cy - q, cx + q, cy + q), fill=0)
-    elif noun == "square":
-        q = 0.85 * r  # equal visual mass with the circle
-        d.rectangle((cx - q, cy - q, cx + q, cy + q), fill=255)
-    elif noun == "triangle":
-        d.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=255)
-    elif noun == "star":
-        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)  # fat inner radius reads at 64 px
-        d.polygon([(cx + rr * np.cos(t), cy + 0.1 * r + rr * np.sin(t))
-                   for rr, t in zip(radii, angles)], fill=255)
-    elif noun == "heart":
-        q = 0.5 * r
-        for sx in (-1, 1):
-            x = cx + sx * 0.48 * r
-            d.ellipse((x - q, cy - 0.35 * r - q, x + q, cy - 0.35 * r + q), fill=255)
-        d.polygon([(cx - 0.97 * r, cy - 0.2 * r), (cx + 0.97 * r, cy - 0.2 * r), (cx, cy + r)], fill=255)
-    elif noun == "cross":
-        w = 0.35 * r
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
-    else:
-        raise ValueError(f"unknown class noun {noun!r}; choose from {CLASS_NOUNS}")
-    return np.asarray(canvas) > 127
-
-
-def shade(rgb: Sequence[int]) -> np.ndarray:
-    return np.asarray(rgb, dtype=np.float32) * SHADE
-
-
-def _paint(image: np.ndarray, mask: np.ndarray, appearance: Appearance, cx: float) -> None:
-    ys, xs = np.nonzero(mask)
-    x0, y0 = xs.min(), ys.min()  # patterns are anchored to the object, not the canvas
-    base = np.asarray(COLOURS[appearance.colour], dtype=np.float32)
-    colours = np.broadcast_to(base, (len(xs), 3)).copy()
-    p = appearance.pattern
-    if p == "two-tone":  # a vertical split at the object's centre
-        colours[xs >= cx] = COLOURS[appearance.second_colour]
-    else:
-        dark = {"plain": np.zeros(len(xs), dtype=bool),
-                "striped": ((ys - y0) // 3) % 2 == 1,
-                "checkered": ((xs - x0) // 4 + (ys - y0) // 4) % 2 == 1,
-                "dotted": ((xs - x0) % 6 - 3) ** 2 + ((ys - y0) % 6 - 3) ** 2 <= 2}[p]
-        colours[dark] = shade(base)
-    image[ys, xs] = colours
-
-
-def _background(name: str, texture: str) -> np.ndarray:
-    rgb = np.asarray(BACKGROUNDS[name], dtype=np.float32)
-    image = np.broadcast_to(rgb, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
-    if texture == "gradient":  # vertical light falloff, uncaptioned nuisance variation
-        ramp = np.linspace(GRADIENT_AMPLITUDE, -GRADIENT_AMPLITUDE, IMAGE_SIZE, dtype=np.float32)
-        image += ramp[:, None, None]
-    elif texture != "plain":
-        raise ValueError(f"unknown texture {texture!r}; choose from {TEXTURES}")
-    return image
-
-
-class LayoutError(ValueError):
-    """The requested objects cannot be placed without overlapping."""
-
-
-def _place(specs: Sequence[ObjectSpec], rng: np.random.Generator, tries: int = 40):
-    """Centres and radii for each spec with pairwise box gaps >= MIN_GAP, or None."""
-    for _ in range(tries):
-        placed = []
-        for s in specs:
-            lo, hi = SIZES[s.size]
-            r = float(rng.integers(lo, hi + 1))
-            px, py = POSITIONS[s.position]
-            cx = float(np.clip(px + rng.integers(-JITTER, JITTER + 1), r + 1, IMAGE_SIZE - r - 2))
-            cy = float(np.clip(py + rng.integers(-JITTER, JITTER + 1), r + 1, IMAGE_SIZE - r - 2))
-            placed.append((cx, cy, r))
-        if all(max(abs(a[0] - b[0]) - a[2] - b[2], abs(a[1] - b[1]) - a[2] - b[2]) >= MIN_GAP + 1
-               for i, a in enumerate(placed) for b in placed[i + 1:]):
-            return placed
-    return None
-
-
-def render_scene(specs: Sequence[ObjectSpec], background: str = "gray", texture: str = "plain",
-                 rng: np.random.Generator | None = None, caption: str | None = None) -> Scene:
-    """Draw `specs` in order; raises ValueError if their layout cannot fit."""
-    rng = rng if rng is not None else np.random.default_rng(0)
-    placed = _place(specs, rng)
-    if placed is None:
-        raise LayoutError(f"objects at {[s.position for s in specs]} with sizes "
-                         f"{[s.size for s in specs]} overlap; use other positions or 'small'")
-    image = _background(background, texture)
-    objects = []
-    for spec, (cx, cy, r) in zip(specs, placed):
-        mask = shape_mask(spec.noun, cx, cy, r)
-        _paint(image, mask, spec.appearance, cx)
-        for earlier in objects:  # later objects occlude; masks stay exact
-            earlier.mask &= ~mask
-        objects.append(SceneObject(spec.noun, spec.appearance, spec.size, spec.position,
-                                   (0, 0, 0, 0), mask, spec.concept))
-    for o in objects:
-        ys, xs = np.nonzero(o.mask)
-        o.box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    scene = Scene(image, background, texture, objects, "")
-    scene.caption = caption if caption is not None else describe(objects, background)
-    return scene
-
-
-# ---------------------------------------------------------------- captions
-
-def describe(objects: Sequence[SceneObject], background: str,
-             rng: np.random.Generator | None = None, colour_p: float = 1.0, appearance: bool = True) -> str:
-    """Plain-English caption. With an rng, size/position/background are sometimes
-    left out (and stripes rarely), so short prompts like 'a blue circle' are in
-    distribution; the noun is always said. The colour too, unless colour_p < 1:
-    then each object's colour is said with that probability, so that a prompt
-    without one ('a star', the class prompt of personalisation methods) is in
-    distribution for the base as well. appearance=False leaves every object's
-    colour and pattern out ('a large star on the left and a large ring on the
-    right on a gray background'): the caption of a tuning-free training scene,
-    whose subjects' looks come from their reference images."""
-    def keep(p: float) -> bool:
-        return rng is None or rng.random() < p
-    many = len(objects) > 1
-    phrases = [o.phrase(size=keep(0.5), pattern=appearance and keep(0.9), position=keep(0.7 if many else 0.3),
-                        colour=appearance and (colour_p >= 1 or keep(colour_p)))
-               for o in objects]
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{text} on {article(background)} {background} background" if keep(0.75) else text
+def render(specs: Sequence[Spec], background: str = "gray", layout: str = "center") -> Scene:
+    """Draw `specs` in order (later ones in front); each subject's masks keep its visible pixels."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose from {sorted(BACKGROUNDS)}")
+    image = np.broadcast_to(np.asarray(BACKGROUNDS[background], np.uint8), (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    placed: list[Placed] = []
+    for s in specs:
+        c = s.creature
+        full = part_masks(c, s.cx, s.cy, s.scale)
+        image[full["hat"] | full["body"]] = BODY_COLOURS[c.body_colour]
+        image[full["head"]] = HEAD_COLOURS[c.head_colour]
+        image[full["marking"]] = MARKING_COLOURS[c.marking_colour]
+        drawn = full["hat"] | full["head"] | full["body"]
+        for earlier in placed:
+            for m in earlier.masks.values():
+                m &= ~drawn
+        placed.append(Placed(c, s.cx, s.cy, s.scale, s.position, {k: v.copy() for k, v in full.items()}, full,
+                             s.concept))
+    return Scene(image, background, placed, layout)

@@ -9,13 +9,14 @@ its last checkpoint; every stage trains in the one training loop):
   2. vae        AutoencoderKL, 4x down (16x16x4 latents), trained on every appearance,
                 personal concepts included; latents are then normalised per channel
                 inside the VAE's 1x1 quant convs, so scaling_factor is 1
-  3. evaluator  a small transformers CLIPModel trained contrastively on renders + captions (the
-                creatures world: two by one recipe, the evaluator and the encoder)
+  3. evaluator  two small transformers CLIPModels trained contrastively on renders + captions by one
+                recipe: the evaluator (CLIP-I/T, no method uses it) and the encoder (the base's text
+                tower and the tuning-free methods' image encoder start from it)
   4. pool       base-training scenes (no personal concepts) encoded once to latents
-  5. unet       CLIPTextModel (from the evaluator's text tower) + UNet2DConditionModel
+  5. unet       CLIPTextModel (from the encoder's text tower) + UNet2DConditionModel
                 trained jointly, v-prediction on zero-terminal-SNR betas
-  6. ship       OUT/base (StableDiffusionPipeline, fp16), OUT/evaluator (CLIPModel +
-                processor), OUT/quality.json, OUT/samples.png
+  6. ship       OUT/base (StableDiffusionPipeline, fp16), OUT/evaluator and OUT/encoder (CLIPModel +
+                processor), OUT/quality.json, OUT/samples.png, OUT/contact_sheet.png
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import torch
 from .common import Log, write_json
 from .evaluator import train_clips
 from .quality import quality_report
-from .quality_creatures import quality_report_creatures
 from .settings import BuildConfig, check_state
 from .ship import ship
 from .tokenizer import train_tokenizer
@@ -81,7 +81,7 @@ def build(out_dir: str | Path, work_dir: str | Path, seed: int = 0, steps: int |
     trained, train_info = train_unet(cfg, work, tokenizer, vae, log)
     timings["unet"], t = time.time() - t, time.time()
     choice, ship_scores = ship(cfg, out, work, tokenizer, vae, trained, log)
-    report = (quality_report_creatures if cfg.world == "creatures" else quality_report)(cfg, out, evaluator, tokenizer, log)
+    report = quality_report(cfg, out, evaluator, tokenizer, log)
     timings["ship_and_evaluate"] = time.time() - t
     size_mb = sum(f.stat().st_size for f in (out / "base").rglob("*.safetensors")) / 2**20
     report |= {"shipped_weights": choice, "raw_vs_ema_quick_scores": ship_scores,

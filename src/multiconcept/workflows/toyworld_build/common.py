@@ -53,7 +53,7 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def render_pool(n: int, rng_key: list[int], sampler, world, masks: bool = False):
-    """n scenes of `world` (worlds.WORLDS) as uint8 images plus JSON metadata (what captions need),
+    """n scenes of `world` (world.WORLD) as uint8 images plus JSON metadata (what captions need),
     and with masks=True the union of each scene's object masks."""
     rng = np.random.default_rng(rng_key)
     images = np.empty((n, 64, 64, 3), dtype=np.uint8)

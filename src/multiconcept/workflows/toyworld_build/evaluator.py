@@ -1,5 +1,5 @@
 """Stage 3: the CLIPs (transformers CLIPModel) trained contrastively on renders and captions: the
-evaluator, and in the creatures world a second one by the same recipe (another seed, the other half of
+evaluator, and a second one by the same recipe (another seed, the other half of
 the world pool), the encoder the base's text tower and the tuning-free methods start from."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .common import (
 )
 from .settings import CHECKPOINTS, BuildConfig, clip_names, stage_digest
 from .vae import world_pool
-from .worlds import WORLDS
+from .world import WORLD
 
 
 def make_evaluator(tokenizer):
@@ -64,7 +64,6 @@ def train_evaluator(cfg: BuildConfig, work: Path, tokenizer, log: Log, name: str
     images, meta, _ = world_pool(cfg, log)
     k, n_clips = clip_names(cfg).index(name), len(clip_names(cfg))
     own = np.arange(k, len(images), n_clips)  # the CLIPs see disjoint halves of the pool
-    world = WORLDS[cfg.world]
     torch.manual_seed(cfg.seed + 3 + 10 * k)
     model = make_evaluator(tokenizer)
     log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
@@ -77,7 +76,7 @@ def train_evaluator(cfg: BuildConfig, work: Path, tokenizer, log: Log, name: str
         pixels = _augment_like_generations(to_pixels(images[idx]), rng)
         # Padding to the longest caption, not to 77: with CLIP's causal mask the pooled
         # (end-of-text) feature never sees the padding, so this is exact and ~3x cheaper.
-        ids = tokenizer([world.clip_caption(meta[i], rng) for i in idx], padding=True,
+        ids = tokenizer([WORLD.clip_caption(meta[i], rng) for i in idx], padding=True,
                         truncation=True, return_tensors="pt").input_ids
         return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 

@@ -10,20 +10,21 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...models.compiled import COMPILE_MODES
-from ...toyworld.scenes import BASE_LAYOUTS
 from .common import write_json
 
-WORLD_NAMES = ("shapes", "creatures")
+# One world. The field stays, with its one value, because every stage's checkpoint digest (stage_digest)
+# and a work dir's state.json hold the whole config: a build started as world "creatures" resumes.
+WORLD_NAMES = ("creatures",)
+# The base's layouts are the world's fixed ones (toyworld.scenes.BASE_LAYOUTS); the field stays for the
+# same reason as `world`. "free" (any place and size) kept the recipe from learning shapes
+# (docs/toyworld.md, How the recipe was found) and lives in the tuning-free data only.
+BASE_LAYOUT_NAMES = ("fixed",)
 
 
 @dataclass
 class BuildConfig:
     seed: int = 0
-    # Which world (worlds.WORLDS): "shapes", the shipped one, or "creatures", subjects of one kind told
-    # apart by parts no word names (toyworld/creatures). A creatures build trains two CLIPs by one
-    # recipe: the evaluator, which no method uses, and the encoder, whose text tower becomes the base's
-    # and whose image tower the tuning-free methods start from.
-    world: str = "shapes"
+    world: str = "creatures"  # WORLD_NAMES
     # tokenizer
     bpe_vocab_size: int = 1600  # learned tokens incl. the byte alphabet; 256 end-of-word bytes are added after
     # The text context. SD's 77 left 64 padding tokens after a ToyWorld caption, and the
@@ -100,11 +101,7 @@ class BuildConfig:
     # position, background): a curriculum for class -> shape, which the same recipe learns on
     # large centred single objects in ~1,600 steps (class 0.93) but not in the full world by 5,000.
     easy_share: float = 0.0
-    # The base's training layouts (scenes.BASE_LAYOUTS). "free" (runs one to six): any of five
-    # positions, two sizes, 1-3 objects; class stayed at chance by 4,000-5,000 steps. "fixed": one
-    # large object in the center or two on the left and right, which is what the held-out prompts
-    # ask for (single objects without a position; pairs "on the left ... on the right").
-    base_layout: str = "fixed"
+    base_layout: str = "fixed"  # BASE_LAYOUT_NAMES
     # Share of objects whose colour the base's training captions say. Always (1.0, runs one to
     # seven) left "a star on a black background" out of distribution: the seventh run's base drew
     # dark noise for it, and personalisation prompts ("a <s1> star") and class prompts have no
@@ -215,7 +212,7 @@ def validate(cfg: BuildConfig) -> None:
          "noise_schedule", "has zero terminal SNR, where only v_prediction is defined: "
                            "use it with --prediction-type v_prediction")
     choose("timestep_sampling", TIMESTEP_SAMPLINGS)
-    choose("base_layout", BASE_LAYOUTS)
+    choose("base_layout", BASE_LAYOUT_NAMES)
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "snr_gamma", "must be positive")
     need(cfg.timestep_std > 0, "timestep_std", "must be positive")
     need(0 < cfg.caption_colour_p <= 1, "caption_colour_p", "must be within (0, 1]")
@@ -229,8 +226,9 @@ CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "evaluator": "ckpt_evaluator.safet
 
 
 def clip_names(cfg: BuildConfig) -> tuple[str, ...]:
-    """The CLIPs a build trains, by one recipe; the last one's text tower starts the base's text encoder."""
-    return ("evaluator", "encoder") if cfg.world == "creatures" else ("evaluator",)
+    """The CLIPs a build trains, by one recipe: the evaluator (CLIP-I/T; no method uses it) and the encoder,
+    whose text tower starts the base's text encoder and whose image tower the tuning-free methods start from."""
+    return ("evaluator", "encoder")
 
 
 def stage_digest(cfg: BuildConfig, stage: str) -> str:

@@ -12,7 +12,7 @@ from .common import Log, replace_dir
 from .quality import quick_score
 from .settings import BuildConfig, clip_names
 from .unet import make_pipeline
-from .worlds import WORLDS
+from .world import WORLD
 
 
 def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
@@ -24,7 +24,7 @@ def _add_vocab_files(folder: Path, tokenizer_dir: Path) -> None:
 
 def ship(cfg: BuildConfig, out: Path, work: Path, tokenizer, vae, trained: dict, log: Log) -> tuple[str, dict]:
     """Pick raw or EMA weights by checker score, write OUT/base in fp16 and OUT/evaluator."""
-    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=WORLDS[cfg.world].quick_n)
+    scores = {kind: quick_score(make_pipeline(vae, te, tokenizer, un, cfg), cfg, n=WORLD.quick_n)
               for kind, (te, un) in trained.items()}
     choice = max(scores, key=lambda k: (scores[k]["match"], k == "raw"))
     log(f"ship: raw {scores['raw']} / ema {scores['ema']} -> shipping {choice}")

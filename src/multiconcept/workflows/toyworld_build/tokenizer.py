@@ -10,7 +10,7 @@ import numpy as np
 
 from .common import Log, replace_dir
 from .settings import BuildConfig
-from .worlds import WORLDS
+from .world import WORLD
 
 COMMON_WORDS = """
 a an the of on in at to with and or for from by as is are be this that it its one two three
@@ -55,9 +55,8 @@ def train_tokenizer(cfg: BuildConfig, folder: Path, log: Log):
     )
     from transformers import CLIPTokenizer
 
-    world = WORLDS[cfg.world]
-    corpus = world.corpus(np.random.default_rng([cfg.seed, 1]))
-    corpus += [" ".join(COMMON_WORDS)] * 3 + [t.replace("{}", n) for t in PROMPT_TEMPLATES for n in world.nouns]
+    corpus = WORLD.corpus(np.random.default_rng([cfg.seed, 1]))
+    corpus += [" ".join(COMMON_WORDS)] * 3 + [t.replace("{}", n) for t in PROMPT_TEMPLATES for n in WORLD.nouns]
 
     bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -88,7 +87,7 @@ def train_tokenizer(cfg: BuildConfig, folder: Path, log: Log):
     tok.save_pretrained(tmp)
     replace_dir(tmp, folder)
     tok = CLIPTokenizer.from_pretrained(folder)
-    probe = world.probe
+    probe = WORLD.probe
     log(f"tokenizer: {len(tok)} tokens; {probe!r} -> {tok.tokenize(probe)}")
     return tok
 

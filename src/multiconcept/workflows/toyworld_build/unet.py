@@ -30,7 +30,7 @@ from .common import (
 )
 from .quality import quick_score
 from .settings import CHECKPOINTS, NOISE_SCHEDULES, BuildConfig, clip_names, stage_digest
-from .worlds import WORLDS
+from .world import WORLD
 
 
 def latent_pool(cfg: BuildConfig, work: Path, vae, log: Log):
@@ -41,8 +41,7 @@ def latent_pool(cfg: BuildConfig, work: Path, vae, log: Log):
         if len(mean) == cfg.base_pool:
             return mean, std, json.loads(meta_path.read_text())
     t = time.time()
-    world = WORLDS[cfg.world]
-    images, meta = render_pool(cfg.base_pool, [cfg.seed, 4], lambda rng: world.base_scene(rng, cfg), world)
+    images, meta = render_pool(cfg.base_pool, [cfg.seed, 4], lambda rng: WORLD.base_scene(rng, cfg), WORLD)
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), 256):
@@ -155,7 +154,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     if cfg.text_encoder.startswith("evaluator"):  # "evaluator" (frozen) or "evaluator-tuned"
         from transformers import CLIPModel
 
-        # the last CLIP trained: the evaluator itself in the shapes world, the encoder in the creatures one
+        # the last CLIP trained: the encoder (settings.clip_names)
         tower = CLIPModel.from_pretrained(work / clip_names(cfg)[-1], dtype=torch.float32).text_model
         text_encoder.load_state_dict(tower.state_dict())
     if cfg.text_encoder == "evaluator":
@@ -173,8 +172,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
     for m in modules.values():
         m.train()
 
-    world = WORLDS[cfg.world]
-    singles = np.array([i for i, m in enumerate(meta) if world.is_single(m)])
+    singles = np.array([i for i, m in enumerate(meta) if WORLD.is_single(m)])
     if cfg.easy_share and not len(singles):
         raise UserError("easy_share needs single-object scenes in the base pool; it has none: raise base_pool")
 
@@ -194,7 +192,7 @@ def train_unet(cfg: BuildConfig, work: Path, tokenizer, vae, log: Log):
         rng = np.random.default_rng([cfg.seed, 50, step])
         idx, easy = batch_indices(cfg, len(mean), singles, rng)
         captions = ["" if rng.random() < cfg.caption_dropout else
-                    world.base_caption(meta[i], None if e else rng, cfg)
+                    WORLD.base_caption(meta[i], None if e else rng, cfg)
                     for i, e in zip(idx, easy)]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         # Posterior means, not samples: the tiny KL weight still let one VAE channel

@@ -20,7 +20,7 @@ from .common import (
     write_json,
 )
 from .settings import CHECKPOINTS, BuildConfig, stage_digest
-from .worlds import WORLDS
+from .world import WORLD
 
 
 def make_vae():
@@ -92,8 +92,7 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
         return AutoencoderKL.from_pretrained(folder).eval()
     images, _, foreground = world_pool(cfg, log)
     vae, train_info = train_vae(cfg, work, images, foreground, log)
-    world = WORLDS[cfg.world]
-    held_out, held_meta = render_pool(256, [cfg.seed, 21], world.world_scene, world)
+    held_out, held_meta = render_pool(256, [cfg.seed, 21], WORLD.world_scene, WORLD)
     psnr_raw = vae_psnr(vae, held_out)
     mean, std = latent_stats(vae, images[:2048])
     log(f"vae: PSNR {psnr_raw:.2f} dB on held-out renders; latent channel means {mean.tolist()} stds {std.tolist()}")
@@ -109,7 +108,7 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
         rec = vae.decode(vae.encode(to_pixels(held_out[:8])).latent_dist.mean).sample.clamp(-1, 1)
     rec = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     grid(np.concatenate([held_out[:8], rec])).save(tmp / "reconstructions.png")
-    parts = reconstruction_parts(vae, held_out, held_meta, world)
+    parts = reconstruction_parts(vae, held_out, held_meta)
     if parts:
         log(f"vae: checker on reconstructions of held-out renders: {parts}")
     write_json(tmp / "metrics.json", {"psnr_db": psnr, "checker_on_reconstructions": parts, "raw_latent_std": overall_std,
@@ -121,12 +120,10 @@ def vae_stage(cfg: BuildConfig, work: Path, log: Log):
 
 
 @torch.no_grad()
-def reconstruction_parts(vae, images: np.ndarray, metas: list[dict], world) -> dict:
-    """What survives the latents: the checker's per-part accuracy on reconstructions (worlds with parts)."""
-    if not hasattr(world, "part_accuracy"):
-        return {}
+def reconstruction_parts(vae, images: np.ndarray, metas: list[dict]) -> dict:
+    """What survives the latents: the checker's per-part accuracy on reconstructions."""
     rec = vae.decode(vae.encode(to_pixels(images)).latent_dist.mean).sample.clamp(-1, 1)
-    return world.part_accuracy(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), metas)
+    return WORLD.part_accuracy(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), metas)
 
 
 WORLD_POOL_CACHE: dict = {}
@@ -137,8 +134,8 @@ def world_pool(cfg: BuildConfig, log: Log):
     if key not in WORLD_POOL_CACHE:
         t = time.time()
         WORLD_POOL_CACHE.clear()
-        WORLD_POOL_CACHE[key] = render_pool(cfg.world_pool, [cfg.seed, 2], WORLDS[cfg.world].world_scene,
-                                                WORLDS[cfg.world], masks=True)
+        WORLD_POOL_CACHE[key] = render_pool(cfg.world_pool, [cfg.seed, 2], WORLD.world_scene, WORLD,
+                                                masks=True)
         log(f"world pool: {cfg.world_pool} renders in {time.time() - t:.0f} s")
     return WORLD_POOL_CACHE[key]
 

@@ -16,18 +16,25 @@ from itertools import permutations
 from .check import Reading
 from .render import PARTS, Creature
 
+# What tells two concepts apart: the kind and every part (leakage counts a kind drawn as the other's too).
+TRAITS = ("kind", *PARTS)
+
+
+def value(reading: Reading, trait: str) -> str | None:
+    return reading.kind if trait == "kind" else reading.parts.get(trait)
+
 
 def part_outcomes(reading: Reading | None, own: Creature, other: Creature | None = None,
                   parts: tuple[str, ...] = PARTS) -> dict[str, float]:
-    """Shares of `parts` read as own value, as `other`'s value, as neither, or unread (None or missing)."""
+    """Shares of `parts` (kind allowed) read as own value, as `other`'s value, as neither, or unread (None or missing)."""
     counts = {"own": 0, "other": 0, "neither": 0, "unread": 0}
     for p in parts:
-        value = None if reading is None else reading.parts.get(p)
-        if value is None:
+        read = None if reading is None else value(reading, p)
+        if read is None:
             counts["unread"] += 1
-        elif value == getattr(own, p):
+        elif read == getattr(own, p):
             counts["own"] += 1
-        elif other is not None and value == getattr(other, p):
+        elif other is not None and read == getattr(other, p):
             counts["other"] += 1
         else:
             counts["neither"] += 1
@@ -54,3 +61,16 @@ def pair_outcomes(readings: list[Reading], a: Creature, b: Creature, parts: tupl
     ra, rb = match(readings, [a, b], parts)
     oa, ob = part_outcomes(ra, a, b, parts), part_outcomes(rb, b, a, parts)
     return {k: (oa[k] + ob[k]) / 2 for k in oa} | {"found": sum(r is not None for r in (ra, rb))}
+
+
+def leakage(readings: list[Reading], prompted: list[Creature], other: Creature,
+            traits: tuple[str, ...] = TRAITS) -> float | None:
+    """How much of a concept that was not asked for is drawn: over every subject found (the asked one, or
+    an extra one), the largest share of `other`'s distinguishing traits read with its values. A trait
+    distinguishes it where no prompted concept has its value; with none, leakage is undefined (None),
+    never a guess. No subject found: 0 (nothing of it is drawn)."""
+    distinct = tuple(t for t in traits if all(getattr(p, t) != getattr(other, t) for p in prompted))
+    if not distinct:
+        return None
+    return max((sum(value(r, t) == getattr(other, t) for t in distinct) / len(distinct) for r in readings),
+               default=0.0)

@@ -22,7 +22,7 @@ SMALL_PROTOCOL = "# test\n[both]\na {a} and a {b}\n[each]\na {x} on a gray backg
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     (root / "small.txt").write_text(SMALL_PROTOCOL)
-    write_toyworld_source("checkered_star", "dotted_heart", root / "pair", seed=0)
+    write_toyworld_source("robot_a", "bird_b", root / "pair", seed=0)
     settings = BenchmarkSettings(
         methods=("textual-inversion", "custom-diffusion"), protocol=str(root / "small.txt"), base="tiny", steps=1,
         params=(("grad_accum", "1"),), seeds=(0, 1), sample_steps=2, clip=str(save_tiny_clip(root / "clip")),
@@ -42,7 +42,7 @@ def test_first_run_scores_every_cell(setup):
     assert res["columns"] == ["combined", "concept 1", "concept 2", "mean"]
     for method in ("textual-inversion", "custom-diffusion"):
         table = res["table"][method]
-        for key in ("image_alignment", "text_alignment", "text_alignment_clipscore", "leakage", "toyworld_colour_leak"):
+        for key in ("image_alignment", "text_alignment", "text_alignment_clipscore", "leakage", "toyworld_leak"):
             assert key in table, key
         assert table["image_alignment"]["combined"] is not None and table["leakage"]["combined"] is None
         # one source, two seeds: two units; the table is their mean, the cell summary's mean of columns
@@ -112,7 +112,7 @@ def test_ray_gives_the_same_numbers_as_the_local_executor(setup):
 def test_cli_benchmark_and_its_errors(setup, run_cli, tmp_path):
     root = setup["root"]
     # toyworld:A+B renders the same scene as write_toyworld_source, so the cells line up with the fixture's
-    common = ["--source", "toyworld:checkered_star+dotted_heart@0", "--protocol", root / "small.txt", "--base", "tiny",
+    common = ["--source", "toyworld:robot_a+bird_b@0", "--protocol", root / "small.txt", "--base", "tiny",
               "--steps", "1", "-p", "grad_accum=1", "--sample-steps", "2", "--clip", setup["settings"].clip,
               "--no-progress"]
     code, stdout, stderr = run_cli("benchmark", "--methods", "textual-inversion", "--seeds", "3", "-o", tmp_path / "cli",
@@ -120,8 +120,8 @@ def test_cli_benchmark_and_its_errors(setup, run_cli, tmp_path):
     assert code == 0, stderr
     assert "wrote" in stdout and (tmp_path / "cli" / "report.html").is_file()
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
-    assert saved["settings"]["seeds"] == [3] and saved["sources"][0]["name"] == "checkered_star+dotted_heart@0"
-    rendered = tmp_path / "cli" / "sources" / "checkered_star+dotted_heart@0"
+    assert saved["settings"]["seeds"] == [3] and saved["sources"][0]["name"] == "robot_a+bird_b@0"
+    rendered = tmp_path / "cli" / "sources" / "robot_a+bird_b@0"
     assert (rendered / "image.png").read_bytes() == (root / "pair" / "image.png").read_bytes()
 
     def fails(*args, match):
@@ -133,8 +133,10 @@ def test_cli_benchmark_and_its_errors(setup, run_cli, tmp_path):
     fails("--methods", "textual-inversion", "-o", tmp_path / "x", *common[2:], "--source", tmp_path / "bare",
           match="has no concepts.json")
     fails("--methods", "textual-inversion", "--seeds", "a-b", "-o", tmp_path / "x", *common, match="--seeds")
-    fails("--methods", "textual-inversion", "-o", tmp_path / "x", *common[2:], "--source", "toyworld:checkered_star+nope",
+    fails("--methods", "textual-inversion", "-o", tmp_path / "x", *common[2:], "--source", "toyworld:robot_a+nope",
           match="toyworld:A+B")
+    fails("--methods", "textual-inversion", "-o", tmp_path / "x", *common[2:], "--source", "toyworld:robot_a+robot_b",
+          match="needs two kinds")
     fails("--methods", "textual-inversion", "--scale", "huge", "-o", tmp_path / "x", *common, match="unknown scale")
 
 
@@ -189,8 +191,8 @@ def test_protocol_prompts_name_concepts_the_method_way():
     from multiconcept.protocols import expand, load_protocol
 
     protocol = load_protocol("two-concept", "toyworld")
-    concepts = [("<c1>", "star"), ("<c2>", "heart")]
+    concepts = [("<c1>", "robot"), ("<c2>", "bird")]
     cd = expand(protocol, concepts, get_method("custom-diffusion").prompt_phrase)
     inf = expand(protocol, concepts, get_method("infusion").prompt_phrase)
-    assert all("<c1> star" in p.text for p in cd if p.kind == "<c1>")
-    assert all("<c" not in p.text and "star" in p.text for p in inf if p.kind == "<c1>")
+    assert all("<c1> robot" in p.text for p in cd if p.kind == "<c1>")
+    assert all("<c" not in p.text and "robot" in p.text for p in inf if p.kind == "<c1>")

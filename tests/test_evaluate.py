@@ -10,7 +10,7 @@ from PIL import Image
 
 from multiconcept.data import load_image, load_mask
 from multiconcept.models.tiny_evaluators import save_tiny_clip, save_tiny_vit
-from multiconcept.toyworld.render import PERSONAL_CONCEPTS, ObjectSpec, render_scene
+from multiconcept.toyworld import concept, layout_specs, render
 from multiconcept.workflows.evaluate import evaluate
 from multiconcept.workflows.generate import png_metadata
 from multiconcept.workflows.sources import concept_crop, write_toyworld_source
@@ -24,7 +24,7 @@ def models(tmp_path_factory):
     return {"clip": str(save_tiny_clip(root / "clip", image_size=32)), "dino": str(save_tiny_vit(root / "vit"))}
 
 
-def write_gen(path, image, prompt, seed=0, tokens=TOKENS, classes=("star", "heart")):
+def write_gen(path, image, prompt, seed=0, tokens=TOKENS, classes=("robot", "bird")):
     meta = {"prompt": prompt, "seed": seed, "steps": 2, "scheduler": "ddim", "guidance": 6.0, "tokens": list(tokens),
             "class_words": list(classes), "bundles": ["cells.safetensors"], "base": "tiny"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,25 +33,25 @@ def write_gen(path, image, prompt, seed=0, tokens=TOKENS, classes=("star", "hear
 
 
 def concept_scene(*names):
-    specs = [ObjectSpec(PERSONAL_CONCEPTS[n].noun, PERSONAL_CONCEPTS[n].appearance, "large", p, n)
-             for n, p in zip(names, ["left", "right"])]
-    return Image.fromarray(render_scene(specs, "gray", rng=np.random.default_rng(3)).image)
+    layout = "center" if len(names) == 1 else "pair"
+    specs = layout_specs([concept(n).creature for n in names], layout, np.random.default_rng(3), list(names))
+    return render(specs, "gray", layout).pil()
 
 
 @pytest.fixture
 def toy(tmp_path):
     """A ToyWorld source and generations whose right answers are known."""
-    src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "source", seed=1)  # star on the left: <c1>
-    assert [c.class_word for c in src.concepts] == ["star", "heart"]
+    src = write_toyworld_source("robot_a", "bird_b", tmp_path / "source", seed=1)  # robot on the left: <c1>
+    assert [c.class_word for c in src.concepts] == ["robot", "bird"]
     image = load_image(src.image)
     crop2 = concept_crop(image, load_mask(src.concepts[1].mask, image.size))
     gen = tmp_path / "gen"
-    write_gen(gen / "both" / "000000.png", image, "a <c1> star and a <c2> heart")
-    write_gen(gen / "c1" / "000000.png", concept_scene("checkered_star"), "a <c1> star on a gray background")
-    write_gen(gen / "c1" / "000001.png", concept_scene("checkered_star", "dotted_heart"), "a <c1> star on a gray background", 1)
-    write_gen(gen / "c2" / "000000.png", crop2, "a <c2> heart")
+    write_gen(gen / "both" / "000000.png", image, "a <c1> robot and a <c2> bird")
+    write_gen(gen / "c1" / "000000.png", concept_scene("robot_a"), "a <c1> robot on a gray background")
+    write_gen(gen / "c1" / "000001.png", concept_scene("robot_a", "bird_b"), "a <c1> robot on a gray background", 1)
+    write_gen(gen / "c2" / "000000.png", crop2, "a <c2> bird")
     (gen / "c2" / "attention").mkdir()
-    Image.new("RGB", (8, 8)).save(gen / "c2" / "attention" / "000000_00_heart.png")  # heatmaps are not generations
+    Image.new("RGB", (8, 8)).save(gen / "c2" / "attention" / "000000_00_bird.png")  # heatmaps are not generations
     return {"source": src, "gen": gen, "dir": tmp_path}
 
 
@@ -60,24 +60,26 @@ def by_file(result):
 
 
 def test_toyworld_sources_name_concepts_left_to_right(tmp_path):
-    """The base draws the first-named object on the left, so <c1> must be the left one."""
+    """The base draws the first-named subject on the left, so <c1> must be the left one."""
     from multiconcept.workflows.sources import load_source
 
-    src = write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "a", seed=0)  # heart left, star right
-    assert [c.class_word for c in src.concepts] == ["heart", "star"]
+    src = write_toyworld_source("robot_a", "bird_b", tmp_path / "a", seed=2)  # bird left, robot right
+    assert [c.class_word for c in src.concepts] == ["bird", "robot"]
+    assert src.concepts[0].signature == concept("bird_b").creature
     (tmp_path / "a" / "concepts.json").unlink()  # the scene.json reading names them the same way
-    assert [c.class_word for c in load_source(tmp_path / "a").concepts] == ["heart", "star"]
+    assert [c.class_word for c in load_source(tmp_path / "a").concepts] == ["bird", "robot"]
+    assert load_source(tmp_path / "a").concepts[1].signature == concept("robot_a").creature
 
 
 def test_image_scored_against_itself_gives_clip_i_one(tmp_path, models):
-    img = concept_scene("checkered_star")
+    img = concept_scene("robot_a")
     img.save(tmp_path / "ref.png")
-    write_gen(tmp_path / "gen" / "000000.png", img, "a <c1> star", tokens=["<c1>"], classes=["star"])
+    write_gen(tmp_path / "gen" / "000000.png", img, "a <c1> robot", tokens=["<c1>"], classes=["robot"])
     result = evaluate(tmp_path / "gen", [f"<c1>={tmp_path / 'ref.png'}"], clip=models["clip"], dino=models["dino"])
     (rec,) = result["images"]
     assert rec["clip_i"] == pytest.approx(1.0, abs=1e-5)
     assert rec["dino"] == pytest.approx(1.0, abs=1e-5)
-    assert rec["text"] == "a star"  # token removed, class word kept
+    assert rec["text"] == "a robot"  # token removed, class word kept
 
 
 def test_source_folder_references_leakage_and_scale_through_the_cli(toy, models, run_cli):
@@ -95,14 +97,13 @@ def test_source_folder_references_leakage_and_scale_through_the_cli(toy, models,
     c2 = recs["c2/000000.png"]
     assert c2["kind"] == "<c2>" and c2["clip_i"] == pytest.approx(1.0, abs=1e-5)  # exactly the reference crop
     assert c2["dino"] == pytest.approx(1.0, abs=1e-5) and c2["leakage_clip_i"] < 1 - 1e-4
-    assert recs["c1/000000.png"]["toyworld_colour_leak"] is False
-    assert recs["c1/000001.png"]["toyworld_colour_leak"] is True
-    assert recs["c1/000001.png"]["toyworld_object_leak"] is True
+    assert recs["c1/000000.png"]["toyworld_leak"] == 0.0 and recs["c1/000000.png"]["toyworld_identity"] == 1.0
+    assert recs["c1/000001.png"]["toyworld_leak"] == 1.0  # the other concept drawn beside it
     for r in res["images"]:
         assert r["clip_t_clipscore"] == pytest.approx(2.5 * max(r["clip_t"], 0.0))
     s = res["summary"]
     assert s["columns"] == ["combined", "<c1>", "<c2>"]
-    assert s["<c1>"]["toyworld_colour_leak"] == pytest.approx(0.5)
+    assert s["<c1>"]["toyworld_leak"] == pytest.approx(0.5)
     assert s["mean"]["clip_i"] == pytest.approx(np.mean([s[c]["clip_i"] for c in s["columns"]]))
     assert res["models"]["scale_formula"] == "2.5*max(cos,0)" and res["models"]["clip"]["name"] == models["clip"]
     assert "Combined" in stdout and "wrote" in stdout
@@ -113,7 +114,7 @@ def test_reference_masks_cut_the_concept_crops(toy, models):
     masks = [f"{c.token}={c.mask}" for c in src.concepts]
     res = evaluate(toy["gen"], [str(src.image)], masks, clip=models["clip"])
     assert by_file(res)["c2/000000.png"]["clip_i"] == pytest.approx(1.0, abs=1e-5)
-    assert "toyworld_colour_leak" not in by_file(res)["c1/000000.png"]  # no ground truth without the source folder
+    assert "toyworld_leak" not in by_file(res)["c1/000000.png"]  # no ground truth without the source folder
 
 
 def test_concept_crop_blanks_the_background_and_is_square():

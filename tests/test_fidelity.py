@@ -12,11 +12,11 @@ from multiconcept.metrics.fidelity import CONFUSED, MATCHED, MISSING, box_masks,
 from multiconcept.models import quiet_loading
 from multiconcept.models.tiny_annotators import save_tiny_owlv2
 from multiconcept.models.tiny_evaluators import save_tiny_clip
-from multiconcept.toyworld.render import PERSONAL_CONCEPTS, ObjectSpec, render_scene
+from multiconcept.toyworld import concept, layout_specs, render
 from multiconcept.workflows.evaluate import evaluate
 from multiconcept.workflows.sources import write_toyworld_source
 
-BOTH = "a <c1> star and a <c2> heart"
+BOTH = "a <c1> robot and a <c2> bird"
 
 
 def statuses(sim):
@@ -50,9 +50,9 @@ def test_box_masks_clip_to_the_image():
 
 
 def scene(*names):
-    specs = [ObjectSpec(PERSONAL_CONCEPTS[n].noun, PERSONAL_CONCEPTS[n].appearance, "large", p, n)
-             for n, p in zip(names, ["left", "right"])]
-    return Image.fromarray(render_scene(specs, "gray", rng=np.random.default_rng(3)).image)
+    layout = "center" if len(names) == 1 else "pair"
+    specs = layout_specs([concept(n).creature for n in names], layout, np.random.default_rng(3), list(names))
+    return render(specs, "gray", layout).pil()
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,15 @@ def clip(tmp_path_factory):
 
 @pytest.fixture
 def source(tmp_path):
-    return write_toyworld_source("checkered_star", "dotted_heart", tmp_path / "source", seed=1)
+    return write_toyworld_source("robot_a", "bird_b", tmp_path / "source", seed=1)
 
 
 def test_toyworld_images_are_scored_by_their_detected_subjects(source, clip, tmp_path):
     gen = tmp_path / "gen"
     write_gen(gen / "a.png", load_image(source.image), BOTH)  # the source itself: both subjects, each where it was
-    write_gen(gen / "b.png", scene("checkered_star"), BOTH)  # the heart is missing
-    write_gen(gen / "c.png", scene("checkered_star", "checkered_star"), BOTH)  # the star twice, no heart
-    write_gen(gen / "d.png", scene("checkered_star"), "a <c1> star")  # one subject: no fidelity
+    write_gen(gen / "b.png", scene("robot_a"), BOTH)  # the bird is missing
+    write_gen(gen / "c.png", scene("robot_a", "robot_a"), BOTH)  # the robot twice, no bird
+    write_gen(gen / "d.png", scene("robot_a"), "a <c1> robot")  # one subject: no fidelity
     result = evaluate(gen, [str(source.folder)], clip=clip)
     r = {x["file"]: x for x in result["images"]}
     assert r["a.png"]["fidelity_missing"] == 0 and r["a.png"]["fidelity_confused"] == 0

@@ -19,10 +19,9 @@ from multiconcept.metrics import (
     toyworld_measures,
 )
 from multiconcept.metrics.clip import TOYWORLD_EVALUATOR
-from multiconcept.metrics.leakage import Signature
 from multiconcept.metrics.preprocess import dino_recipe, from_config
 from multiconcept.models.tiny_evaluators import save_tiny_clip, save_tiny_vit
-from multiconcept.toyworld.render import PERSONAL_CONCEPTS, Appearance, ObjectSpec, render_scene
+from multiconcept.toyworld import Creature, concept, layout_specs, random_creature, render
 
 
 @pytest.fixture(scope="module")
@@ -156,50 +155,48 @@ def test_loading_errors_name_the_problem(tmp_path, clip_dir, vit_dir, monkeypatc
 
 # ---------------------------------------------------------------- ToyWorld leakage
 
-def concept_scene(*names, background="gray"):
-    positions = ["left", "right"]
-    specs = [ObjectSpec(PERSONAL_CONCEPTS[n].noun, PERSONAL_CONCEPTS[n].appearance, "large", p, n)
-             for n, p in zip(names, positions)]
-    return Image.fromarray(render_scene(specs, background, rng=np.random.default_rng(0)).image)
+def scene_of(*creatures, background="gray"):
+    layout = "center" if len(creatures) == 1 else "pair"
+    return render(layout_specs(list(creatures), layout, np.random.default_rng(0)), background, layout).pil()
 
 
-def sig(name):
-    c = PERSONAL_CONCEPTS[name]
-    return Signature(c.noun, c.appearance.colour, c.appearance.pattern, c.appearance.second_colour)
-
-
-def test_toyworld_leakage_sees_the_other_concept_and_only_it():
-    star, heart = sig("checkered_star"), sig("dotted_heart")  # orange vs purple
-    alone = toyworld_measures(concept_scene("checkered_star"), [star], [heart])
-    assert alone["present"] is True and alone["colour_leak"] is False and alone["object_leak"] is False
-    both = toyworld_measures(concept_scene("checkered_star", "dotted_heart"), [star], [heart])
-    assert both["colour_leak"] is True and both["object_leak"] is True
-    wrong = toyworld_measures(concept_scene("dotted_heart"), [star], [heart])
-    assert wrong["present"] is False and wrong["colour_leak"] is True
+def test_toyworld_leakage_sees_the_other_concepts_parts_and_only_them():
+    robot, bird = concept("robot_a").creature, concept("bird_b").creature  # they differ in kind and every part
+    alone = toyworld_measures(scene_of(robot), [robot], [bird])
+    assert alone["present"] is True and alone["identity"] == 1.0 and alone["leak"] == 0.0
+    assert alone["subjects"] == [robot.to_dict()]
+    both = toyworld_measures(scene_of(robot, bird), [robot], [bird])
+    assert both["present"] is True and both["leak"] == 1.0  # the other concept drawn whole beside it
+    wrong = toyworld_measures(scene_of(bird), [robot], [bird])
+    assert wrong["present"] is False and wrong["identity"] == 0.0 and wrong["leak"] == 1.0
+    # the prompted robot wearing the bird's hat and head: 2 of the 6 traits that tell them apart
+    mixed = Creature(**{**robot.to_dict(), "hat": bird.hat, "head_colour": bird.head_colour})
+    m = toyworld_measures(scene_of(mixed), [robot], [bird])
+    assert m["leak"] == pytest.approx(2 / 6) and m["identity"] == pytest.approx(3 / 5)
     # a 32-px generation is read at the checker's 64 px
-    small = concept_scene("checkered_star", "dotted_heart").resize((32, 32), Image.BOX)
-    assert toyworld_measures(small, [star], [heart])["colour_leak"] is True
+    small = scene_of(robot, bird).resize((32, 32), Image.BOX)
+    assert toyworld_measures(small, [robot], [bird])["leak"] == 1.0
 
 
-def test_toyworld_leakage_is_undefined_when_colours_are_shared():
-    # twotone_circle is yellow+blue, striped_yellow_heart is yellow: the heart has no colour of its own
-    m = toyworld_measures(concept_scene("twotone_circle"), [sig("twotone_circle")], [sig("striped_yellow_heart")])
-    assert m["colour_leak"] is None and m["object_leak"] is None
+def test_toyworld_leakage_is_undefined_when_nothing_tells_the_concepts_apart():
+    robot = concept("robot_a").creature
+    m = toyworld_measures(scene_of(robot), [robot], [robot])
+    assert m["leak"] is None and m["present"] is True
+    assert toyworld_measures(scene_of(robot), [], [robot])["present"] is None
 
 
 # ---------------------------------------------------------------- an evaluator that ranks captions
 
-def red_circle():
-    return Image.fromarray(render_scene([ObjectSpec("circle", Appearance("red"), "large", "center")], "gray",
-                                        rng=np.random.default_rng(7)).image)
+def red_robot():
+    return scene_of(Creature(**{**random_creature(np.random.default_rng(7), kind="robot").to_dict(), "body_colour": "red"}))
 
 
 @pytest.mark.skipif(not toyworld_evaluator_available(),
                     reason=f"the ToyWorld evaluator is not built yet ({TOYWORLD_EVALUATOR} is missing)")
 def test_toyworld_evaluator_prefers_the_right_caption():
     scorer = load_clip(None)
-    img = scorer.image_embeddings([red_circle()])
-    txt = scorer.text_embeddings(["a large red circle in the center on a gray background", "a blue star"])
+    img = scorer.image_embeddings([red_robot()])
+    txt = scorer.text_embeddings(["a red robot in the center on a gray background", "a blue bird"])
     own, wrong = (img @ txt.T)[0].tolist()
     assert own > wrong
 
@@ -210,21 +207,23 @@ def trained_tiny_evaluator(tmp_path_factory):
     saved with its tokenizer and a [-1, 1] preprocessor config like the real evaluator."""
     from multiconcept.models.tiny import tiny_tokenizer
     from multiconcept.models.tiny_evaluators import tiny_clip_model
-    from multiconcept.toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
+    from multiconcept.toyworld import BACKGROUNDS, BODY_COLOURS, KINDS
 
-    tok = tiny_tokenizer(words=list(CLASS_NOUNS) + list(COLOURS) + list(BACKGROUNDS) + ["a", "on", "background"],
+    tok = tiny_tokenizer(words=list(KINDS) + list(BODY_COLOURS) + list(BACKGROUNDS) + ["a", "on", "background"],
                          max_length=16)
     rng = np.random.default_rng(0)
-    pairs = [(n, c) for c in COLOURS for n in CLASS_NOUNS]  # 56 distinct captions: one contrastive batch
+    # 12 distinct captions (one contrastive batch); the parts no caption says drawn at random
+    pairs = [(k, c) for c in BODY_COLOURS for k in KINDS]
     images, captions = [], []
     for bg in ("gray", "white", "black", "beige"):
-        for n, c in pairs:
-            images.append(render_scene([ObjectSpec(n, Appearance(c), "large", "center")], bg, rng=rng).image)
-            captions.append(f"a {c} {n}")
+        for k, c in pairs:
+            creature = Creature(**{**random_creature(rng, kind=k).to_dict(), "body_colour": c})
+            images.append(render(layout_specs([creature], "center", rng), bg, "center").image)
+            captions.append(f"a {c} {k}")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     ids = tok(captions, padding="max_length", max_length=16, return_tensors="pt")
     model = tiny_clip_model(tok, image_size=64, width=64, layers=2, patch_size=16, max_length=16)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     losses = []
     for step in range(110):
         idx = torch.arange(len(pairs)) + len(pairs) * int(rng.integers(4))  # one background per batch
@@ -243,11 +242,11 @@ def trained_tiny_evaluator(tmp_path_factory):
 
 def test_tiny_trained_evaluator_prefers_the_right_caption(trained_tiny_evaluator):
     folder, losses = trained_tiny_evaluator
-    assert np.mean(losses[-10:]) < 0.6 * np.log(56)  # it learned: chance is ln(56)
+    assert np.mean(losses[-10:]) < 0.6 * np.log(12)  # it learned: chance is ln(12)
     scorer = load_clip(str(folder))
     assert scorer.preprocess.mean == (0.5, 0.5, 0.5)  # its preprocessor_config.json was read
-    img = scorer.image_embeddings([red_circle()])
-    txt = scorer.text_embeddings(["a red circle", "a blue star"])
+    img = scorer.image_embeddings([red_robot()])
+    txt = scorer.text_embeddings(["a red robot", "a blue bird"])
     own, wrong = (img @ txt.T)[0].tolist()
     assert own > wrong + 0.1
 

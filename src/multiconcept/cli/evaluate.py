@@ -18,7 +18,7 @@ def _summary_table(summary: dict, title: str) -> Table:
     t = Table("metric", *[c.title() if c in ("combined", "mean") else c for c in columns], title=title)
     metrics = [k for k in ("clip_i", "clip_t", "clip_t_clipscore", "clip_t_100", "dino", "fidelity_clip_i", "fidelity_dino",
                            "fidelity_missing", "fidelity_confused", "leakage_clip_i",
-                           "leakage_dino", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present")
+                           "leakage_dino", "toyworld_leak", "toyworld_identity", "toyworld_present")
                if any(summary[c].get(k) is not None for c in columns)]
     for k in metrics:
         t.add_row(k, *["–" if summary[c].get(k) is None else f"{summary[c][k]:.4f}" for c in columns])

@@ -71,15 +71,15 @@ def summarise_matches(scores: list[SubjectScore]) -> dict:
 
 
 def toyworld_objects(image: Image.Image) -> list[np.ndarray]:
-    """ToyWorld's detections as boolean masks at the image's size, largest first."""
+    """The subjects ToyWorld's checker reads, as boolean masks at the image's size, largest first."""
     from ..toyworld.check import analyse
     from .leakage import toyworld_size
 
     masks = []
-    for d in analyse(toyworld_size(image)).objects:
-        m = Image.fromarray(d.mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    for r in sorted(analyse(toyworld_size(image)).subjects, key=lambda r: -int(r.mask.sum())):
+        m = Image.fromarray(r.mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
         masks.append(np.asarray(m) > 127)
-    return masks
+    return [m for m in masks if m.any()]
 
 
 def box_masks(size: tuple[int, int], boxes) -> list[np.ndarray]:

@@ -204,17 +204,17 @@ def score_generations(gens: list[Generation], refs: References, scorers: Scorers
             m = toyworld_measures(load_image(g.path), [refs.signatures[t] for t in present],
                                   [refs.signatures[t] for t in g.tokens if t not in present])
             r["toyworld_present"] = m["present"]
-            r["toyworld_detections"] = m["detections"]
+            r["toyworld_identity"] = m["identity"]
+            r["toyworld_subjects"] = m["subjects"]
             if kind != COMBINED:
-                r["toyworld_colour_leak"] = m["colour_leak"]
-                r["toyworld_object_leak"] = m["object_leak"]
+                r["toyworld_leak"] = m["leak"]
         records.append(r)
     return {"images": records, "prompts": _by_prompt(records), "summary": summarise(records)}
 
 
 NUMERIC = ("clip_t", "clip_t_clipscore", "clip_t_100", "clip_i", "clip_i_subject_mean", "dino", "dino_subject_mean",
            "fidelity_clip_i", "fidelity_dino", "fidelity_missing", "fidelity_confused", "leakage_clip_i", "leakage_dino",
-           "toyworld_present", "toyworld_colour_leak", "toyworld_object_leak")
+           "toyworld_present", "toyworld_identity", "toyworld_leak")
 
 
 def _aggregate(records: list[dict]) -> dict:

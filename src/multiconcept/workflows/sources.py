@@ -4,11 +4,11 @@ A *source* is a folder holding one image with several concepts, a mask per
 concept and ``concepts.json``::
 
     {"image": "image.png", "world": "toyworld" | "photo",
-     "concepts": [{"token": "<c1>", "class": "star", "mask": "star_mask.png",
-                   "signature": {"noun": "star", "colour": "orange",
-                                 "pattern": "checkered", "second_colour": null}}, ...]}
+     "concepts": [{"token": "<c1>", "class": "robot", "mask": "robot_a_mask.png",
+                   "signature": {"kind": "robot", "body_colour": "blue", "head_colour": "orange",
+                                 "hat": "block", "marking": "spot", "marking_colour": "black"}}, ...]}
 
-("signature" only for ToyWorld). A folder written by
+("signature", the concept's creature, only for ToyWorld). A folder written by
 `toyworld.write_two_concept_folder` (scene.json, no concepts.json) is read
 as a source too, with tokens taken from the generations (or <c1>, <c2>).
 
@@ -92,12 +92,14 @@ def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Sour
         scene = json.loads((folder / "scene.json").read_text())
         from ..toyworld import left_to_right
 
-        objects = left_to_right([o for o in scene["objects"] if o.get("concept")])
-        tokens = list(tokens or DEFAULT_TOKENS[: len(objects)])
-        require(len(tokens) >= len(objects), f"source {folder} holds {len(objects)} concepts but {len(tokens)} tokens "
-                                             f"were given: give one token per concept")
-        concepts = [SourceConcept(t, o["noun"], folder / f"{o['concept']}_mask.png", Signature.from_dict(o))
-                    for t, o in zip(tokens, objects)]
+        require("subjects" in scene, f"source {folder} holds a scene of an earlier ToyWorld (shapes, not creatures): "
+                                     f"render it again with `multiconcept benchmark --source toyworld:A+B`")
+        subjects = left_to_right([o for o in scene["subjects"] if o.get("concept")])
+        tokens = list(tokens or DEFAULT_TOKENS[: len(subjects)])
+        require(len(tokens) >= len(subjects), f"source {folder} holds {len(subjects)} concepts but {len(tokens)} tokens "
+                                              f"were given: give one token per concept")
+        concepts = [SourceConcept(t, o["kind"], folder / f"{o['concept']}_mask.png", Signature.from_dict(o))
+                    for t, o in zip(tokens, subjects)]
         image, world = folder / "image.png", "toyworld"
     else:
         raise UserError(f"source {folder} has no concepts.json: write one giving the image, and per concept its token, "
@@ -111,15 +113,15 @@ def load_source(folder: str | Path, tokens: Sequence[str] | None = None) -> Sour
 
 def write_toyworld_source(concept_a: str, concept_b: str, folder: str | Path, seed: int = 0,
                           tokens: Sequence[str] = DEFAULT_TOKENS[:2]) -> Source:
-    """A ToyWorld two-concept scene as a benchmark source (image, masks, scene.json, concepts.json)."""
+    """A ToyWorld two-concept scene as a benchmark source (image, masks, scene.json, concepts.json); tokens
+    go to the concepts left to right, the order the base's captions name them."""
     from ..toyworld import left_to_right, write_two_concept_folder
 
     folder = Path(folder)
     scene = write_two_concept_folder(concept_a, concept_b, folder, seed=seed)
     source = Source(folder.name, folder, folder / "image.png", [
-        SourceConcept(t, o.noun, folder / f"{o.concept}_mask.png", Signature(o.noun, o.colour, o.appearance.pattern,
-                                                                              o.appearance.second_colour))
-        for t, o in zip(tokens, left_to_right(scene.objects))], "toyworld")
+        SourceConcept(t, s.creature.kind, folder / f"{s.concept}_mask.png", s.creature)
+        for t, s in zip(tokens, left_to_right(scene.subjects))], "toyworld")
     text = json.dumps(source.to_dict(), indent=1)
     atomic_write(folder / "concepts.json", lambda tmp: Path(tmp).write_text(text))
     return source

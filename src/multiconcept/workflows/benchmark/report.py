@@ -43,7 +43,7 @@ def results_table(results: dict) -> str:
 def per_source_table(results: dict) -> str:
     columns = results["columns"]
     metrics = [("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("leakage_clip_i", "leakage CLIP-I"),
-               ("toyworld_colour_leak", "ToyWorld colour leak")]
+               ("toyworld_leak", "ToyWorld leak"), ("toyworld_identity", "ToyWorld identity")]
     rows = []
     for c in results["cells"]:
         for key, label in metrics:
@@ -63,8 +63,8 @@ def charts(results: dict) -> str:
         return report.note("matplotlib is not installed: pip install 'multiconcept[report]' for the charts.")
     panels = [("leakage_clip_i", "leakage: CLIP-I to the other concept (lower is better)", "clip_i", "image alignment (CLIP-I)"),
               ("clip_t", "text alignment (CLIP-T, raw cosine)", "clip_i", "image alignment (CLIP-I)")]
-    if any(c["summary"].get("mean", {}).get("toyworld_colour_leak") is not None for c in results["cells"]):
-        panels.insert(1, ("toyworld_colour_leak", "ToyWorld leakage: share with the other concept's colours",
+    if any(c["summary"].get("mean", {}).get("toyworld_leak") is not None for c in results["cells"]):
+        panels.insert(1, ("toyworld_leak", "ToyWorld leakage: the other concept's parts (lower is better)",
                           "clip_i", "image alignment (CLIP-I)"))
     def has_data(xkey, ykey):
         return any(c["summary"].get("mean", {}).get(xkey) is not None and c["summary"]["mean"].get(ykey) is not None
@@ -122,8 +122,7 @@ def _source_section(cells) -> str:
             mask = load_mask(c.mask, image.size)
             figs.append(report.figure(mask, f"mask {c.token} = {c.class_word}"))
             figs.append(report.figure(concept_crop(image, mask), f"reference crop {c.token}"))
-        sig = "; ".join(f"{c.token}: {c.signature.colour}{'/' + c.signature.second_colour if c.signature.second_colour else ''} "
-                        f"{c.signature.pattern} {c.signature.noun}" for c in src.concepts if c.signature)
+        sig = "; ".join(f"{c.token}: {c.signature.full_description()}" for c in src.concepts if c.signature)
         parts.append(report.row(figs) + (report.note(f"ground truth: {sig}") if sig else ""))
     return "".join(parts)
 

@@ -26,9 +26,9 @@ ALIGNMENT_ROWS = (  # (results key, per-image metric, what it is)
     ("dino", "dino", "DINO"),
     ("leakage", "leakage_clip_i", "leakage: CLIP-I to the other concept"),
     ("leakage_dino", "leakage_dino", "leakage: DINO to the other concept"),
-    ("toyworld_colour_leak", "toyworld_colour_leak", "ToyWorld leakage: share with the other concept's colours"),
-    ("toyworld_object_leak", "toyworld_object_leak", "ToyWorld leakage: share with the other concept's object"),
-    ("toyworld_present", "toyworld_present", "ToyWorld: share showing the prompted concepts' colours"),
+    ("toyworld_leak", "toyworld_leak", "ToyWorld leakage: most of the other concept's distinguishing parts on a subject"),
+    ("toyworld_identity", "toyworld_identity", "ToyWorld identity: share of the prompted concepts' parts drawn right"),
+    ("toyworld_present", "toyworld_present", "ToyWorld: share showing every prompted concept's kind"),
 )
 
 

@@ -60,16 +60,16 @@ def run_cli(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def subject_folder(tmp_path_factory):
     """Two ToyWorld scenes of two subjects each, with their masks, as `train-encoder --data` reads them."""
-    from multiconcept.toyworld.render import Appearance, ObjectSpec, render_scene
+    from multiconcept.toyworld import concept, layout_specs, render
     from multiconcept.workflows.train_encoder import Annotation, Record, write_subject_folder
 
     folder = tmp_path_factory.mktemp("subjects")
     recs = []
-    for i, (a, b) in enumerate([("star", "circle"), ("square", "heart")]):
-        scene = render_scene([ObjectSpec(a, Appearance("red"), "large", "left"),
-                              ObjectSpec(b, Appearance("blue"), "large", "right")], "gray", rng=np.random.default_rng(i))
-        recs.append(Record(scene.image, f"a red {a} and a blue {b} on a gray background",
-                           [Annotation(o.noun, o.mask, o.box) for o in scene.objects]))
+    for i, (a, b) in enumerate([("robot_a", "bird_b"), ("ghost_c", "robot_b")]):
+        creatures = [concept(a).creature, concept(b).creature]
+        scene = render(layout_specs(creatures, "pair", np.random.default_rng(i)), "gray", "pair")
+        recs.append(Record(scene.image, f"a {creatures[0].words()} and a {creatures[1].words()} on a gray background",
+                           [Annotation(s.creature.kind, s.mask, s.box) for s in scene.subjects]))
     return write_subject_folder(recs, folder)
 
 

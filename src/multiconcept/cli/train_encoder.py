@@ -16,8 +16,7 @@ ENCODER_METHODS = ("fastcomposer", "subject-diffusion")
 def train_encoder(
     method: str = typer.Option(..., "--method", "-m", help="tuning-free model to train: fastcomposer | "
                                                                  "subject-diffusion"),
-    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly; 'toyworld:creatures' for the world of "
-                                                 "creatures); a folder `multiconcept dataset build` wrote or its http(s) "
+    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly); a folder `multiconcept dataset build` wrote or its http(s) "
                                                  "URL, or WebDataset tars ('DIR/*.tar', 'https://host/{00000..00099}.tar'), "
                                                  "streamed; or a folder with subjects.jsonl (one {image, caption, "
                                                  "subjects: [{label, mask, box?}]} per line)"),
@@ -25,7 +24,7 @@ def train_encoder(
     base: Optional[str] = BaseOpt,
     base_config: Optional[str] = BaseConfigOpt,
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="CLIP folder or hub id; default: ToyWorld's "
-                                                                               "evaluator, or a tiny tower on --base tiny"),
+                                                                               "encoder CLIP, or a tiny tower on --base tiny"),
     steps: Optional[int] = number(None, help="optimiser steps (default: the paper's; FastComposer 150k, "
                                                             "Subject-Diffusion 450k)", minimum=1),
     lr: Optional[float] = number(None, help="learning rate (papers: FastComposer 1e-5, Subject-Diffusion "

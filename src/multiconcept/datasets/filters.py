@@ -5,9 +5,10 @@ at least 600 px, at most 10% of it is near-white, its caption has 3-8 nouns and 
 boxes; a box when its area is 8-70% of the image, its aspect ratio within 0.3-3, its score above 0.3, its
 label one word of the caption and its mask fills at least 60% of it; of two boxes overlapping by more
 than 80% of the smaller one, the weaker goes; at most 2 subjects stay per image (the strongest).
-`None` switches a filter off. Profiles: `published`, `toyworld` (64 px renders with 1-3 objects; the
-thresholds below are ToyWorld's measured extremes: a small object's box is 3.5% of the image, a star fills
-38% of its box) and `off` (every filter off: what a plumbing test wants).
+`None` switches a filter off. Profiles: `published`, `toyworld` (64 px renders with 1-2 subjects; the
+thresholds lie below ToyWorld's measured extremes over 2,000 of its tuning-free scenes: the smallest
+subject's box is 7.9% of the image, the thinnest visible mask fills 44% of its box) and `off` (every
+filter off: what a plumbing test wants).
 
 Every filter tallies [in, dropped] on the item (images for image filters, entities for entity filters),
 so stats.json is a sum over items and is the same however the items were batched or distributed.

@@ -1,8 +1,8 @@
 """ToyWorld as a builder source, and stand-in stages that answer from the renderer's ground truth.
 
 `write_toyworld_source` writes img2dataset-style tars (png, txt, json) of `toyworld.subject_dataset`
-scenes; each json carries the scene's ground truth (caption, and per object its noun, box and exact mask
-as run lengths). The stand-ins (`--captioner toyworld` etc.) read it back, so the filters run on real masks
+scenes; each json carries the scene's ground truth (caption, and per subject its kind, box and exact
+visible mask as run lengths). The stand-ins (`--captioner toyworld` etc.) read it back, so the filters run on real masks
 and the pipeline can be tested and timed where no trained captioner, detector or segmenter exists.
 """
 
@@ -17,12 +17,12 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import atomic_write
-from ..toyworld.render import BACKGROUNDS, CLASS_NOUNS, COLOURS
+from ..toyworld.render import BACKGROUNDS, BODY_COLOURS, KINDS
 from .records import Entity, Item
 
 # what a ToyWorld caption is made of: the vocabulary tiny captioners and the noun stage are tested with
-CAPTION_WORDS = (*COLOURS, *BACKGROUNDS)
-NOUNS = CLASS_NOUNS
+CAPTION_WORDS = (*BODY_COLOURS, *BACKGROUNDS)
+NOUNS = KINDS
 
 
 def runs(mask: np.ndarray) -> list[int]:
@@ -47,24 +47,25 @@ def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_toyworld_source(folder: str | Path, n: int, seed: int = 0, per_shard: int = 1000,
                           appearance: bool = True) -> list[Path]:
     """n scenes in ceil(n / per_shard) tars named 00000.tar, 00001.tar, ...; scenes of shard i come from
-    seed + i, so a source of any size is written shard by shard in flat memory."""
+    seed + i, so a source of any size is written shard by shard in flat memory. appearance: captions say
+    each subject's body colour (else kinds only; the same images either way)."""
     from ..toyworld.scenes import subject_dataset
 
     folder = Path(folder)
     paths = []
     for s, start in enumerate(range(0, n, per_shard)):
-        records = subject_dataset(min(per_shard, n - start), seed + s, appearance=appearance)
+        records = subject_dataset(min(per_shard, n - start), seed + s, colour_p=1.0 if appearance else 0.0)
 
         def write(tmp, records=records, s=s):
             with tarfile.open(tmp, "w") as tf:
-                for i, r in enumerate(records):
+                for i, (scene, subjects) in enumerate(records):
                     key = f"{s:05d}{i:05d}"
                     buf = io.BytesIO()
-                    Image.fromarray(r.image).save(buf, format="PNG")
-                    truth = {"caption": r.caption, "objects": [
-                        {"noun": sub.label, "box": list(sub.box), "mask": runs(sub.mask)} for sub in r.subjects]}
+                    Image.fromarray(scene.image).save(buf, format="PNG")
+                    truth = {"caption": scene.caption, "objects": [
+                        {"noun": x.creature.kind, "box": list(x.box), "mask": runs(x.mask)} for x in subjects]}
                     _member(tf, f"{key}.png", buf.getvalue())
-                    _member(tf, f"{key}.txt", r.caption.encode())
+                    _member(tf, f"{key}.txt", scene.caption.encode())
                     _member(tf, f"{key}.json", json.dumps({"toyworld": truth}).encode())
 
         paths.append(atomic_write(folder / f"{s:05d}.tar", write))

@@ -44,6 +44,7 @@ from .scenes import (
     full_caption,
     layout_specs,
     random_creature,
+    subject_dataset,
     subject_scene,
     two_concept_scene,
     world_scene,
@@ -56,6 +57,6 @@ __all__ = [
     "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "TRAITS", "UNNAMED_PARTS", "analyse",
     "article", "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set",
     "differ_in_every_part", "free_specs", "full_caption", "identity", "layout_specs", "leakage", "left_to_right",
-    "match", "pair_outcomes", "part_outcomes", "random_creature", "render", "save_png", "subject_scene",
+    "match", "pair_outcomes", "part_outcomes", "random_creature", "render", "save_png", "subject_dataset", "subject_scene",
     "two_concept_scene", "world_scene", "write_concept_folder", "write_two_concept_folder",
 ]

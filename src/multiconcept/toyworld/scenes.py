@@ -26,6 +26,7 @@ from .render import (
     MARKINGS,
     PART_VALUES,
     Creature,
+    Placed,
     Scene,
     Spec,
     article,
@@ -253,11 +254,12 @@ def concept_reference_set(name: str, n: int, seed: int) -> list[Scene]:
     return scenes
 
 
-def subject_scene(rng: np.random.Generator, free_share: float = 0.5) -> tuple[Scene, list[int]]:
+def subject_scene(rng: np.random.Generator, free_share: float = 0.5, colour_p: float = 0.0) -> tuple[Scene, list[int]]:
     """A tuning-free training scene (FastComposer, Subject-Diffusion) and the order its caption names the
     subjects: 1 or 2 subjects (of one kind in SAME_KIND_SHARE of pairs), free placement in `free_share` of
     scenes, the base's layouts otherwise. The caption says kinds and, in the base's layouts half the time,
-    places, never a part: only the subject images can say whose robot it is."""
+    places, never a part: only the subject images can say whose robot it is. colour_p > 0 says body
+    colours too (a captioned dataset's way; the same scenes for any colour_p)."""
     free = rng.random() < free_share
     layout = "free" if free else _pick(rng, BASE_LAYOUTS)
     n = int(rng.integers(1, 3)) if free else 1 if layout == "center" else 2
@@ -266,5 +268,15 @@ def subject_scene(rng: np.random.Generator, free_share: float = 0.5) -> tuple[Sc
         rng, kind=first.kind if rng.random() < SAME_KIND_SHARE else None)]
     specs = free_specs(creatures, rng) if free else layout_specs(creatures, layout, rng)
     scene = render(specs, str(rng.choice(list(BACKGROUNDS))), layout)
-    scene.caption, order = caption_in_order(scene.to_dict(), rng, colour_p=0.0)
+    scene.caption, order = caption_in_order(scene.to_dict(), rng, colour_p=colour_p)
     return scene, order
+
+
+def subject_dataset(n: int, seed: int, colour_p: float = 0.0) -> list[tuple[Scene, list[Placed]]]:
+    """n `subject_scene`s, each with its subjects in the order its caption names them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene, order = subject_scene(rng, colour_p=colour_p)
+        out.append((scene, [scene.subjects[i] for i in order]))
+    return out

@@ -1,14 +1,14 @@
 """train-encoder's data: where subject-annotated images come from, as `Record`s.
 
-`--data toyworld` draws fresh `toyworld.subject_dataset` records every
+`--data toyworld` draws fresh ToyWorld scenes (`toyworld.subject_scene`) every
 step; a folder `multiconcept dataset build` wrote (its URL, or WebDataset tars with the same keys) is
 streamed (`StreamSubjects`); any other folder holds:
 
     DIR/subjects.jsonl    one JSON object per line (paths relative to DIR):
       {"image": "000001.png",
-       "caption": "a red star on the left and a blue circle on a gray background",
-       "subjects": [{"label": "star",   "mask": "000001_0.png", "box": [x0, y0, x1, y1]},
-                    {"label": "circle", "mask": "000001_1.png"}]}
+       "caption": "a robot on the left and a bird on the right on a gray background",
+       "subjects": [{"label": "robot", "mask": "000001_0.png", "box": [x0, y0, x1, y1]},
+                    {"label": "bird",  "mask": "000001_1.png"}]}
 
 `label` is the subject's noun as written in the caption (its first unused
 whole-word occurrence gets the image marker); `mask` is white-on-black at the
@@ -54,45 +54,18 @@ class Record:
 
 
 class ToyWorldSubjects:
-    """Fresh `toyworld.subject_dataset` records on every draw (never a repeat), laid
-    out as the ToyWorld base's training scenes are (one centred subject or a
-    left/right pair), so the tuned UNet does not have to learn new layouts.
-    Captions name each subject's noun, size and place but not its colour or
-    pattern: on ToyWorld those are the identity, and a caption that says them
-    lets the model ignore the subject crops (the first encoders, trained on
-    full captions, carried almost no colour)."""
+    """Fresh ToyWorld scenes on every draw (`toyworld.subject_scene`): one or two subjects, of one kind in
+    a good share of pairs, placed freely in half the scenes (the base's layouts otherwise, overlaps
+    included); captions name kinds, and places in only part of the base-layout scenes, never a part:
+    whose robot it is, only the subject images can say."""
 
-    def __init__(self, layout: str = "fixed"):
-        self.layout = layout  # "free": the world's five places and two sizes (location control must see them)
-        # in the checkpoint digest: older runs drew full captions
-        self.name = "toyworld (captions without colour or pattern)" + ("" if layout == "fixed" else f", {layout} layout")
+    name = "toyworld (captions name kinds only)"
 
     def draw(self, n: int, seed: int) -> list[Record]:
         from ..toyworld import subject_dataset
 
-        return [Record(r.image, r.caption, [Annotation(s.label, s.mask, tuple(s.box)) for s in r.subjects])
-                for r in subject_dataset(n, seed, layout=self.layout, appearance=False)]
-
-
-class CreatureSubjects:
-    """Fresh ToyWorld creature scenes on every draw (`toyworld.creatures.subject_scene`): one or two
-    subjects, of one kind in a good share of pairs, placed freely in half the scenes (the base's layouts
-    otherwise, overlaps included); captions name kinds, and places in only part of the base-layout scenes,
-    never a part: whose robot it is, only the subject images can say."""
-
-    name = "toyworld creatures (captions name kinds only)"
-
-    def draw(self, n: int, seed: int) -> list[Record]:
-        from ..toyworld import creatures
-
-        rng = np.random.default_rng(seed)
-        records = []
-        for _ in range(n):
-            scene, order = creatures.subject_scene(rng)
-            subjects = [scene.subjects[i] for i in order]
-            records.append(Record(scene.image, scene.caption,
-                                  [Annotation(s.creature.kind, s.mask, tuple(s.box)) for s in subjects]))
-        return records
+        return [Record(scene.image, scene.caption, [Annotation(s.creature.kind, s.mask, tuple(s.box)) for s in subjects])
+                for scene, subjects in subject_dataset(n, seed)]
 
 
 class FolderSubjects:
@@ -143,8 +116,8 @@ class FolderSubjects:
 
 
 def write_subject_folder(records, folder: str | Path) -> Path:
-    """Records (ours or `toyworld.SubjectRecord`) → the folder format."""
-    from ..toyworld.scenes import save_png
+    """Records → the folder format."""
+    from ..toyworld import save_png
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,18 +203,14 @@ class StreamSubjects:
             self.sample_log.close()
 
 
-def open_data(spec: str, toyworld_layout: str = "fixed", seed: int = 0):
-    """'toyworld', 'toyworld:creatures'; a built dataset (folder or URL) or WebDataset tars, streamed; or a
-    subjects.jsonl folder."""
+def open_data(spec: str, seed: int = 0):
+    """'toyworld'; a built dataset (folder or URL) or WebDataset tars, streamed; or a subjects.jsonl folder."""
     if spec == "toyworld":
-        return ToyWorldSubjects(toyworld_layout)
-    if spec == "toyworld:creatures":
-        return CreatureSubjects()
+        return ToyWorldSubjects()
     if is_url(spec) or is_tar_spec(spec):
         return StreamSubjects(spec, seed)
     folder = Path(spec)
-    require(is_dir(folder), f"--data {spec} is neither 'toyworld', 'toyworld:creatures', a folder, a URL nor .tar "
-                            "shards: pass one of them")
+    require(is_dir(folder), f"--data {spec} is neither 'toyworld', a folder, a URL nor .tar shards: pass one of them")
     if (folder / MANIFEST).is_file():
         return FolderSubjects(folder)
     if (folder / SHARD_TABLE).is_file() or (folder / "shards").is_dir():

@@ -332,10 +332,10 @@ def train_encoder(
     return out
 
 
-def start(data: str, out, base, cfg, device: str, dtype: str, toyworld_layout: str = "fixed"):
+def start(data: str, out, base, cfg, device: str, dtype: str):
     """A tuning-free model's training inputs: (data source, out folder, accelerator, base). The data and
     the folder are checked before any model loads."""
-    source = open_data(data, toyworld_layout, seed=cfg.seed)
+    source = open_data(data, seed=cfg.seed)
     out = Path(out)
     require(not (out.exists() and not out.is_dir()), f"--out {out} is a file: give a folder")
     # subjects dropped from a caption leave the image encoder without gradient on some steps

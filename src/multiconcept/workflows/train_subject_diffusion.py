@@ -16,9 +16,9 @@ noise, square) with its augmentations, grayscale left out (on ToyWorld colour
 is the subject's identity).
 
 Data are train-encoder's (`--data toyworld | DIR`); ToyWorld renders fresh
-scenes in the world's free layout (five places, two sizes), because location
-control must see boxes the base never drew, with captions that leave colour and
-pattern to the subject images.
+scenes with free placement (any place, 0.6-1.0 of the base's size) in half of
+them, because location control must see boxes the base never drew, with
+captions that name kinds only and leave every part to the subject images.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def train_subject_diffusion(
     checkpoint, so `resume=True` continues). Every step is logged to `out/train_log.jsonl`; `workers` and
     `sample_log` as train_encoder's."""
     cfg = cfg or SubjectDiffusionConfig()
-    source, out, acc, base = start(data, out, base, cfg, device, dtype, toyworld_layout="free")
+    source, out, acc, base = start(data, out, base, cfg, device, dtype)
     torch.manual_seed(cfg.seed)
     model = SubjectDiffusion(base, load_image_encoder(image_encoder, base), cfg)
     trainables = model.set_trainable()

@@ -75,14 +75,15 @@ def tiny_image_encoder(projection_dim: int = 32, seed: int = 0) -> SubjectImageE
 
 
 def load_image_encoder(spec: str | None, base: Base) -> SubjectImageEncoder:
-    """'tiny', a folder (a CLIPModel, e.g. the ToyWorld evaluator, or a
+    """'tiny', a folder (a CLIPModel, e.g. ToyWorld's encoder, or a
     CLIPVisionModelWithProjection), a hub id, or None = the base's natural one
-    (ToyWorld: its evaluator's vision tower; tiny: the tiny tower)."""
+    (ToyWorld: its encoder CLIP's vision tower — the world's second CLIP, never the evaluator that scores
+    identity; tiny: the tiny tower)."""
     if spec is None:
         if base.name == "toyworld":
-            spec = str(TOYWORLD_DIR / "evaluator")
+            spec = str(TOYWORLD_DIR / "encoder")
             require(Path(spec, "config.json").is_file(),
-                    "the ToyWorld evaluator is not built yet: run `multiconcept toyworld build`, or pass --image-encoder PATH")
+                    "ToyWorld's encoder CLIP is not built yet: run `multiconcept toyworld build`, or pass --image-encoder PATH")
         elif base.name == "tiny":
             spec = "tiny"
         else:
@@ -107,7 +108,7 @@ def load_image_encoder(spec: str | None, base: Base) -> SubjectImageEncoder:
                         "pass a local CLIP folder, or a hub id with network access") from e
     mean, std = CLIP_MEAN, CLIP_STD
     pre = Path(spec) / "preprocessor_config.json"
-    if pre.is_file():  # e.g. the ToyWorld evaluator normalises to [-1, 1]
+    if pre.is_file():  # e.g. ToyWorld's CLIPs normalise to [-1, 1]
         p = json.loads(pre.read_text())
         mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
     return SubjectImageEncoder(vision.eval(), mean, std).to(base.device)

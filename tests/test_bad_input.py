@@ -79,7 +79,7 @@ def test_the_error_comes_first_and_alone_on_the_toyworld_base(tmp_path):
 
     if not toyworld_available():
         pytest.skip("ToyWorld base not installed")
-    prompt = "a star " + "and a circle " * 40
+    prompt = "a robot " + "and a bird " * 40
     r = subprocess.run([ENTRY, "generate", prompt, "-o", str(tmp_path / "out"), "--steps", "1"], capture_output=True,
                        text=True, timeout=300)
     refused((r.returncode, r.stdout, r.stderr), "longer than the text encoder's limit")

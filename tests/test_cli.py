@@ -62,7 +62,8 @@ def test_demo_end_to_end(run_cli, tmp_path):
                     "data:image/png;base64"):
         assert section in page
     assert "http" not in page.replace("http-equiv", "")  # works offline: nothing fetched
-    assert "<s1>" not in page and "<code>a &lt;s1&gt; heart and a &lt;s2&gt; star" in page  # prompts escaped
+    assert "<s1>" not in page and "<code>a &lt;s1&gt; robot and a &lt;s2&gt; bird" in page  # prompts escaped
+    assert "identity (parts right)" in page and "blue robot with an orange head, a block hat and a black spot" in page
 
 
 @pytest.mark.parametrize("method", ["custom-diffusion", "textual-inversion", "lora"])

@@ -14,9 +14,9 @@ from multiconcept.toyworld import left_to_right, write_two_concept_folder
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
-    scene = write_two_concept_folder("checkered_star", "dotted_heart", d, seed=0)
-    a, b = left_to_right(scene.objects)  # named as ToyWorld's captions name them
-    return {"concepts": [Concept("<s1>", a.noun), Concept("<s2>", b.noun)], "image": str(d / "image.png"),
+    scene = write_two_concept_folder("robot_a", "bird_b", d, seed=0)  # on a beige background
+    a, b = left_to_right(scene.subjects)  # named as ToyWorld's captions name them
+    return {"concepts": [Concept("<s1>", a.creature.kind), Concept("<s2>", b.creature.kind)], "image": str(d / "image.png"),
             "masks": [f"<s1>={d / f'{a.concept}_mask.png'}", f"<s2>={d / f'{b.concept}_mask.png'}"]}
 
 
@@ -87,7 +87,7 @@ def test_full_calibration_on_toyworld(pair):
     training moves the maps by itself, so only the difference says what the calibration did."""
 
     def trained(weight):
-        return run(pair, 30, 1e-4, measure=probe_each, base="toyworld", templates=("a {} on a black background",),
+        return run(pair, 30, 1e-4, measure=probe_each, base="toyworld", templates=("a {} on a beige background",),
                    attention_resolution=0, attention_weight=weight)[1]
 
     (bind, sep), (bind_control, sep_control) = trained(0.01), trained(0.0)
@@ -145,7 +145,7 @@ def test_union_sampling_and_mask_attention_loss(pair):
 
 
 def test_union_sampling_erases_the_unnamed_concept(pair):
-    """unnamed=erase: 'a <s1> heart' is trained on the image with the other concept painted
+    """unnamed=erase: 'a <s1> robot' is trained on the image with the other concept painted
     with the background; unnamed-out would instead leave its pixels out of the loss."""
     from PIL import Image
 

@@ -253,16 +253,16 @@ def test_learned_concept_moves_generations_toward_its_reference_evaluator(tmp_pa
 
     if not toyworld_evaluator_available():
         pytest.skip("needs the ToyWorld evaluator (multiconcept toyworld build)")
-    pairs = write_concept_folder("checkered_star", tmp_path / "ref", n=4, seed=0)
-    data = build_concept_set([Concept("<s1>", "star")], [str(p) for p, _ in pairs], [f"<s1>={m}" for _, m in pairs])
+    pairs = write_concept_folder("ghost_b", tmp_path / "ref", n=4, seed=0)
+    data = build_concept_set([Concept("<s1>", "ghost")], [str(p) for p, _ in pairs], [f"<s1>={m}" for _, m in pairs])
     cfg = InfusionConfig(steps=150, batch_size=2, grad_accum=1)
-    out = train(Infusion, load_base(None), data, cfg, tmp_path / "star.safetensors", progress=False)
+    out = train(Infusion, load_base(None), data, cfg, tmp_path / "ghost.safetensors", progress=False)
     scorer = load_clip(None)
     refs = scorer.image_embeddings([Image.open(p).convert("RGB") for p, _ in pairs])
     s = SampleSettings(steps=25, guidance=6.0)
 
     def clip_i(bundles, name):
-        paths = generate("a star on a gray background", load_with_bundles(None, bundles), 8, 0, tmp_path / name, s)
+        paths = generate("a ghost on a gray background", load_with_bundles(None, bundles), 8, 0, tmp_path / name, s)
         return mean_pairwise_cosine(scorer.image_embeddings([Image.open(p).convert("RGB") for p in paths]), refs)
 
     assert clip_i([str(out)], "custom") > clip_i([], "base")

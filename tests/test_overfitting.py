@@ -89,9 +89,10 @@ def test_frechet_distance_is_zero_on_itself_and_grows_with_a_shift():
 
 
 def test_neutral_prompts_never_name_a_concept():
-    prompts = of.neutral_prompts(["star", "<s1>", "heart"], 8)
-    assert len(set(prompts)) == 8
-    assert not any(w in p.split() for p in prompts for w in ("star", "heart"))
+    prompts = of.neutral_prompts(["robot", "<s1>", "bird"], 8)
+    assert len(set(prompts)) == 8 and all("ghost" in p for p in prompts)
+    assert len({p.split()[1] for p in prompts}) == 4 and len({p.split()[-2] for p in prompts}) == 4
+    assert len(set(of.neutral_prompts([], 48))) == 48  # every kind, body colour and background once
     generic = of.neutral_prompts(["dog"], 4, world="generic")
     assert len(generic) == 4 and not any("dog" in p for p in generic)
 

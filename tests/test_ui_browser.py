@@ -70,8 +70,8 @@ def pair(tmp_path_factory):
     from multiconcept.toyworld import left_to_right, write_two_concept_folder
 
     folder = tmp_path_factory.mktemp("pair")
-    scene = write_two_concept_folder("checkered_star", "dotted_heart", folder, seed=0)
-    left, right = left_to_right(scene.objects)
+    scene = write_two_concept_folder("robot_a", "bird_b", folder, seed=0)
+    left, right = left_to_right(scene.subjects)
     return folder, scene.background, left, right
 
 
@@ -113,8 +113,8 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         page.goto(url)
         page.set_input_files("#learn-image input[type=file]", str(folder / "image.png"))
         expect(page.locator("#learn-status")).to_contain_text("64x64 image", timeout=30_000)
-        page.fill("#class-0 textarea, #class-0 input", left.noun)
-        page.fill("#class-1 textarea, #class-1 input", right.noun)
+        page.fill("#class-0 textarea, #class-0 input", left.creature.kind)
+        page.fill("#class-1 textarea, #class-1 input", right.creature.kind)
         paint_stroke(page, "#paint-0")
         page.set_input_files("#mask-1 input[type=file]", str(folder / f"{right.concept}_mask.png"))
         page.fill("#steps input", str(STEPS))
@@ -168,7 +168,7 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         page.get_by_role("tab", name="Generate").click()
         expect(page.locator("#gen-tokens")).to_contain_text("<s1>", timeout=30_000)
         expect(page.locator("#gen-prompt textarea")).to_have_value(re.compile("<s1>"))  # the tokens, offered
-        page.fill("#gen-prompt textarea", f"a <s1> {left.noun} and a <s2> {right.noun} on a {background} background")
+        page.fill("#gen-prompt textarea", f"a <s1> {left.creature.kind} and a <s2> {right.creature.kind} on a {background} background")
         page.fill("#gen-n input[type=number]", "2")
         page.fill("#gen-steps input[type=number]", str(GEN_STEPS))
         page.click("#generate-button")

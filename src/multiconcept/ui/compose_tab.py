@@ -60,7 +60,7 @@ def build(page: Page) -> None:
             kind = gr.Radio(list(KINDS), value="FastComposer", label="method", elem_id="compose-kind")
             model = gr.Textbox(page.compose_model, label="model folder", elem_id="compose-model")
             note = gr.HTML(model_note("FastComposer", page.compose_model), elem_id="compose-note")
-            prompt = gr.Textbox("a star <img> and a circle <img> on a gray background", lines=2, elem_id="compose-prompt",
+            prompt = gr.Textbox("a robot <img> and a robot <img> on a gray background", lines=2, elem_id="compose-prompt",
                                 label="prompt: <img> after each subject's noun, in the order of the subjects")
             subjects = []
             for k in range(SUBJECTS):

@@ -51,14 +51,11 @@ RECONSTRUCTION_NOTE = (
     "definitions could not be read; see multiconcept.workflows.overfitting for exactly what is computed."
 )
 
-# ToyWorld's vocabulary (toyworld/render.py), used for the tiny test base too.
-_TOY_NOUNS = ("circle", "square", "triangle", "star", "heart", "ring", "cross")
-_TOY_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "cyan", "pink")
-_TOY_BACKGROUNDS = ("white", "gray", "black", "beige")
+# In ToyWorld's words (its kinds, body colours, places and backgrounds), used for the tiny test base too.
 TOY_CONTEXTS = (
     "a {} on a white background", "a {} on a black background", "a {} on a beige background",
-    "a {} on a gray background", "a small {} on the left", "a large {} at the top",
-    "a {} at the bottom on a white background", "a {} on the right on a black background",
+    "a {} on a gray background", "a {} on the left", "a {} on the right",
+    "a {} in the center on a white background", "a {} on the right on a black background",
 )
 GENERIC_NOUNS = ("dog", "cat", "car", "house", "chair", "tree", "teapot", "bicycle", "backpack", "flower")
 GENERIC_CONTEXTS = (
@@ -100,8 +97,11 @@ def neutral_prompts(avoid: Sequence[str], n: int, world: str = "toyworld") -> li
     from ..prompts import find_word_spans
 
     if world == "toyworld":
-        # 56 = lcm(8 colours, 7 nouns): every (colour, noun) pair once
-        out = [f"a {_TOY_COLOURS[i % 8]} {_TOY_NOUNS[i % 7]} on a {_TOY_BACKGROUNDS[i % 4]} background" for i in range(56)]
+        from ..toyworld.render import BACKGROUNDS, BODY_COLOURS, KINDS
+
+        colours, backgrounds = list(BODY_COLOURS), list(BACKGROUNDS)
+        # every (kind, colour, background) once, the first prompts already varying all three
+        out = [f"a {colours[i % 4]} {KINDS[i % 3]} on a {backgrounds[(i // 12 + i) % 4]} background" for i in range(48)]
     else:
         out = [t.format(noun) for noun in GENERIC_NOUNS for t in GENERIC_NEUTRAL]
     out = [p for p in out if not any(find_word_spans(p, w) or (w.startswith("<") and w in p) for w in avoid)]

@@ -46,8 +46,8 @@ test-ui: $(STAMP)
 
 # ToyWorld's FastComposer is built, not shipped: one CPU hour on 2 cores (resumable; re-run to continue).
 # Same settings as benchmarks/fastcomposer_toyworld.py's L_loc model (no grayscale crops: on ToyWorld
-# colour is the subject's identity, and its training captions leave colour to the crops). Then:
-#   multiconcept compose 'a star <img> on a gray background' -s star.png:star_mask.png --model models/fastcomposer-toyworld
+# colours are the subject's identity, and its training captions leave them to the crops). Then:
+#   multiconcept compose 'a robot <img> on a gray background' -s robot.png:robot_mask.png --model models/fastcomposer-toyworld
 fastcomposer: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/multiconcept train-encoder --method fastcomposer --data toyworld \
 		--out models/fastcomposer-toyworld --lr 1e-4 --batch-size 16 --steps 100000 --max-minutes 60 \

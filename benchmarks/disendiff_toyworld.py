@@ -4,13 +4,14 @@
         [--pairs 5] [--steps 250] [--ti-steps 1000] [--seeds 0,1] [--sample-steps 50] [--no-ablations]
 
 Writes N two-concept ToyWorld source images (each a pair of personal
-concepts with its masks), runs the 30-prompt protocol (10 both, 10 concept
+concepts of two kinds, from the evidence set, with its masks), runs the 30-prompt protocol (10 both, 10 concept
 1, 10 concept 2) for every method variant with `multiconcept benchmark`
 (fixed seeds, resumable: a killed run continues), and prints one markdown
 table: image alignment (CLIP-I vs the whole source / the masked crop),
 text alignment (CLIP-T, raw cosine) and leakage (the other concept's
-alignment on single-concept prompts, plus ToyWorld's exact signature
-measure) and multi-subject fidelity (each concept found by ToyWorld's checker, matched, compared) —
+alignment on single-concept prompts, plus ToyWorld's exact part-based
+measure), ToyWorld identity (parts drawn right) and multi-subject fidelity
+(each concept found by ToyWorld's checker, matched, compared) —
 Combined / Concept 1 / Concept 2 / Mean, mean ± standard error over (source, seed) units; then the
 paired claims (DisenDiff vs Custom Diffusion, each ablation vs DisenDiff) with 95% intervals.
 """
@@ -30,7 +31,7 @@ VARIANTS = [
     ("disendiff + union/erase", "disendiff", (("union_sampling", "true"), ("unnamed", "erase"))),
 ]
 # On the ToyWorld base every variant trains the same way (docs/demo.md, "The demo's settings"): whole-image
-# loss (the papers'), captions in ToyWorld's words, no scale augmentation or flips (the base draws objects
+# loss (the papers'), captions in ToyWorld's words, no scale augmentation or flips (the base draws subjects
 # at fixed places, and a flip swaps which side the first-named concept is on), batch 2 without
 # accumulation. lr: 1e-4 x 2 for Custom Diffusion and DisenDiff (the paper's 1e-5 x 8 moved nothing in
 # the demo's 250 steps); Textual Inversion 1e-3 x 2.
@@ -49,16 +50,16 @@ ABLATIONS = [
 
 
 def write_sources(folder: Path, n: int) -> list[Path]:
-    from multiconcept.toyworld import PERSONAL_CONCEPTS, write_two_concept_folder
+    """Pairs of evidence concepts of two kinds (the pilot set tunes the world; the demo's pair is a pilot),
+    those that differ in every part first, so a leaked part is never ambiguous."""
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS, concept, differ_in_every_part, write_two_concept_folder
 
-    names = sorted(PERSONAL_CONCEPTS)
-    nouns = {k: PERSONAL_CONCEPTS[k].noun for k in names}
-    candidates = [(a, b) for a, b in itertools.combinations(names, 2) if nouns[a] != nouns[b]]
-    # spread the concepts: each next pair uses the least-used ones (the demo's pair first)
-    pairs, uses = [("checkered_star", "dotted_heart")][:n], dict.fromkeys(names, 0)
-    for a, b in pairs:
-        uses[a] += 1
-        uses[b] += 1
+    names = list(EVIDENCE_CONCEPTS)
+    creature = {k: concept(k).creature for k in names}
+    candidates = [(a, b) for a, b in itertools.combinations(names, 2) if creature[a].kind != creature[b].kind]
+    candidates.sort(key=lambda c: not differ_in_every_part(creature[c[0]], creature[c[1]]))
+    # spread the concepts: each next pair uses the least-used ones
+    pairs, uses = [], dict.fromkeys(names, 0)
     while len(pairs) < min(n, len(candidates)):
         a, b = min((c for c in candidates if c not in pairs), key=lambda c: (uses[c[0]] + uses[c[1]], candidates.index(c)))
         pairs.append((a, b))
@@ -73,10 +74,10 @@ def write_sources(folder: Path, n: int) -> list[Path]:
     return out
 
 
-KEYS = ("image_alignment", "text_alignment", "leakage", "toyworld_colour_leak", "toyworld_object_leak", "toyworld_present",
+KEYS = ("image_alignment", "text_alignment", "leakage", "toyworld_leak", "toyworld_identity", "toyworld_present",
         "multi_subject_fidelity")
-# (metric, column) pairs the claims are made on: overall alignment, leakage, two concepts in one image
-CLAIMS = (("image_alignment", "mean"), ("leakage", "mean"), ("toyworld_colour_leak", "mean"),
+# (metric, column) pairs the claims are made on: overall alignment, leakage, identity, two concepts in one image
+CLAIMS = (("image_alignment", "mean"), ("leakage", "mean"), ("toyworld_leak", "mean"), ("toyworld_identity", "mean"),
           ("multi_subject_fidelity", "combined"))
 
 
@@ -156,7 +157,7 @@ def main():
         res = benchmark([str(s) for s in used], settings, folder, progress=True)
         tables[label] = (res["columns"], res["table"][method], res["sem"][method], res["units"][method])
     columns = next(iter(tables.values()))[0]
-    head = ["method"] + [f"{m} {c}" for m in ("CLIP-I", "CLIP-T", "leak CLIP-I", "leak colour", "leak object", "present",
+    head = ["method"] + [f"{m} {c}" for m in ("CLIP-I", "CLIP-T", "leak CLIP-I", "leak parts", "identity", "present",
                                               "fidelity") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, (cols, entry, sem, _) in tables.items():

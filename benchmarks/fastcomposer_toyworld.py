@@ -4,31 +4,34 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fastcomposer_toyworld.py --base tiny --quick   # proves it runs
 
 1. Trains two FastComposer models with `multiconcept train-encoder` on
-   fresh `toyworld.subject_dataset` scenes (base patterns only: ToyWorld's
-   personal concepts are never seen in training), each in its own process
+   fresh `toyworld.subject_dataset` scenes (same-kind pairs, free placement in
+   half, captions naming kinds only; ToyWorld's personal concepts are never
+   seen in training), each in its own process
    under a wall-clock budget (`--minutes`, default 60): one with L_loc
    (λ = 1e-3, the paper's) and one without (λ = 0). Trained models are kept
    in OUT/model_loc and OUT/model_noloc and reused by later runs: this is how
    the ToyWorld FastComposer is built (it is not shipped in the package).
    ToyWorld settings: lr 1e-4 (the paper's 1e-5 is for a global batch of 128
    over 150k steps; in one CPU hour we get a few thousand steps at batch 16),
-   batch 16, no grayscale augmentation (on ToyWorld colour is identity, and
-   the captions do not say it), everything else the paper's defaults. Both
+   batch 16, no grayscale augmentation (on ToyWorld colours are identity, and
+   the captions do not say them), everything else the paper's defaults. Both
    models train at once, each on half the threads, so the two share the
    machine's 60 minutes (--sequential: one after the other, all threads each).
-2. Two-subject prompts, "a <noun_a> <img> on the left and a <noun_b> <img>
-   on the right on a <colour> background" (white, black, beige, gray in
-   turn), with one reference image each of two personal concepts. Every image is scored per subject: the evaluator's
-   (CLIP-I style) cosine between the generated subject (the checker's
-   detection of its noun, else its half of the image) and its own reference
-   vs the other subject's reference. own − other > 0 means identities stay
-   apart; → 0 means they blend. Also: the share of subjects drawn in their
-   reference's main colour (the checker's colour of the region), and of
+2. Two-subject prompts of ONE kind, "a robot <img> and a robot <img> on a
+   <colour> background" (white, black, beige, gray in turn; no positions, as
+   the paper's "a man <img> and a man <img>"), with one reference image each
+   of two personal concepts of that kind that differ in every part (the
+   evidence set). Every image is scored per subject, the analytic checker's
+   readings matched to the two subjects: the share of its parts drawn with its
+   own values (identity) and with the other subject's (a swap: identity
+   blending), and the evaluator's (CLIP-I style) cosine between the subject
+   (its reading's pixels, else its half of the image) and its own reference vs
+   the other's: own − other > 0 means identities stay apart. Also the share of
    images whose background is the prompt's (the prompt's hold). Four
    conditions: {with, without L_loc} x {delayed conditioning α = 0.7, none α = 1};
    with − without L_loc as a paired difference over the same (pair, seed) images, 95% interval.
-   And single-subject prompts, "a <noun> <img> on a gray background", for each
-   of the 8 personal concepts: colour and noun right (α = 0.7). And what L_loc
+   And single-subject prompts, "a <kind> <img> on a gray background", for each
+   evidence concept: kind right and identity (α = 0.7). And what L_loc
    acts on: the subject tokens' attention in the middle blocks (L_loc and the
    share inside each subject's mask) on fresh training-like scenes, before
    training and for both models.
@@ -55,8 +58,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-PAIRS = [("checkered_star", "dotted_heart"), ("twotone_circle", "checkered_square"), ("twotone_triangle", "dotted_cross"),
-         ("twotone_ring", "checkered_star"), ("dotted_heart", "twotone_circle"), ("checkered_square", "twotone_triangle")]
 TOYWORLD_LR = 1e-4
 # the prompt's background, one per pair in turn: how well the text is still followed (the paper's reason
 # for delaying the subject embeddings is the prompt's hold on the image)
@@ -64,6 +65,17 @@ PAIR_BACKGROUNDS = ("white", "black", "beige", "gray")
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def same_kind_pairs() -> list[tuple[str, str]]:
+    """Evidence concepts of one kind that differ in every part: a swapped part is never ambiguous."""
+    from itertools import combinations
+
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS, concept, differ_in_every_part
+
+    return [(a, b) for a, b in combinations(EVIDENCE_CONCEPTS, 2)
+            if concept(a).creature.kind == concept(b).creature.kind
+            and differ_in_every_part(concept(a).creature, concept(b).creature)]
 
 
 def peak_rss_mb() -> float:
@@ -92,15 +104,14 @@ def child(mode: str, args: dict, threads: int) -> dict:
 
 
 def reference(concept: str, folder: Path, seed: int = 100) -> tuple[Path, Path, str]:
-    """One reference render of a personal concept: image, mask, noun."""
-    from multiconcept.toyworld.render import PERSONAL_CONCEPTS
-    from multiconcept.toyworld.scenes import concept_reference_set, save_png
+    """One reference render of a personal concept, centred: image, mask, kind."""
+    from multiconcept.toyworld import concept_reference_set, save_png
 
     scene = concept_reference_set(concept, 1, seed)[0]
     folder.mkdir(parents=True, exist_ok=True)
     img = save_png(scene.image, folder / f"{concept}.png")
-    mask = save_png(scene.objects[0].mask, folder / f"{concept}_mask.png")
-    return img, mask, PERSONAL_CONCEPTS[concept].noun
+    mask = save_png(scene.subjects[0].mask, folder / f"{concept}_mask.png")
+    return img, mask, scene.subjects[0].creature.kind
 
 
 def checked(path):
@@ -115,8 +126,19 @@ def checked(path):
     return img, analyse(img)
 
 
-def largest(detections):
-    return max(detections, key=lambda d: d.area) if detections else None
+def largest(readings):
+    return max(readings, key=lambda r: int(r.mask.sum())) if readings else None
+
+
+def per_image(values) -> list[float]:
+    """One unit per image (pair, seed): its two subjects share the sample, so they are not independent."""
+    return np.array(values, dtype=float).reshape(-1, 2).mean(axis=1).tolist()
+
+
+def crop_of(img, reading):
+    """A reading's pixels as an image crop (its mask's box)."""
+    ys, xs = np.nonzero(reading.mask)
+    return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
 # ---------------------------------------------------------------- children
@@ -175,95 +197,89 @@ def child_cd_first_image(a: dict) -> dict:
 
 
 def child_identity(a: dict) -> dict:
-    """Generate every pair x seed x α for one model and score identity alignment."""
+    """Generate every pair x seed x α for one model and score each subject: its parts (own, the other's) and
+    its evaluator alignment to its own and the other's reference."""
     from PIL import Image
 
     from multiconcept.methods.fastcomposer import FastComposer
     from multiconcept.metrics.clip import load_clip
+    from multiconcept.toyworld import concept, match, part_outcomes
     from multiconcept.workflows.compose import ComposeSettings, compose
 
     model = FastComposer.load(a["model"])
     scorer = load_clip(a["evaluator"])
 
-    def region(img: Image.Image, objs: list, noun: str, side: str) -> tuple[Image.Image, bool, str | None]:
-        """The generated subject: the checker's largest detection of its noun, else its
-        half; with the colour of that detection (else of the half's largest object)."""
-        best = largest([d for d in objs if d.noun == noun])
-        if best:
-            return img.crop(best.box), True, best.colour
+    def region(img: Image.Image, reading, side: str) -> Image.Image:
+        """The generated subject: its reading's pixels, else its half of the image."""
+        if reading is not None and reading.mask.any():
+            return crop_of(img, reading)
         mid = img.width // 2
-        in_half = largest([d for d in objs if ((d.box[0] + d.box[2]) / 2 < mid) == (side == "left")])
-        half = img.crop((0, 0, mid, img.height) if side == "left" else (mid, 0, img.width, img.height))
-        return half, False, in_half.colour if in_half else None
-
-    def emb(images):
-        return scorer.image_embeddings(images)
+        return img.crop((0, 0, mid, img.height) if side == "left" else (mid, 0, img.width, img.height))
 
     out = {}
     for alpha in a["alphas"]:
-        own, other, detected, colour, background = [], [], [], [], []
+        own, other, found, parts_own, parts_other, background = [], [], [], [], [], []
         for k, (ca, cb) in enumerate(a["pairs"]):
             bg = PAIR_BACKGROUNDS[k % len(PAIR_BACKGROUNDS)]
             ra, rb = a["refs"][ca], a["refs"][cb]
-            refs = []
-            for r in (ra, rb):
-                ref_img = Image.open(r["image"]).convert("RGB")
-                box = Image.open(r["mask"]).getbbox()
-                refs.append(ref_img.crop(box))
-            ref_emb = emb(refs)
-            prompt = f"a {ra['noun']} <img> on the left and a {rb['noun']} <img> on the right on a {bg} background"
+            creatures = [concept(ca).creature, concept(cb).creature]
+            refs = [Image.open(r["image"]).convert("RGB").crop(Image.open(r["mask"]).getbbox()) for r in (ra, rb)]
+            ref_emb = scorer.image_embeddings(refs)
+            prompt = f"a {ra['noun']} <img> and a {rb['noun']} <img> on a {bg} background"
             folder = Path(a["out"]) / f"a{alpha}" / f"{ca}+{cb}"
             paths = compose(prompt, [f"{ra['image']}:{ra['mask']}", f"{rb['image']}:{rb['mask']}"], model, n=a["seeds"],
                             seed=0, out_dir=folder, settings=ComposeSettings(steps=a["steps"], alpha=alpha))
             for p in paths:
                 img, analysis = checked(p)
                 background.append(analysis.background == bg)
-                for i, (r, side) in enumerate(((ra, "left"), (rb, "right"))):
-                    crop, ok, drawn = region(img, analysis.objects, r["noun"], side)
-                    e = emb([crop])[0]
+                matched = match(analysis.subjects, creatures)
+                for i, (reading, side) in enumerate(zip(matched, ("left", "right"))):
+                    e = scorer.image_embeddings([region(img, reading, side)])[0]
                     own.append(float(e @ ref_emb[i]))
                     other.append(float(e @ ref_emb[1 - i]))
-                    detected.append(ok)
-                    colour.append(drawn == r["colour"])
-        # one unit per image (pair, seed): its two subjects share the sample, so they are not independent
-        per_image = (np.array(own) - np.array(other)).reshape(-1, 2).mean(axis=1)
-        colour_image = np.array(colour, dtype=float).reshape(-1, 2).mean(axis=1)
+                    found.append(reading is not None)
+                    outcome = part_outcomes(reading, creatures[i], creatures[1 - i])
+                    parts_own.append(outcome["own"])
+                    parts_other.append(outcome["other"])
         own_a, other_a = np.array(own), np.array(other)
         out[str(alpha)] = {"own": own_a.mean(), "other": other_a.mean(), "margin": (own_a - other_a).mean(),
                            "margin_sem": (own_a - other_a).std(ddof=1) / np.sqrt(len(own_a)) if len(own_a) > 1 else 0.0,
-                           "own_wins": float((own_a > other_a).mean()), "detected": float(np.mean(detected)),
-                           "colour_right": float(np.mean(colour)), "background_right": float(np.mean(background)),
-                           "n": len(own_a)}
+                           "own_wins": float((own_a > other_a).mean()), "found": float(np.mean(found)),
+                           "parts_own": float(np.mean(parts_own)), "parts_other": float(np.mean(parts_other)),
+                           "background_right": float(np.mean(background)), "n": len(own_a)}
         out[str(alpha)] = {k: float(v) for k, v in out[str(alpha)].items()}
-        out[str(alpha)].update(image_margins=per_image.tolist(), image_colour_right=colour_image.tolist())
+        out[str(alpha)].update(image_margins=per_image(own_a - other_a), image_parts_own=per_image(parts_own),
+                               image_parts_other=per_image(parts_other))
     return out
 
 
 def child_single(a: dict) -> dict:
-    """One subject per prompt, every personal concept: is it drawn as its noun, in its colour?"""
+    """One subject per prompt, every evidence concept: is it drawn as its kind, with its parts?"""
     from multiconcept.methods.fastcomposer import FastComposer
+    from multiconcept.toyworld import concept, identity, match
     from multiconcept.workflows.compose import ComposeSettings, compose
 
     model = FastComposer.load(a["model"])
-    colour, noun, per = [], [], {}
+    parts, kind, per = [], [], {}
     for c, r in a["refs"].items():
+        creature = concept(c).creature
         paths = compose(f"a {r['noun']} <img> on a gray background", [f"{r['image']}:{r['mask']}"], model,
                         n=a["seeds"], seed=0, out_dir=Path(a["out"]) / c, settings=ComposeSettings(steps=a["steps"]))
         hits = []
         for p in paths:
-            big = largest(checked(p)[1].objects)
-            hits.append(bool(big and big.colour == r["colour"]))
-            noun.append(bool(big and big.noun == r["noun"]))
-        colour += hits
+            (reading,) = match(checked(p)[1].subjects, [creature])
+            hits.append(identity(reading, creature))
+            kind.append(reading is not None and reading.kind == creature.kind)
+        parts += hits
         per[c] = float(np.mean(hits))
-    return {"colour_right": float(np.mean(colour)), "noun_right": float(np.mean(noun)), "per_concept": per,
-            "n": len(colour)}
+    return {"parts_own": float(np.mean(parts)), "kind_right": float(np.mean(kind)), "per_concept": per,
+            "n": len(parts)}
 
 
 def child_attention(a: dict) -> dict:
     """What L_loc acts on: the subject tokens' cross-attention in the middle blocks, on fresh
     training-like scenes (a seed training never drew), every subject kept, no augmentation.
-    model None: the untrained model (base UNet, evaluator tower, a seeded new fusion MLP)."""
+    model None: the untrained model (base UNet, the encoder CLIP's vision tower, a seeded new fusion MLP)."""
     import torch
 
     from multiconcept.methods.fastcomposer import FastComposer, FastComposerConfig, load_image_encoder
@@ -328,7 +344,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=100_000, help="training step cap (the budget usually ends it first)")
     ap.add_argument("--lr", type=float, default=TOYWORLD_LR)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--pairs", type=int, default=len(PAIRS))
+    ap.add_argument("--pairs", type=int, default=9, help="same-kind evidence pairs (at most 9)")
     ap.add_argument("--seeds", type=int, default=8, help="images per pair and condition")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps (paper: 50)")
     ap.add_argument("--cd-steps", type=int, default=None, help="Custom Diffusion steps (default: its paper's 250)")
@@ -364,7 +380,7 @@ def main() -> None:
         settings = {"steps": a.max_steps, "lr": a.lr, "batch_size": a.batch_size, "loc_weight": loc,
                     "checkpoint_every": 200}
         if a.base == "toyworld":
-            settings["aug_grayscale_p"] = 0.0  # colour is identity here, and the captions do not say it
+            settings["aug_grayscale_p"] = 0.0  # colours are identity here, and the captions do not say them
         jobs.append((name, ("train", {"out": str(models[name]), "base": a.base, "settings": settings, "minutes": a.minutes})))
     if jobs:
         print(f"training FastComposer ({', '.join(n for n, _ in jobs)}) for at most {a.minutes} min each ...", flush=True)
@@ -380,13 +396,13 @@ def main() -> None:
 
     # 2. identity blending: {loc, noloc} x {α = 0.7, 1.0}
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
-    pairs = PAIRS[: a.pairs]
+    pairs = same_kind_pairs()[: a.pairs]
     refs = {}
-    from multiconcept.toyworld.render import PERSONAL_CONCEPTS
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS
 
-    for c in PERSONAL_CONCEPTS:
+    for c in EVIDENCE_CONCEPTS:
         img, mask, noun = reference(c, work / "refs")
-        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun, "colour": PERSONAL_CONCEPTS[c].appearance.colour}
+        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun}
     singles = refs if not a.quick else dict(list(refs.items())[:2])
     evaluator = None
     if a.base != "toyworld":  # a random CLIP in place of the evaluator: numbers are meaningless, the code path is not
@@ -440,30 +456,32 @@ def claims(r: dict) -> list[str]:
         a, b = r["identity_loc"][alpha], r["identity_noloc"][alpha]
         if "image_margins" not in a or "image_margins" not in b:
             continue
-        for key, what in (("image_margins", "own − other"), ("image_colour_right", "colour right")):
+        for key, what in (("image_margins", "own − other"), ("image_parts_own", "parts own"),
+                          ("image_parts_other", "parts swapped")):
             d = paired_difference(a[key], b[key])
             lines.append(f"- α = {alpha}, {what}: " + d.text("with L_loc", "without L_loc"))
     return lines
 
 
 def table(r: dict) -> str:
-    rows = ["| FastComposer on " + r["base"] + " | own ref | other ref | own − other (± sem) | own wins | noun detected "
-            "| colour right | background right |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| FastComposer on " + r["base"] + ", same-kind pairs | own ref | other ref | own − other (± sem) | own wins "
+            "| subject found | parts own | parts swapped | background right |", "|---|---|---|---|---|---|---|---|---|"]
     for name, label in (("loc", "with L_loc"), ("noloc", "without L_loc")):
         for alpha, what in (("0.7", "delayed α=0.7"), ("1.0", "no delay α=1")):
             s = r[f"identity_{name}"][alpha]
             rows.append(f"| {label}, {what} | {s['own']:.3f} | {s['other']:.3f} | {s['margin']:+.3f} ± {s['margin_sem']:.3f} "
-                        f"| {s['own_wins']:.0%} | {s['detected']:.0%} | {s['colour_right']:.0%} | {s['background_right']:.0%} |")
+                        f"| {s['own_wins']:.0%} | {s['found']:.0%} | {s['parts_own']:.0%} | {s['parts_other']:.0%} "
+                        f"| {s['background_right']:.0%} |")
     rows += ["", "| subject-token attention, middle blocks | L_loc (lower: more inside) "
                  "| attention mass inside the mask | samples |",
              "|---|---|---|---|"]
     for name, label in (("untrained", "before training"), ("loc", "with L_loc"), ("noloc", "without L_loc")):
         s = r[f"attention_{name}"]
         rows.append(f"| {label} | {s['loc']:+.4f} | {s['mass_in_mask']:.3f} | {s['samples']} |")
-    rows += ["", "| one subject per prompt (α=0.7) | colour right | noun right | images |", "|---|---|---|---|"]
+    rows += ["", "| one subject per prompt (α=0.7) | parts own | kind right | images |", "|---|---|---|---|"]
     for name, label in (("loc", "with L_loc"), ("noloc", "without L_loc")):
         s = r[f"single_{name}"]
-        rows.append(f"| {label} | {s['colour_right']:.0%} | {s['noun_right']:.0%} | {s['n']} |")
+        rows.append(f"| {label} | {s['parts_own']:.0%} | {s['kind_right']:.0%} | {s['n']} |")
     f = r["first_image"]
     fc, cd = f["fastcomposer"], f["custom_diffusion"]
     rows += ["", "| first image of a new subject | compute s | process s | peak RSS MB |", "|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Infusion evidence on ToyWorld: Infusion's variants vs Custom Diffusion vs Textual Inversion.
 
     .venv/bin/python benchmarks/infusion_toyworld.py --out runs/infusion [--base toyworld]
-        [--concepts checkered_star,dotted_heart,twotone_circle] [--images 4] [--steps N]
+        [--concepts robot_d,bird_e,ghost_f] [--images 4] [--steps N]
         [--seeds 2] [--sample-steps 30] [--clip PATH] [--paper-settings]
 
 For each personal concept: write its reference images (+ masks) with
@@ -13,7 +13,9 @@ diverse context prompts × seeds) are also scored for
 - image alignment: CLIP-I, mean cosine of evaluator embeddings, generations
   vs the reference images;
 - text alignment: CLIP-T, cosine of each generation with its prompt, learned
-  tokens removed (class words kept).
+  tokens removed (class words kept);
+- identity: the share of the concept's five parts the analytic checker reads on
+  the subject matched to it (exact; no word says those parts).
 Infusion runs in three forms: value residual only at the paper's lr (0.01), value
 only at a tuned lr (0.1), and key + value at the paper's lr (the released code's
 form). Prints one markdown table, mean ± standard error (CLIP-I/T over
@@ -46,8 +48,8 @@ VARIANTS = {
 METHODS = tuple(VARIANTS)
 # On the ToyWorld base (unless --paper-settings): every method sees the same 2,000 training images
 # (Infusion 500 steps x batch 4; Custom Diffusion 250 x 2 x 4; Textual Inversion 500 x 1 x 4, the
-# latter two by accumulation), with captions in ToyWorld's words ('a <c1> star'; Infusion: 'a star')
-# and no scale augmentation (the base draws single objects large and centred). Learning rates: the
+# latter two by accumulation), with captions in ToyWorld's words ('a <c1> robot'; Infusion: 'a robot')
+# and no scale augmentation (the base draws single subjects at one size, centred). Learning rates: the
 # papers' for Infusion (0.01) and Textual Inversion (5e-4, scaled x4); Custom Diffusion 2.5e-5 x 8 =
 # 2e-4, the demo's effective rate (its paper's 1e-5 x 8 is for SD's 860 M-parameter UNet).
 TOYWORLD_PARAMS = {
@@ -55,18 +57,18 @@ TOYWORLD_PARAMS = {
     "custom-diffusion": {"augment": "false", "templates": "a {}", "lr": "2.5e-5"},
     "textual-inversion": {"templates": "a {}", "steps": "500"},
 }
-DEFAULT_CONCEPTS = ("checkered_star", "dotted_heart", "twotone_circle")
+DEFAULT_CONCEPTS = ("robot_d", "bird_e", "ghost_f")  # one of each kind, from the evidence set
 
 
 def learn_cell(method: str, concept: str, refs: list[tuple[Path, Path]], out: Path, base: str, steps: int | None,
                seed: int, params: dict[str, str] | None = None) -> Path:
     import multiconcept.methods.infusion  # noqa: F401  (registers the method)
-    from multiconcept.toyworld import PERSONAL_CONCEPTS
+    from multiconcept.toyworld import concept as personal
     from multiconcept.workflows.learn import learn
 
     if out.exists():
         return out
-    noun = PERSONAL_CONCEPTS[concept].noun
+    noun = personal(concept).creature.kind
     overrides = {**(params or {}), "seed": str(seed)}
     if steps is not None:
         overrides["steps"] = str(steps)
@@ -76,10 +78,12 @@ def learn_cell(method: str, concept: str, refs: list[tuple[Path, Path]], out: Pa
     return out
 
 
-def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer) -> dict:
+def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer, creature) -> dict:
+    import numpy as np
     from PIL import Image
 
     from multiconcept.metrics.clip import clip_text, mean_pairwise_cosine, per_image_alignment, text_image_cosines
+    from multiconcept.metrics.leakage import toyworld_measures
     from multiconcept.workflows.generate import read_png_metadata
 
     (entry,) = report["wasserstein"].values()
@@ -89,12 +93,15 @@ def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer) -> dict:
     gen_emb = scorer.image_embeddings(gens)
     texts = [clip_text(read_png_metadata(p)["prompt"], [entry["token"]]) for p in paths]
     t_cos = text_image_cosines(gen_emb, scorer.text_embeddings(texts))
+    identity = [toyworld_measures(g, [creature], [])["identity"] for g in gens]
     return {
         "clip_i": mean_pairwise_cosine(gen_emb, ref_emb),
         "clip_t": float(t_cos.mean()),
         # per image, in the order of their files (prompt, seed): the units of the paired differences
         "clip_i_images": per_image_alignment(gen_emb, ref_emb),
         "clip_t_images": [float(v) for v in t_cos],
+        "identity": float(np.mean(identity)),
+        "identity_images": identity,
         "lfd": report["latent_fisher_divergence"]["value"],
         "wasserstein": entry["value"],
         "images": len(paths),
@@ -146,6 +153,7 @@ def main():
     from multiconcept.bundle import describe
     from multiconcept.metrics.clip import load_clip
     from multiconcept.toyworld import PERSONAL_CONCEPTS, write_concept_folder
+    from multiconcept.toyworld import concept as personal
 
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     unknown = [c for c in concepts if c not in PERSONAL_CONCEPTS]
@@ -160,7 +168,7 @@ def main():
         for label, (method, extra) in VARIANTS.items():
             cell = cell_folder(args.out, concept, label)
             scores_file = cell / "scores.json"
-            if scores_file.exists() and "clip_i_images" in json.loads(scores_file.read_text()):
+            if scores_file.exists() and "identity_images" in json.loads(scores_file.read_text()):
                 results.setdefault(label, {})[concept] = json.loads(scores_file.read_text())
                 continue
             cell.mkdir(parents=True, exist_ok=True)
@@ -175,36 +183,39 @@ def main():
             else:
                 report = of.overfitting_report(args.base, [str(bundle)], cell / "overfitting", args.clip, args.seed)
                 (cell / "overfitting.json").write_text(json.dumps(report, indent=1))
-            scores = {**score_cell(report, refs, scorer), "bundle_bytes": describe(bundle)["tensor_bytes"]}
+            scores = {**score_cell(report, refs, scorer, personal(concept).creature),
+                      "bundle_bytes": describe(bundle)["tensor_bytes"]}
             scores_file.write_text(json.dumps(scores, indent=1))
             results.setdefault(label, {})[concept] = scores
             print(f"{concept} / {label}: { {k: v for k, v in scores.items() if not k.endswith('_images')} }", flush=True)
 
     from multiconcept.metrics.stats import mean_sem, paired_difference
 
-    keys = ("clip_i", "clip_t", "lfd", "wasserstein", "bundle_bytes")
+    keys = ("clip_i", "clip_t", "identity", "lfd", "wasserstein", "bundle_bytes")
     mean = {m: {k: sum(results[m][c][k] for c in concepts) / len(concepts) for k in keys} for m in METHODS}
 
     def images(m: str, key: str) -> list[float]:
         return [v for c in concepts for v in results[m][c][f"{key}_images"]]
 
     def est(m: str, key: str) -> str:
-        values = images(m, key) if key in ("clip_i", "clip_t") else [results[m][c][key] for c in concepts]
-        return mean_sem(values).text(4 if key in ("clip_i", "clip_t") else 3)
+        per_image = key in ("clip_i", "clip_t", "identity")
+        values = images(m, key) if per_image else [results[m][c][key] for c in concepts]
+        return mean_sem(values).text(4 if per_image else 3)
 
     lines = [f"ToyWorld, {len(concepts)} concepts ({', '.join(concepts)}), base {args.base}, "
              f"{args.seeds} seed(s) x {len(of.context_prompts(of.world_of(args.base)))} context prompts, "
              f"DDIM {args.sample_steps} steps. LFD and Wasserstein are reconstructions of Infusion's metrics. "
-             "Mean ± standard error: CLIP-I/T over images, LFD and Wasserstein over concepts.", "",
-             "| method | CLIP-I ↑ | CLIP-T ↑ | latent Fisher div. ↓ | Wasserstein (Fréchet) ↓ | bundle tensor bytes |",
-             "|---|---|---|---|---|---|"]
+             "Mean ± standard error: CLIP-I/T and identity over images, LFD and Wasserstein over concepts.", "",
+             "| method | CLIP-I ↑ | CLIP-T ↑ | identity (parts) ↑ | latent Fisher div. ↓ | Wasserstein (Fréchet) ↓ | "
+             "bundle tensor bytes |", "|---|---|---|---|---|---|---|"]
     for m in METHODS:
-        lines.append(f"| {m} | {est(m, 'clip_i')} | {est(m, 'clip_t')} | {est(m, 'lfd')} | {est(m, 'wasserstein')} | "
+        lines.append(f"| {m} | {est(m, 'clip_i')} | {est(m, 'clip_t')} | {est(m, 'identity')} | {est(m, 'lfd')} | "
+                     f"{est(m, 'wasserstein')} | "
                      f"{mean[m]['bundle_bytes']:,.0f} |")
     lines += ["", "Paired differences (same prompts and seeds; 95% t interval):"]
     for a, b in [(v, "custom-diffusion") for v in METHODS if v.startswith("infusion")] + \
                 [(v, "infusion") for v in METHODS if v.startswith("infusion,")]:
-        for key in ("clip_i", "clip_t"):
+        for key in ("clip_i", "clip_t", "identity"):
             lines.append(f"- {key}: " + paired_difference(images(a, key), images(b, key)).text(a, b, 4))
     lines += ["", "| concept | method | CLIP-I | CLIP-T | LFD | Wasserstein |", "|---|---|---|---|---|---|"]
     for c in concepts:

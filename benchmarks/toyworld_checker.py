@@ -1,9 +1,10 @@
-"""Accuracy and speed of the ToyWorld analytic checker on real renders.
+"""Accuracy and speed of ToyWorld's analytic checker on real renders, per part.
 
     .venv/bin/python benchmarks/toyworld_checker.py [n_scenes]
 
-Clean renders, then renders blurred (Gaussian σ 0.8) with pixel noise (σ 8),
-a stand-in for what a small diffusion model's decoder produces.
+Renders of the base's layouts and of the world pool (free placement, small subjects), overlapping same-kind
+pairs that differ in every part, then the same renders blurred (Gaussian σ 0.9 and 1.2) with pixel noise
+(std 8), a stand-in for what a small diffusion model's decoder produces. Visible parts only.
 """
 
 import sys
@@ -12,34 +13,40 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-from multiconcept.toyworld.check import analyse, checker_accuracy
-from multiconcept.toyworld.scenes import base_training_scene
+from multiconcept.toyworld import base_training_scene, world_scene
+from multiconcept.workflows.toyworld_build.quality import overlap_pairs
+from multiconcept.workflows.toyworld_build.world import WORLD
 
 
-def degraded_accuracy(n_scenes: int, seed: int = 99) -> dict[str, float]:
+def scenes(sampler, n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
     rng = np.random.default_rng(seed)
-    total = colour_ok = shape_ok = 0
-    for _ in range(n_scenes):
-        scene = base_training_scene(rng)
-        blurred = np.asarray(Image.fromarray(scene.image).filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32)
-        noisy = np.clip(blurred + rng.normal(0, 8, blurred.shape), 0, 255).astype(np.uint8)
-        found = analyse(noisy).objects
-        for o in scene.objects:
-            total += 1
-            overlaps = [(d.mask & o.mask).sum() for d in found]
-            if overlaps and max(overlaps) > 0:
-                d = found[int(np.argmax(overlaps))]
-                colour_ok += d.colour == o.colour
-                shape_ok += d.noun == o.noun
-    return {"colour": colour_ok / total, "shape": shape_ok / total, "objects": total}
+    drawn = [sampler(rng) for _ in range(n)]
+    return np.stack([s.image for s in drawn]), [s.to_dict() for s in drawn]
+
+
+def degraded(images: np.ndarray, sigma: float, seed: int = 99) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = []
+    for img in images:
+        blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
+        out.append(np.clip(blurred + rng.normal(0, 8, blurred.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def line(name: str, accuracy: dict) -> str:
+    return f"{name:<34}" + "  ".join(f"{part} {v:.3f}" for part, v in accuracy.items())
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    base, base_meta = scenes(base_training_scene, n, 3)
+    pool, pool_meta = scenes(world_scene, n, 4)
+    overlaps, overlap_meta = overlap_pairs(max(1, n // 3), 5)
     t = time.perf_counter()
-    clean = checker_accuracy(n)
+    clean = WORLD.part_accuracy(base, base_meta)
     per_image = (time.perf_counter() - t) / n
-    print(f"clean renders   : colour {clean['colour']:.3f}  shape {clean['shape']:.3f}  "
-          f"background {clean['background']:.3f}  ({clean['objects']} objects, {per_image * 1e3:.1f} ms/image incl. render)")
-    noisy = degraded_accuracy(n)
-    print(f"blurred + noise : colour {noisy['colour']:.3f}  shape {noisy['shape']:.3f}  ({noisy['objects']} objects)")
+    print(line("base layouts", clean) + f"  ({per_image * 1e3:.1f} ms/image)")
+    print(line("world pool", WORLD.part_accuracy(pool, pool_meta)))
+    print(line("overlapping same-kind pairs", WORLD.part_accuracy(overlaps, overlap_meta)))
+    for sigma in (0.9, 1.2):
+        print(line(f"world pool, blur {sigma} + noise 8", WORLD.part_accuracy(degraded(pool, sigma), pool_meta)))

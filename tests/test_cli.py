@@ -156,6 +156,23 @@ def test_bundle_on_other_base_is_refused(run_cli, cd_bundle, tmp_path):
     code, _, stderr = run_cli("generate", "a <a1> cat", "-b", cd_bundle, "-n", "1", "--steps", "1", "-o", tmp_path / "g",
                               "--base", tmp_path / "other")
     assert code == 2 and "was learned on base 'tiny'" in stderr and str(tmp_path / "other") in stderr
+    assert "pass --base tiny" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_bundle_of_a_rebuilt_base_of_the_same_name_is_refused_in_one_line(run_cli, scene, tmp_path):
+    """A base rebuilt under its old name (ToyWorld's new world, a checkpoint downloaded again) has another
+    fingerprint: its old bundles are refused, and the fix is to learn again, not to pass the same name."""
+    from multiconcept.models.tiny import tiny_pipeline
+
+    tiny_pipeline(seed=0).save_pretrained(tmp_path / "base")
+    bundle = tmp_path / "b.safetensors"
+    assert run_cli("learn", "-m", "textual-inversion", "-c", "<a1>=cat", "-i", scene["image"], "-o", bundle,
+                   "--base", tmp_path / "base", "--steps", "1", "--batch-size", "1", "--no-progress")[0] == 0
+    tiny_pipeline(seed=1).save_pretrained(tmp_path / "base")  # rebuilt: same folder, other weights
+    code, _, stderr = run_cli("generate", "a <a1> cat", "-b", bundle, "-n", "1", "--steps", "1", "-o", tmp_path / "g",
+                              "--base", tmp_path / "base")
+    assert code == 2 and "learn the concepts again on this base" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
 
 
 def test_colliding_tokens_are_refused(run_cli, cd_bundle, tmp_path):

@@ -4,7 +4,6 @@ matrices, and `evaluate` on ToyWorld images whose right answers are known
 
 import numpy as np
 import pytest
-from PIL import Image
 from test_evaluate import write_gen
 
 from multiconcept.data import load_image

@@ -168,7 +168,8 @@ def test_learn_generate_compose_in_the_browser(server, pair):
         page.get_by_role("tab", name="Generate").click()
         expect(page.locator("#gen-tokens")).to_contain_text("<s1>", timeout=30_000)
         expect(page.locator("#gen-prompt textarea")).to_have_value(re.compile("<s1>"))  # the tokens, offered
-        page.fill("#gen-prompt textarea", f"a <s1> {left.creature.kind} and a <s2> {right.creature.kind} on a {background} background")
+        page.fill("#gen-prompt textarea",
+                  f"a <s1> {left.creature.kind} and a <s2> {right.creature.kind} on a {background} background")
         page.fill("#gen-n input[type=number]", "2")
         page.fill("#gen-steps input[type=number]", str(GEN_STEPS))
         page.click("#generate-button")

@@ -270,10 +270,14 @@ def check_base(bundle: Bundle, base, path: str = "") -> None:
         raise UserError(f"bundle {path or bundle.tokens} was learned on an {ARCHITECTURES.get(arch, arch)} base "
                         f"({bundle.base_name!r}) but the loaded base {base.name!r} is {have}: "
                         f"pass --base {bundle.base_name}, or re-learn the concepts on this base")
+    # The same name with another print: the base behind the name was rebuilt (a new ToyWorld, a re-downloaded
+    # checkpoint), so passing its name again cannot help.
+    fix = ("learn the concepts again on this base" if bundle.base_name == base.name
+           else f"pass --base {bundle.base_name}")
     require(
         bundle.base_fingerprint == base.fingerprint,
         f"bundle {path or bundle.tokens} was learned on base {bundle.base_name!r} (fingerprint {bundle.base_fingerprint}) "
-        f"but the loaded base is {base.name!r} ({base.fingerprint}): pass --base {bundle.base_name}",
+        f"but the loaded base is {base.name!r} ({base.fingerprint}): {fix}",
     )
     require(same_weights(bundle.base_weights, base.weights),
             f"bundle {path or bundle.tokens} was learned on base {bundle.base_name!r}, whose weights differ from those of "

@@ -16,10 +16,11 @@ ENCODER_METHODS = ("fastcomposer", "subject-diffusion")
 def train_encoder(
     method: str = typer.Option(..., "--method", "-m", help="tuning-free model to train: fastcomposer | "
                                                                  "subject-diffusion"),
-    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly); a folder `multiconcept dataset build` wrote or its http(s) "
-                                                 "URL, or WebDataset tars ('DIR/*.tar', 'https://host/{00000..00099}.tar'), "
-                                                 "streamed; or a folder with subjects.jsonl (one {image, caption, "
-                                                 "subjects: [{label, mask, box?}]} per line)"),
+    data: str = typer.Option(..., "--data", help="'toyworld' (rendered on the fly); a folder `multiconcept "
+                                                 "dataset build` wrote or its http(s) URL, or WebDataset tars ('DIR/*.tar', "
+                                                 "'https://host/{00000..00099}.tar'), streamed; or a folder with "
+                                                 "subjects.jsonl (one {image, caption, subjects: [{label, mask, box?}]} "
+                                                 "per line)"),
     output: Path = typer.Option(..., "--out", "-o", help="model folder to write"),
     base: Optional[str] = BaseOpt,
     base_config: Optional[str] = BaseConfigOpt,

@@ -31,8 +31,9 @@ def resolve_source(spec: str | Path, out: Path) -> Source:
             f"source {spec!r} must be toyworld:A+B[@SEED] with two different concepts from "
             f"{', '.join(sorted(PERSONAL_CONCEPTS))}")
     kinds = [PERSONAL_CONCEPTS[n].creature.kind for n in names]
+    other = next(n for n, c in PERSONAL_CONCEPTS.items() if c.creature.kind != kinds[0])
     require(kinds[0] != kinds[1], f"source {spec!r} holds two {kinds[0]}s: a two-concept source needs two kinds "
-                                  f"(e.g. {names[0]}+{next(n for n, c in PERSONAL_CONCEPTS.items() if c.creature.kind != kinds[0])})")
+                                  f"(e.g. {names[0]}+{other})")
     try:
         seed_value = int(seed or 0)
     except ValueError as e:

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 RANKS = (1, 4, 16, 32, 64, None)
 SD15_RANKS = (1, 4, 16, 32, 64, 128, None)
-PAIRS = (("checkered_star", "dotted_heart"), ("twotone_circle", "checkered_square"))
+PAIRS = (("robot_a", "bird_b"), ("ghost_c", "robot_b"))  # two kinds each (the demo's pair first)
 TOKENS = ("<s1>", "<s2>")
 
 
@@ -48,13 +48,14 @@ def learn_bundles(out: Path, pairs, methods, steps: int) -> list[dict]:
     for i, pair in enumerate(pairs):
         src = out / f"source{i}"
         scene = write_two_concept_folder(*pair, src, seed=i)
-        a, b = left_to_right(scene.objects)
-        data = concept_set([Concept(TOKENS[0], a.noun), Concept(TOKENS[1], b.noun)],
+        a, b = left_to_right(scene.subjects)
+        ka, kb = a.creature.kind, b.creature.kind
+        data = concept_set([Concept(TOKENS[0], ka), Concept(TOKENS[1], kb)],
                            [Source(src / "image.png", {TOKENS[0]: src / f"{a.concept}_mask.png",
                                                        TOKENS[1]: src / f"{b.concept}_mask.png"})])
         bg = scene.background
-        prompts = [f"a {TOKENS[0]} {a.noun} and a {TOKENS[1]} {b.noun} on a {bg} background",
-                   f"a {TOKENS[0]} {a.noun} on a {bg} background", f"a {TOKENS[1]} {b.noun} on a {bg} background"]
+        prompts = [f"a {TOKENS[0]} {ka} and a {TOKENS[1]} {kb} on a {bg} background",
+                   f"a {TOKENS[0]} {ka} on a {bg} background", f"a {TOKENS[1]} {kb} on a {bg} background"]
         for method in methods:
             path = out / f"{method}_{i}.safetensors"
             if not path.exists():

@@ -32,7 +32,7 @@ def scene_dir() -> Path:
     from multiconcept.toyworld import write_two_concept_folder
 
     d = Path(tempfile.mkdtemp(prefix="mc-bench-"))
-    write_two_concept_folder("checkered_star", "dotted_heart", d, seed=0)
+    write_two_concept_folder("robot_a", "bird_b", d, seed=0)
     return d
 
 
@@ -44,8 +44,8 @@ def make_trainer(base_name: str, method: str, d: Path, batch: int):
     from multiconcept.prompts import Concept
 
     base = load_base(base_name)
-    data = build_concept_set([Concept("<s1>", "star"), Concept("<s2>", "heart")], [str(d / "image.png")],
-                             [f"<s1>={d / 'checkered_star_mask.png'}", f"<s2>={d / 'dotted_heart_mask.png'}"])
+    data = build_concept_set([Concept("<s1>", "robot"), Concept("<s2>", "bird")], [str(d / "image.png")],
+                             [f"<s1>={d / 'robot_a_mask.png'}", f"<s2>={d / 'bird_b_mask.png'}"])
     cls = get_method(method)
     cfg = cls.Config(grad_accum=1, batch_size=batch, augment=False)
     m = cls(base, data, cfg)
@@ -103,7 +103,7 @@ def overhead_vs_bare_unet(base_name, d, batch, n):
         cond = tr.encode_prompts(b["prompts"])
 
     def bare(_):
-        pred = base.unet(zt, t, cond).sample
+        pred = base.unet(zt, t, cond.hidden).sample
         torch.nn.functional.mse_loss(pred, noise).backward()
 
     ours, ref = [], []
@@ -129,7 +129,7 @@ def sampling_throughput(base_name, n_images, steps):
 
     base = load_base(base_name)
     loaded = Loaded(base)
-    prompt = "a red star on the left and a blue circle on a gray background"
+    prompt = "a red robot on the left and a blue bird on the right on a gray background"
     settings = SampleSettings(steps=steps, guidance=5.0, batch_size=n_images)
     out = Path(tempfile.mkdtemp(prefix="mc-bench-gen-"))
     pipe = base.pipe

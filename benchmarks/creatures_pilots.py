@@ -15,7 +15,7 @@ leakage   Custom Diffusion learned from ONE image holding two concepts (two kind
           checker's own rate on renders of the same layout.
 fastcomposer, subject-diffusion
           Each tuning-free model trained WITHOUT its remedy (FastComposer without L_loc; Subject-Diffusion without
-          attention control) on `--data toyworld:creatures`, image encoder the world's encoder CLIP. Two subjects
+          attention control) on `--data toyworld`, image encoder the world's encoder CLIP. Two subjects
           of one kind ("a robot <img> and a robot <img>", Subject-Diffusion with left and right boxes): the share
           of parts drawn with the other subject's values, against the control (each subject composed alone,
           scored against the other's values). The world poses the problem when the excess is measurably above
@@ -23,7 +23,7 @@ fastcomposer, subject-diffusion
           overlapping.
 
 Units are concepts (identity) or pairs (leakage), training seeds averaged within a unit; every cell is cached
-in OUT, so a killed run resumes. Concepts are the pilot set (toyworld.creatures.PILOT_CONCEPTS), disjoint from
+in OUT, so a killed run resumes. Concepts are the pilot set (toyworld.PILOT_CONCEPTS), disjoint from
 the evidence's.
 """
 
@@ -61,8 +61,8 @@ def learn_cell(out: Path, method: str, tokens: list[tuple[str, str]], sources, b
 
 
 def readings(bundle: Path, prompt: str, base: str, n: int, sample_steps: int, seed: int = 1000):
+    from multiconcept import toyworld as cw
     from multiconcept.api import SampleSettings, generate
-    from multiconcept.toyworld import creatures as cw
 
     images = generate(prompt, [bundle], n=n, seed=seed, base=base, sampling=SampleSettings(steps=sample_steps, guidance=4.0))
     return [cw.analyse(np.asarray(img.convert("RGB").resize((64, 64)))).subjects for img in images], images
@@ -70,22 +70,22 @@ def readings(bundle: Path, prompt: str, base: str, n: int, sample_steps: int, se
 
 def asked(found, creature):
     """The reading that stands for the subject asked for: the best match among those found (None if none)."""
-    from multiconcept.toyworld import creatures as cw
+    from multiconcept import toyworld as cw
 
     return cw.match(found, [creature])[0]
 
 
 def most_of(found, own, other) -> float:
     """Leakage in one image: the largest share of `other`'s parts on any subject found (a whole second
-    subject counts as well as a part on the asked one)."""
-    from multiconcept.toyworld import creatures as cw
+    subject counts as well as a part on the asked one); the pairs differ in every part."""
+    from multiconcept import toyworld as cw
 
-    return max((cw.part_outcomes(r, own, other)["other"] for r in found), default=0.0)
+    return cw.leakage(found, [own], other, cw.PARTS)
 
 
 def identity_pilot(args, out: Path) -> dict:
+    from multiconcept import toyworld as cw
     from multiconcept.api import Source
-    from multiconcept.toyworld import creatures as cw
 
     rows = {}
     for name in cw.PILOT_CONCEPTS[: args.units]:
@@ -115,7 +115,7 @@ def _mask(mask: np.ndarray):
 
 
 def leakage_pairs(units: int) -> list[tuple[str, str]]:
-    from multiconcept.toyworld import creatures as cw
+    from multiconcept import toyworld as cw
 
     pairs = [(a, b) for a, b in itertools.permutations(cw.PILOT_CONCEPTS, 2)
              if cw.concept(a).creature.kind != cw.concept(b).creature.kind
@@ -124,8 +124,8 @@ def leakage_pairs(units: int) -> list[tuple[str, str]]:
 
 
 def leakage_pilot(args, out: Path) -> dict:
+    from multiconcept import toyworld as cw
     from multiconcept.api import Source
-    from multiconcept.toyworld import creatures as cw
 
     rows = {}
     for a, b in leakage_pairs(args.units):
@@ -154,7 +154,7 @@ def leakage_pilot(args, out: Path) -> dict:
 
 
 def same_kind_pairs(units: int) -> list[tuple[str, str]]:
-    from multiconcept.toyworld import creatures as cw
+    from multiconcept import toyworld as cw
 
     pairs = [(a, b) for a, b in itertools.combinations(cw.PILOT_CONCEPTS, 2)
              if cw.concept(a).creature.kind == cw.concept(b).creature.kind
@@ -174,7 +174,7 @@ def train_encoder(args, method: str, out: Path) -> Path:
     import sys
 
     cmd = [str(Path(sys.executable).parent / "multiconcept"), "train-encoder", "--method", method, "--data",
-           "toyworld:creatures", "--base", args.base, "--out", str(out), "--lr", "1e-4", "--steps",
+           "toyworld", "--base", args.base, "--out", str(out), "--lr", "1e-4", "--steps",
            "3" if args.quick else "100000", "--max-minutes", str(args.encoder_minutes), "--param", "checkpoint_every=100",
            "--resume", "--no-progress", *ENCODERS[method]]
     if args.encoder:
@@ -186,7 +186,7 @@ def train_encoder(args, method: str, out: Path) -> Path:
 
 def _reference(name: str, folder: Path) -> str:
     """A centred render of the concept and its mask, as 'IMG:MASK' for compose."""
-    from multiconcept.toyworld import creatures as cw
+    from multiconcept import toyworld as cw
 
     folder.mkdir(parents=True, exist_ok=True)
     scene = cw.concept_reference_set(name, 1, seed=31)[0]
@@ -197,8 +197,8 @@ def _reference(name: str, folder: Path) -> str:
 
 
 def tuning_free_pilot(args, out: Path, method: str) -> dict:
+    from multiconcept import toyworld as cw
     from multiconcept.api import ComposeSettings, SubjectComposeSettings, compose
-    from multiconcept.toyworld import creatures as cw
 
     model = train_encoder(args, method, out / "models" / method)
     settings = (ComposeSettings(steps=args.sample_steps) if method == "fastcomposer"

@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--base", default="toyworld", help="toyworld (the real run) or tiny (proves the script runs)")
     ap.add_argument("--fastcomposer", type=Path, default=ROOT.parent / "models" / "fastcomposer-toyworld")
     ap.add_argument("--subject-diffusion", type=Path, default=ROOT.parent / "models" / "subject-diffusion" / "full")
-    ap.add_argument("--concept", default="checkered_star")
+    ap.add_argument("--concept", default="robot_d")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "first_image_protocols")
     ap.add_argument("--quick", action="store_true", help="2 steps and 2 regularisation images everywhere: a smoke run")

@@ -1,5 +1,5 @@
-"""Subject-Diffusion on ToyWorld: identity, colour, noun, place and background, beside FastComposer,
-with the paper's ablations.
+"""Subject-Diffusion on ToyWorld: identity (parts own and swapped), kind, place and background, beside
+FastComposer, with the paper's ablations.
 
     .venv/bin/python benchmarks/subject_diffusion_toyworld.py                       # trains what is missing, then scores
     .venv/bin/python benchmarks/subject_diffusion_toyworld.py --base tiny --quick   # proves it runs
@@ -10,17 +10,17 @@ with the paper's ablations.
    that removes exactly its part; --ablation-minutes, default 20), each `multiconcept train-encoder
    --method subject-diffusion` in its own process, 1 thread, one after the other. FastComposer is the one
    `make fastcomposer` builds (--fastcomposer; skipped when absent). Training scenes come fresh from the
-   renderer in the world's free layout with base patterns only: the personal concepts below are unseen.
-2. Prompts over ToyWorld's personal concepts (one reference render each, large and centred, as the base
-   draws a lone object): one subject, "a <noun> <img> on a <bg> background", at its reference place and
-   at places the base never draws unasked (small top-left, small bottom-right, top half); two subjects,
-   "a <noun_a> <img> and a <noun_b> <img> on a <bg> background", with A right and B left (the base's
-   pairs stand A left, B right), A top and B bottom, and both small in opposite corners. Each generated
-   subject is read by ToyWorld's checker: noun right (a detection of its noun), colour right (that
-   detection's colour is the reference's), place right (that detection's centre inside the asked box),
-   and identity (the evaluator's cosine of the detection's crop, else the asked box, with its own
-   reference minus the other subject's); background right per image. FastComposer gets the same prompts
-   and subjects, no places (it has none): its place-right is the base's habit.
+   renderer (free placement in half of them, same-kind pairs): the personal concepts below are unseen.
+2. Prompts over ToyWorld's evidence concepts (one reference render each, centred, as the base draws a
+   lone subject): one subject, "a <kind> <img> on a <bg> background", at its reference place and at
+   places the base never draws unasked (small top-left, small bottom-right, top half); two subjects of
+   ONE kind that differ in every part, "a robot <img> and a robot <img> on a <bg> background", with A
+   right and B left (the base's pairs stand A left, B right), A top and B bottom, and both small in
+   opposite corners. The checker's readings are matched to the subjects; per subject: kind right, parts
+   own (identity) and parts of the other subject (a swap), place right (its reading's centre inside the
+   asked box), and the evaluator's cosine of its pixels (else the asked box) with its own reference
+   minus the other's; background right per image. FastComposer gets the same prompts and subjects, no
+   places (it has none): its place-right is the base's habit.
 3. Time to the first image of a new subject (a compose process, start to PNG) and peak memory (the
    process's ru_maxrss) of compose and of each training.
 
@@ -43,7 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from fastcomposer_toyworld import checked, largest, reference  # noqa: E402  (the FastComposer benchmark's scorers)
+from fastcomposer_toyworld import checked, crop_of, reference, same_kind_pairs  # noqa: E402  (the FastComposer benchmark's)
 
 # "full (20 min)" is the full model on an ablation's budget: what each ablation is compared with
 ABLATIONS = {"full": [], "full (20 min)": [], "no location map": ["location_map=false"], "no boxes": ["boxes=false"],
@@ -54,8 +54,7 @@ SINGLE_PLACES = {"reference": None, "small top-left": (0.05, 0.05, 0.4, 0.4),
 PAIR_PLACES = {"A right, B left": ((0.52, 0.2, 0.98, 0.8), (0.02, 0.2, 0.48, 0.8)),
                "A top, B bottom": ((0.25, 0.0, 0.75, 0.48), (0.25, 0.52, 0.75, 1.0)),
                "both small, corners": ((0.05, 0.05, 0.4, 0.4), (0.6, 0.6, 0.95, 0.95))}
-PAIRS = [("checkered_star", "dotted_heart"), ("twotone_circle", "checkered_square"),
-         ("twotone_triangle", "dotted_cross"), ("twotone_ring", "striped_yellow_heart")]
+PAIRS = same_kind_pairs()[:4]
 BACKGROUNDS = ("white", "black", "beige", "gray")
 
 
@@ -82,31 +81,34 @@ def train(name: str, folder: Path, a) -> dict:
 
 
 def score_images(paths, subjects, places, bg, scorer, ref_emb) -> list[dict]:
-    """Per generated subject: noun, colour, place, identity and, with two subjects, multi-subject fidelity
-    (every detection's crop matched to the references; missing or confused subjects score 0); per image:
-    background."""
+    """Per generated subject (the checker's readings matched to the subjects): kind, parts own and swapped,
+    place, identity and, with two subjects, multi-subject fidelity (every reading's crop matched to the
+    references; missing or confused subjects score 0); per image: background."""
     from multiconcept.metrics.fidelity import match_subjects
+    from multiconcept.toyworld import concept, match, part_outcomes
 
+    creatures = [concept(r["concept"]).creature for r in subjects]
     rows = []
     for p in paths:
         img, analysis = checked(p)
         fidelity = [None] * len(subjects)
         if len(subjects) > 1:
-            crops = [img.crop(d.box) for d in analysis.objects]
+            crops = [crop_of(img, r) for r in analysis.subjects if r.mask.any()]
             sim = (scorer.image_embeddings(crops) @ ref_emb.T).numpy() if crops else np.zeros((0, len(subjects)))
             fidelity = match_subjects(sim)
-        for i, (r, box) in enumerate(zip(subjects, places)):
-            det = largest([d for d in analysis.objects if d.noun == r["noun"]])
+        for i, (reading, box) in enumerate(zip(match(analysis.subjects, creatures), places)):
             w, h = img.size
             ask = None if box is None else (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
-            if det is not None:
-                crop = img.crop(det.box)
-                cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+            if reading is not None and reading.mask.any():
+                crop = crop_of(img, reading)
             else:
                 crop = img.crop(tuple(int(v) for v in ask)) if ask else img
+            other = creatures[1 - i] if len(creatures) > 1 else None
+            parts = part_outcomes(reading, creatures[i], other)
             e = scorer.image_embeddings([crop])[0]
-            rows.append({"noun": det is not None, "colour": bool(det and det.colour == r["colour"]),
-                         "place": bool(det and ask and ask[0] <= cx <= ask[2] and ask[1] <= cy <= ask[3]),
+            rows.append({"kind": reading is not None and reading.kind == creatures[i].kind, "parts": parts["own"],
+                         "swapped": parts["other"] if other else None,
+                         "place": bool(reading and ask and ask[0] <= reading.cx <= ask[2] and ask[1] <= reading.cy <= ask[3]),
                          "own": float(e @ ref_emb[i]), "other": float(e @ ref_emb[1 - i]) if len(ref_emb) > 1 else None,
                          "background": analysis.background == bg,
                          **({"fidelity": fidelity[i].fidelity, "missing": fidelity[i].status == "missing",
@@ -119,8 +121,9 @@ def summary(rows: list[dict]) -> dict:
     from multiconcept.metrics.stats import mean_sem
 
     own = np.array([r["own"] for r in rows])
-    out = {k: float(np.mean([r[k] for r in rows])) for k in ("noun", "colour", "place", "background")}
-    out.update({f"{k}_sem": mean_sem([float(r[k]) for r in rows]).sem for k in ("noun", "colour", "place")})
+    keys = ("kind", "parts", "place") + (("swapped",) if rows and rows[0]["swapped"] is not None else ())
+    out = {k: float(np.mean([r[k] for r in rows])) for k in (*keys, "background")}
+    out.update({f"{k}_sem": mean_sem([float(r[k]) for r in rows]).sem for k in keys})
     out["own"] = float(own.mean())
     if rows and rows[0]["other"] is not None:
         margin = own - np.array([r["other"] for r in rows])
@@ -133,7 +136,8 @@ def summary(rows: list[dict]) -> dict:
                    confused=float(np.mean([r["confused"] for r in rows])))
     out["n"] = len(rows)
     out["units"] = {r["unit"]: {"place": float(r["place"]), "margin": None if r["other"] is None else r["own"] - r["other"],
-                                "fidelity": r.get("fidelity")} for r in rows if "unit" in r}
+                                "fidelity": r.get("fidelity"), "parts": r["parts"], "swapped": r["swapped"]}
+                    for r in rows if "unit" in r}
     return out
 
 
@@ -150,7 +154,8 @@ def claims(results: dict) -> list[str]:
     for a, b in CLAIMS:
         if a not in scores or b not in scores:
             continue
-        for kind, key in (("single", "place"), ("pair", "place"), ("pair", "margin"), ("pair", "fidelity")):
+        for kind, key in (("single", "place"), ("single", "parts"), ("pair", "place"), ("pair", "margin"),
+                          ("pair", "fidelity"), ("pair", "parts"), ("pair", "swapped")):
             ua = {f"{c}/{u}": v[key] for c, s in scores[a].items() if c.startswith(kind) for u, v in s.get("units", {}).items()}
             ub = {f"{c}/{u}": v[key] for c, s in scores[b].items() if c.startswith(kind) for u, v in s.get("units", {}).items()}
             shared = sorted(u for u in set(ua) & set(ub) if ua[u] is not None and ub[u] is not None)
@@ -229,18 +234,19 @@ def contact_sheet(refs: dict, images: Path, models: list[str], path: Path, a, sc
 
 
 def table(results: dict) -> str:
-    lines = ["| model | condition | own − other (± sem) | own wins | fidelity (± sem), missing / confused | noun | colour "
-             "| place | background | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | condition | own − other (± sem) | own wins | fidelity (± sem), missing / confused | kind | parts own "
+             "| parts swapped | place | background | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, conds in results["scores"].items():
         for cond, s in conds.items():
             margin = f"{s['margin']:+.3f} ± {s['margin_sem']:.3f}" if "margin" in s else f"own {s['own']:.3f}"
             wins = f"{s['own_wins']:.0%}" if "own_wins" in s else "—"
             fid = (f"{s['fidelity']:.3f} ± {s['fidelity_sem']:.3f}, {s['missing']:.0%} / {s['confused']:.0%}"
                    if "fidelity" in s else "—")
-            pct = {k: f"{s[k]:.0%}" + (f" ± {s[k + '_sem']:.0%}" if s.get(k + "_sem") is not None else "")
-                   for k in ("noun", "colour", "place")}
-            lines.append(f"| {model} | {cond} | {margin} | {wins} | {fid} | {pct['noun']} | {pct['colour']} | "
-                         f"{pct['place']} | {s['background']:.0%} | {s['n']} |")
+            pct = {k: "—" if k not in s else f"{s[k]:.0%}" + (f" ± {s[k + '_sem']:.0%}" if s.get(k + "_sem") is not None
+                                                              else "")
+                   for k in ("kind", "parts", "swapped", "place")}
+            lines.append(f"| {model} | {cond} | {margin} | {wins} | {fid} | {pct['kind']} | {pct['parts']} | "
+                         f"{pct['swapped']} | {pct['place']} | {s['background']:.0%} | {s['n']} |")
     lines += ["", "Paired differences (same subjects, seeds and places; 95% t interval):"] + claims(results)
     return "\n".join(lines)
 
@@ -259,7 +265,7 @@ def main() -> None:
                     "them (default: all); scores of earlier runs in OUT/results.json are kept")
     ap.add_argument("--seeds", type=int, default=4, help="images per prompt and condition")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps (paper: 50)")
-    ap.add_argument("--singles", type=int, default=8, help="personal concepts in the one-subject prompts")
+    ap.add_argument("--singles", type=int, default=9, help="evidence concepts in the one-subject prompts")
     ap.add_argument("--pairs", type=int, default=len(PAIRS))
     ap.add_argument("--threads", type=int, default=2, help="threads for scoring")
     ap.add_argument("--quick", action="store_true", help="tiny budgets everywhere: a smoke run")
@@ -284,12 +290,12 @@ def main() -> None:
         results["training"].setdefault(n, {}).update(steps=cfg["steps_done"], train_seconds=cfg["train_seconds"])
 
     work = Path(tempfile.mkdtemp(prefix="sd-bench-"))
-    from multiconcept.toyworld.render import PERSONAL_CONCEPTS
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS
 
     refs = {}
-    for c in PERSONAL_CONCEPTS:
+    for c in EVIDENCE_CONCEPTS:
         img, mask, noun = reference(c, work / "refs")
-        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun, "colour": PERSONAL_CONCEPTS[c].appearance.colour}
+        refs[c] = {"image": str(img), "mask": str(mask), "noun": noun, "concept": c}
     evaluator = None
     if a.base != "toyworld":
         from multiconcept.models.tiny_evaluators import save_tiny_clip

@@ -9,11 +9,11 @@ words. An image is scored by what its prompt holds (DisenDiff's protocol):
   alignment to every OTHER concept's reference;
 - always text alignment (CLIP-T) of the prompt with the learned tokens
   removed.
-On ToyWorld sources, whose ground truth says each concept's colours, the
-exact leakage measure of `metrics.leakage` is added. Images with several
-concepts also get the multi-subject fidelity of `metrics.fidelity`: on
-ToyWorld from the analytic checker's objects, elsewhere when a detector is
-given.
+On ToyWorld sources, whose ground truth says each concept's kind and parts,
+the exact measures of `metrics.leakage` are added (prompted kinds present,
+identity, leakage). Images with several concepts also get the multi-subject
+fidelity of `metrics.fidelity`: on ToyWorld from the analytic checker's
+readings, elsewhere when a detector is given.
 """
 
 from __future__ import annotations

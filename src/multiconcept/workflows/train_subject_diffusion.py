@@ -12,8 +12,8 @@ Guidance dropout, one draw r per sample (the released code's split): r < 5 %
 drops the text (prompt ''), 5-10 % the text and the image condition, 10-15 % the
 image condition alone (the location map, and the object tokens unless
 drop_objects=False). Each subject image is FastComposer's crop (the subject on
-noise, square) with its augmentations, grayscale left out (on ToyWorld colour
-is the subject's identity).
+noise, square) with its augmentations, grayscale left out (on ToyWorld colours
+are much of the subject's identity).
 
 Data are train-encoder's (`--data toyworld | DIR`); ToyWorld renders fresh
 scenes with free placement (any place, 0.6-1.0 of the base's size) in half of

@@ -47,7 +47,7 @@ class FastComposerConfig(Settings):
     aug_rotation: float = hp(30.0, "rotation in degrees drawn from [-r, r] (paper: 30)", at_least=0, at_most=180)
     aug_flip_p: float = hp(0.5, "probability of a horizontal flip", **PROBABILITY)
     aug_jitter: float = hp(0.2, "brightness, contrast and saturation factors drawn from [1 - j, 1 + j]; "
-                                "hue is never shifted (on ToyWorld colour is identity)", at_least=0, below=1)
+                                "hue is never shifted (on ToyWorld colours are identity)", at_least=0, below=1)
     aug_blur_p: float = hp(0.2, "probability of a Gaussian blur (sigma 0.1-2 px at 224 px, scaled with the crop)",
                            **PROBABILITY)
     aug_grayscale_p: float = hp(0.1, "probability of converting the crop to grayscale", **PROBABILITY)

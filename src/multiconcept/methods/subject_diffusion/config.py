@@ -52,7 +52,7 @@ class SubjectDiffusionConfig(Settings):
                                   "zero objects at inference); False drops the map alone")
     max_subjects: int = hp(2, "at most this many subjects per image (paper: 2)", at_least=1)
     augment: bool = hp(True, "augment subject crops (FastComposer's augmentations at their defaults, "
-                                 "grayscale left out: on ToyWorld colour is the subject's identity)")
+                                 "grayscale left out: on ToyWorld colours are the subject's identity)")
     # optimiser (paper: AdamW lr 3e-5, 1000 warm-up steps, global batch 256, ~450k steps)
     steps: int = hp(450_000, "optimiser steps (paper: ~450k)", at_least=1)
     lr: float = hp(3e-5, "AdamW learning rate after warm-up (paper: 3e-5)", above=0)

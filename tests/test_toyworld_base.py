@@ -73,8 +73,10 @@ def test_short_learning_run_moves_generations_toward_the_concepts_parts(tmp_path
     pairs = write_concept_folder("robot_b", tmp_path / "ref", n=4, seed=0)
     data = build_concept_set([Concept("<s1>", "robot")], [str(p) for p, _ in pairs], [f"<s1>={m}" for _, m in pairs])
     cls = get_method("custom-diffusion")
-    out = train(cls, load_base(None), data, cls.Config(steps=80, batch_size=2, grad_accum=1, lr=5e-4),
-                tmp_path / "robot.safetensors", progress=False)
+    # the pilots' ToyWorld settings (benchmarks/creatures_pilots.py): captions in the world's words, no
+    # augmentation (the base draws one subject at one size, centred), lr 1e-4 x batch 2, 250 steps
+    cfg = cls.Config(steps=250, batch_size=2, grad_accum=1, lr=1e-4, augment=False, templates=("a {}",))
+    out = train(cls, load_base(None), data, cfg, tmp_path / "robot.safetensors", progress=False)
     s = SampleSettings(steps=25, guidance=4.0)
 
     def unnamed_identity(prompt, bundles, name):

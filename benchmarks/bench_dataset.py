@@ -38,9 +38,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HERE = Path(__file__).parent
 
 
-def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, repeats: int = 3) -> dict:
+def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, repeats: int = 3,
+               stages=("caption", "boxes", "masks")) -> dict:
     import torch
 
+    from multiconcept.datasets.boxes import ProcessorGroundingDinoDetector
     from multiconcept.datasets.filters import PROFILES
     from multiconcept.datasets.on_ray import unit_batches
     from multiconcept.datasets.pipeline import Pipeline, StageSpec
@@ -71,8 +73,12 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
             boxes = torch.tensor([e.box for e in it.entities]) * torch.tensor([rw / w, rh / h, rw / w, rh / h])
             seg.decode(emb[j:j + 1], boxes[None])
 
-    ours_s = {"caption": 0.0, "boxes": 0.0, "masks": 0.0}
-    bare_s = dict(ours_s)
+    # the boxes stage is also timed through transformers' processor and post-processing (the reference its tensor
+    # path must match), alternating with the other two, so the before / after ratio comes from the same batches
+    ref = ProcessorGroundingDinoDetector(det.model, det.processor, det.name, det.box_threshold, det.text_threshold,
+                                         det.nms_iou)
+    ours_s = {s: 0.0 for s in stages}
+    bare_s, ref_s = dict(ours_s), dict(ours_s)
     images = dict.fromkeys(ours_s, 0)
     per_batch: dict[str, list[float]] = {k: [] for k in ours_s}
     for i, batch in enumerate(unit_batches(list_units(work / "src")[0], batch_size)):
@@ -81,24 +87,29 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
         with_boxes = [it for it in batch if it.entities]
         # ours: the stage exactly as Pipeline.process calls it (processor, model, post-processing, NMS);
         # bare: the model call on inputs that stage's processor made (prepared outside the clock)
-        cases = {"caption": (batch, lambda: pipe.caption(batch), cap.generate, cap.inputs([it.image() for it in batch])),
+        cases = {"caption": (batch, lambda: pipe.caption(batch), cap.generate, cap.inputs([it.image() for it in batch]), None),
                  "boxes": (with_nouns, lambda: pipe.boxes(with_nouns), det.forward,
-                           det.inputs([it.image() for it in with_nouns], [it.nouns for it in with_nouns])),
+                           det.inputs([it.image() for it in with_nouns], [it.nouns for it in with_nouns]),
+                           lambda: ref([it.image() for it in with_nouns], [it.nouns for it in with_nouns])),
                  "masks": (with_boxes, lambda: pipe.masks(with_boxes), None,
-                           seg.inputs([it.image() for it in with_boxes]))} if with_boxes else {}
-        for stage, (items, ours, model, inputs) in cases.items():
-            best_ours = best_bare = float("inf")
+                           seg.inputs([it.image() for it in with_boxes]), None)} if with_boxes else {}
+        for stage, (items, ours, model, inputs, reference) in ((k, v) for k, v in cases.items() if k in stages):
+            best_ours = best_bare = best_ref = float("inf")
             for _ in range(repeats):  # alternate, keep each side's best: background load only ever adds time
                 t0 = time.perf_counter()
                 ours()
                 t1 = time.perf_counter()
                 model(inputs) if model is not None else bare_masks(inputs, items)
                 t2 = time.perf_counter()
+                if reference is not None:
+                    reference()
                 best_ours, best_bare = min(best_ours, t1 - t0), min(best_bare, t2 - t1)
+                best_ref = min(best_ref, time.perf_counter() - t2)
             if i == 0:
                 continue  # warm-up batch
             ours_s[stage] += best_ours
             bare_s[stage] += best_bare
+            ref_s[stage] += best_ref
             images[stage] += len(items)
             per_batch[stage].append(best_bare / best_ours)
     rows = {}
@@ -108,6 +119,9 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
                        "ratio": round(bare_s[stage] / ours_s[stage], 3),
                        "median_batch_ratio": round(float(np.median(per_batch[stage])), 3),
                        "batch_ratios": [round(r, 3) for r in per_batch[stage]]}
+        if stage == "boxes":
+            rows[stage]["transformers_processor_path"] = {
+                "images_per_s": round(images[stage] / ref_s[stage], 2), "ratio": round(bare_s[stage] / ref_s[stage], 3)}
     return {"batch_size": batch_size, "threads": threads, "repeats": repeats, "models": sizes, "stages": rows}
 
 
@@ -216,6 +230,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="ratio,ray,memory,filters")
     ap.add_argument("--batches", type=int, default=6, help="timed batches of 8 for the ratio part")
+    ap.add_argument("--ratio-stages", default="caption,boxes,masks", help="stages the ratio part times")
     ap.add_argument("--ray-images", type=int, default=1000)
     ap.add_argument("--memory-sizes", default="1000,10000")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -228,7 +243,7 @@ def main() -> None:
         for part in args.parts.split(","):
             t = time.perf_counter()
             if part == "ratio":
-                results[part] = ratio_part(work / part, args.batches)
+                results[part] = ratio_part(work / part, args.batches, stages=args.ratio_stages.split(","))
             elif part == "ray":
                 results[part] = ray_part(work / part, args.ray_images)
             elif part == "filters":

@@ -2,16 +2,20 @@
 
     python benchmarks/bench_dataset.py                      # all four parts (~15 min on 2 cores)
     python benchmarks/bench_dataset.py --parts ratio --batches 6
+    python benchmarks/bench_dataset.py --parts ratio --ratio-stages boxes   # the boxes stage alone (~1 min)
 
 1. ratio: per stage, images/s of the stage as `Pipeline.process` calls it (processor, model,
    post-processing, NMS) over images/s of the bare model call on the very same pre-processed batches (BLIP
    `generate`, Grounding DINO forward, SAM image encoder + box-prompted decoder). Random-weight models of
    the real classes at sizes where the model is most of the work (stated in the output); batch 8;
    ToyWorld images; 1 torch thread. The two alternate 3 times per batch and each keeps its best time
-   (background load only adds time), then times add up over 6 batches after a warm-up batch.
+   (background load only adds time), then times add up over 6 batches after a warm-up batch. The boxes
+   stage is also timed through transformers' processor and post-processing (the reference its tensor path
+   reproduces), in the same alternation.
 2. ray: the same 1,000 ToyWorld images through the tiny test models, filters off: the local path (one
    process, 1 torch thread) vs a local Ray with 2 actors (1 thread each); wall time including Ray's start
-   and the actors' model loading, and whether the shards are byte-identical.
+   and the actors' model loading, the time to the first batch, and whether the shards are byte-identical;
+   beside them the floor of Ray's cold start: a local Ray's start and 2 bare actors building the pipeline.
 3. memory: RSS of a fresh process building N ToyWorld images with the ground-truth stages (the pipeline,
    the writer and the index without model weights, which do not grow with N), N = 1k and 10k: after every
    import, and its peak while building (sampled every 10 ms).
@@ -133,6 +137,25 @@ def _shard_bytes(out: Path) -> dict:
     return got
 
 
+def _ray_floor(spec, workers: int) -> dict:
+    """A local Ray's start, and its actors building the pipeline (imports, models), without Ray Data or a batch:
+    the part of the builder's cold start that is Ray's and the models', not the builder's plumbing."""
+    import ray
+
+    from multiconcept.datasets.on_ray import READ_CPUS, PipelineWorker, start_ray
+
+    t = time.perf_counter()
+    start_ray(None, workers * (1 + READ_CPUS))
+    started = time.perf_counter() - t
+    try:
+        worker = ray.remote(num_cpus=1)(PipelineWorker)
+        actors = [worker.remote(spec.to_dict(), 1) for _ in range(workers)]
+        ray.get([a.__call__.remote({"unit": [], "payload": []}) for a in actors])
+        return {"ray_start_seconds": round(started, 1), "actors_ready_seconds": round(time.perf_counter() - t, 1)}
+    finally:
+        ray.shutdown()
+
+
 def ray_part(work: Path, n: int = 1000) -> dict:
     from multiconcept.datasets.filters import PROFILES
     from multiconcept.datasets.pipeline import StageSpec
@@ -148,6 +171,8 @@ def ray_part(work: Path, n: int = 1000) -> dict:
     # waiting on a core another job holds: 35-180 s per 100 images against 3 s with 1 thread)
     for name, cfg in (("local", BuildSettings(stages=spec, batch_size=8, threads=1)),
                       ("ray", BuildSettings(stages=spec, batch_size=8, threads=1, ray=True, ray_workers=2, ray_cpus=1))):
+        if name == "ray":
+            res["ray_floor"] = _ray_floor(spec, workers=2)
         t = time.perf_counter()
         first: list[float] = []  # when the first batch came back: start-up (Ray, actors loading models) ends
         report = build(work / "src", work / name, cfg,

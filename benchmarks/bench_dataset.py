@@ -2,16 +2,20 @@
 
     python benchmarks/bench_dataset.py                      # all four parts (~15 min on 2 cores)
     python benchmarks/bench_dataset.py --parts ratio --batches 6
+    python benchmarks/bench_dataset.py --parts ratio --ratio-stages boxes   # the boxes stage alone (~1 min)
 
 1. ratio: per stage, images/s of the stage as `Pipeline.process` calls it (processor, model,
    post-processing, NMS) over images/s of the bare model call on the very same pre-processed batches (BLIP
    `generate`, Grounding DINO forward, SAM image encoder + box-prompted decoder). Random-weight models of
    the real classes at sizes where the model is most of the work (stated in the output); batch 8;
    ToyWorld images; 1 torch thread. The two alternate 3 times per batch and each keeps its best time
-   (background load only adds time), then times add up over 6 batches after a warm-up batch.
+   (background load only adds time), then times add up over 6 batches after a warm-up batch. The boxes
+   stage is also timed through transformers' processor and post-processing (the reference its tensor path
+   reproduces), in the same alternation.
 2. ray: the same 1,000 ToyWorld images through the tiny test models, filters off: the local path (one
    process, 1 torch thread) vs a local Ray with 2 actors (1 thread each); wall time including Ray's start
-   and the actors' model loading, and whether the shards are byte-identical.
+   and the actors' model loading, the time to the first batch, and whether the shards are byte-identical;
+   beside them the floor of Ray's cold start: a local Ray's start and 2 bare actors building the pipeline.
 3. memory: RSS of a fresh process building N ToyWorld images with the ground-truth stages (the pipeline,
    the writer and the index without model weights, which do not grow with N), N = 1k and 10k: after every
    import, and its peak while building (sampled every 10 ms).
@@ -38,9 +42,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HERE = Path(__file__).parent
 
 
-def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, repeats: int = 3) -> dict:
+def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, repeats: int = 3,
+               stages=("caption", "boxes", "masks")) -> dict:
     import torch
 
+    from multiconcept.datasets.boxes import ProcessorGroundingDinoDetector
     from multiconcept.datasets.filters import PROFILES
     from multiconcept.datasets.on_ray import unit_batches
     from multiconcept.datasets.pipeline import Pipeline, StageSpec
@@ -71,8 +77,12 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
             boxes = torch.tensor([e.box for e in it.entities]) * torch.tensor([rw / w, rh / h, rw / w, rh / h])
             seg.decode(emb[j:j + 1], boxes[None])
 
-    ours_s = {"caption": 0.0, "boxes": 0.0, "masks": 0.0}
-    bare_s = dict(ours_s)
+    # the boxes stage is also timed through transformers' processor and post-processing (the reference its tensor
+    # path must match), alternating with the other two, so the before / after ratio comes from the same batches
+    ref = ProcessorGroundingDinoDetector(det.model, det.processor, det.name, det.box_threshold, det.text_threshold,
+                                         det.nms_iou)
+    ours_s = {s: 0.0 for s in stages}
+    bare_s, ref_s = dict(ours_s), dict(ours_s)
     images = dict.fromkeys(ours_s, 0)
     per_batch: dict[str, list[float]] = {k: [] for k in ours_s}
     for i, batch in enumerate(unit_batches(list_units(work / "src")[0], batch_size)):
@@ -81,24 +91,29 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
         with_boxes = [it for it in batch if it.entities]
         # ours: the stage exactly as Pipeline.process calls it (processor, model, post-processing, NMS);
         # bare: the model call on inputs that stage's processor made (prepared outside the clock)
-        cases = {"caption": (batch, lambda: pipe.caption(batch), cap.generate, cap.inputs([it.image() for it in batch])),
+        cases = {"caption": (batch, lambda: pipe.caption(batch), cap.generate, cap.inputs([it.image() for it in batch]), None),
                  "boxes": (with_nouns, lambda: pipe.boxes(with_nouns), det.forward,
-                           det.inputs([it.image() for it in with_nouns], [it.nouns for it in with_nouns])),
+                           det.inputs([it.image() for it in with_nouns], [it.nouns for it in with_nouns]),
+                           lambda: ref([it.image() for it in with_nouns], [it.nouns for it in with_nouns])),
                  "masks": (with_boxes, lambda: pipe.masks(with_boxes), None,
-                           seg.inputs([it.image() for it in with_boxes]))} if with_boxes else {}
-        for stage, (items, ours, model, inputs) in cases.items():
-            best_ours = best_bare = float("inf")
+                           seg.inputs([it.image() for it in with_boxes]), None)} if with_boxes else {}
+        for stage, (items, ours, model, inputs, reference) in ((k, v) for k, v in cases.items() if k in stages):
+            best_ours = best_bare = best_ref = float("inf")
             for _ in range(repeats):  # alternate, keep each side's best: background load only ever adds time
                 t0 = time.perf_counter()
                 ours()
                 t1 = time.perf_counter()
                 model(inputs) if model is not None else bare_masks(inputs, items)
                 t2 = time.perf_counter()
+                if reference is not None:
+                    reference()
                 best_ours, best_bare = min(best_ours, t1 - t0), min(best_bare, t2 - t1)
+                best_ref = min(best_ref, time.perf_counter() - t2)
             if i == 0:
                 continue  # warm-up batch
             ours_s[stage] += best_ours
             bare_s[stage] += best_bare
+            ref_s[stage] += best_ref
             images[stage] += len(items)
             per_batch[stage].append(best_bare / best_ours)
     rows = {}
@@ -108,6 +123,9 @@ def ratio_part(work: Path, batches: int, batch_size: int = 8, threads: int = 1, 
                        "ratio": round(bare_s[stage] / ours_s[stage], 3),
                        "median_batch_ratio": round(float(np.median(per_batch[stage])), 3),
                        "batch_ratios": [round(r, 3) for r in per_batch[stage]]}
+        if stage == "boxes":
+            rows[stage]["transformers_processor_path"] = {
+                "images_per_s": round(images[stage] / ref_s[stage], 2), "ratio": round(bare_s[stage] / ref_s[stage], 3)}
     return {"batch_size": batch_size, "threads": threads, "repeats": repeats, "models": sizes, "stages": rows}
 
 
@@ -117,6 +135,25 @@ def _shard_bytes(out: Path) -> dict:
         with tarfile.open(p) as tf:
             got.update({f"{p.name}/{m.name}": tf.extractfile(m).read() for m in tf.getmembers()})
     return got
+
+
+def _ray_floor(spec, workers: int) -> dict:
+    """A local Ray's start, and its actors building the pipeline (imports, models), without Ray Data or a batch:
+    the part of the builder's cold start that is Ray's and the models', not the builder's plumbing."""
+    import ray
+
+    from multiconcept.datasets.on_ray import READ_CPUS, PipelineWorker, start_ray
+
+    t = time.perf_counter()
+    start_ray(None, workers * (1 + READ_CPUS))
+    started = time.perf_counter() - t
+    try:
+        worker = ray.remote(num_cpus=1)(PipelineWorker)
+        actors = [worker.remote(spec.to_dict(), 1) for _ in range(workers)]
+        ray.get([a.__call__.remote({"unit": [], "payload": []}) for a in actors])
+        return {"ray_start_seconds": round(started, 1), "actors_ready_seconds": round(time.perf_counter() - t, 1)}
+    finally:
+        ray.shutdown()
 
 
 def ray_part(work: Path, n: int = 1000) -> dict:
@@ -134,6 +171,8 @@ def ray_part(work: Path, n: int = 1000) -> dict:
     # waiting on a core another job holds: 35-180 s per 100 images against 3 s with 1 thread)
     for name, cfg in (("local", BuildSettings(stages=spec, batch_size=8, threads=1)),
                       ("ray", BuildSettings(stages=spec, batch_size=8, threads=1, ray=True, ray_workers=2, ray_cpus=1))):
+        if name == "ray":
+            res["ray_floor"] = _ray_floor(spec, workers=2)
         t = time.perf_counter()
         first: list[float] = []  # when the first batch came back: start-up (Ray, actors loading models) ends
         report = build(work / "src", work / name, cfg,
@@ -143,6 +182,8 @@ def ray_part(work: Path, n: int = 1000) -> dict:
                      "entities": report["entities_kept"], "first_batch_seconds": round(first[0], 1),
                      "after_first_batch_images_per_s": round((n - 8) / (wall - first[0]), 2)}
     res["ray_over_local_throughput"] = round(res["local"]["seconds"] / res["ray"]["seconds"], 3)
+    # the cold start against its floor: 1.0 would be a first batch the moment both actors hold their models
+    res["ray_first_batch_over_floor"] = round(res["ray"]["first_batch_seconds"] / res["ray_floor"]["actors_ready_seconds"], 2)
     res["identical_shards"] = _shard_bytes(work / "local") == _shard_bytes(work / "ray")
     return res
 
@@ -216,6 +257,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="ratio,ray,memory,filters")
     ap.add_argument("--batches", type=int, default=6, help="timed batches of 8 for the ratio part")
+    ap.add_argument("--ratio-stages", default="caption,boxes,masks", help="stages the ratio part times")
     ap.add_argument("--ray-images", type=int, default=1000)
     ap.add_argument("--memory-sizes", default="1000,10000")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -228,7 +270,7 @@ def main() -> None:
         for part in args.parts.split(","):
             t = time.perf_counter()
             if part == "ratio":
-                results[part] = ratio_part(work / part, args.batches)
+                results[part] = ratio_part(work / part, args.batches, stages=args.ratio_stages.split(","))
             elif part == "ray":
                 results[part] = ray_part(work / part, args.ray_images)
             elif part == "filters":

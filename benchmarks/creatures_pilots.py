@@ -281,14 +281,13 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if args.pilot in ("identity", "all"):
-        results["identity"] = identity_pilot(args, args.out)
-    if args.pilot in ("leakage", "all"):
-        results["leakage"] = leakage_pilot(args, args.out)
-    for method in ("fastcomposer", "subject-diffusion"):
-        if args.pilot in (method, "all"):
-            results[method] = tuning_free_pilot(args, args.out, method)
-    results_path.write_text(json.dumps(results, indent=1))
+    pilots = {"identity": identity_pilot, "leakage": leakage_pilot,
+              "fastcomposer": lambda a, o: tuning_free_pilot(a, o, "fastcomposer"),
+              "subject-diffusion": lambda a, o: tuning_free_pilot(a, o, "subject-diffusion")}
+    for name, run in pilots.items():
+        if args.pilot in (name, "all"):
+            results[name] = run(args, args.out)
+            results_path.write_text(json.dumps(results, indent=1))  # a later pilot killed keeps this one's rows
     summarise(results)
 
 

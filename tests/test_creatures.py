@@ -11,17 +11,18 @@ import pytest
 from multiconcept import toyworld as cw
 
 
-def _read_right(scene) -> dict:
-    """Per part, how many visible parts of the scene's subjects the checker reads right / reads at all."""
+def _read_right(scene, every_subject_found: bool = True) -> dict:
+    """Per part, whether each visible part of the scene's subjects is read right (a subject not found
+    counts as every part wrong where `every_subject_found` is not required)."""
     found = cw.analyse(scene.image).subjects
     right = {}
     for s in scene.subjects:
         near = [r for r in found if abs(r.cx - s.cx) <= 4 and abs(r.cy - s.cy) <= 4]
-        assert len(near) == 1, (s.to_dict(), [(r.cx, r.cy) for r in found])
+        assert len(near) <= 1 and (near or not every_subject_found), (s.to_dict(), [(r.cx, r.cy) for r in found])
         for part, visible in s.visible_parts().items():
             if visible:
-                right.setdefault(part, []).append(near[0].parts[part] == getattr(s.creature, part))
-        right.setdefault("kind", []).append(near[0].kind == s.creature.kind)
+                right.setdefault(part, []).append(bool(near) and near[0].parts[part] == getattr(s.creature, part))
+        right.setdefault("kind", []).append(bool(near) and near[0].kind == s.creature.kind)
     return right
 
 
@@ -63,6 +64,12 @@ def test_a_wrong_part_is_read_as_that_part():
 
 def test_a_blank_image_holds_no_subject_and_a_wrong_size_is_refused():
     assert cw.analyse(np.full((64, 64, 3), 128, np.uint8)).subjects == []
+    # an untrained model's noise: without the checker's gates, 4x4-block colour noise read as ~33 subjects
+    # an image, and matching them to the subject asked for found its parts by chance (identity 0.9)
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (64, 64, 3)).astype(np.uint8) for _ in range(10)]
+    blocks = [np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((4, 4, 1))).astype(np.uint8) for _ in range(10)]
+    assert sum(len(cw.analyse(x).subjects) for x in pixels + blocks) == 0
     with pytest.raises(ValueError, match="64x64"):
         cw.analyse(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="unknown hat"):
@@ -114,8 +121,8 @@ def test_the_world_pool_places_subjects_freely_and_names_every_part_for_the_clip
     c = scenes[0].subjects[0].creature
     assert all(getattr(c, p) in scenes[0].caption for p in cw.PARTS)
     right = {}
-    for s in free:
-        for part, hits in _read_right(s).items():
+    for s in free:  # free placement may hide most of a head behind another subject: such a subject is unread
+        for part, hits in _read_right(s, every_subject_found=False).items():
             right.setdefault(part, []).extend(hits)
     assert min(np.mean(v) for v in right.values()) >= 0.95
 

@@ -11,6 +11,11 @@ part is then read in its own region of that frame:
 When two subjects overlap, the one whose body colour fills the overlap is in front, and the other's
 regions are cut where the front one covers them, so it is read from its visible pixels only; kinds are
 left-right symmetric, so an occluded subject's kind is read from its free half.
+
+A subject is only read where one is drawn: its head must be head-sized and round, mostly of one head
+colour, its kind readable, and its surroundings (its frame outside its silhouette and its neighbours')
+mostly background. Without these, noise of a random or untrained model reads as dozens of "subjects",
+and matching readings to the subject asked for would find its parts among them by chance.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ from .render import (
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour
 MIN_HEAD_AREA = 10  # pixels left after an opening; at scale 0.6 a head has ~40
+# Gates measured on 150 world-pool renders and 100 blurred ones (sigma 1.2, noise std 8) against 4x4-block
+# colour noise: head width >= 8 px on renders (1st percentile; noise: 4), area / disc of its width 0.70-1.32
+# (noise 0.39-3.8), height / width 0.64-1.21; head colour share >= 0.73 (noise <= 0.47); background share
+# around the subject >= 0.72 (noise <= 0.42).
+MIN_HEAD_WIDTH = 6.5  # a head at scale 0.5, the smallest the checker reads
+HEAD_FILL = (0.6, 1.45)
+HEAD_ASPECT = (0.55, 1.35)
+MIN_HEAD_SHARE = 0.6
+MIN_CLEAR = 0.5
 OFFSETS = [(dx, dy, ds) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for ds in (0.95, 1.0, 1.05)]
 
 _NAMES = [*BODY_COLOURS, *HEAD_COLOURS]
@@ -102,7 +116,41 @@ def _heads(labels: np.ndarray) -> list[np.ndarray]:
             masks += [x for x in (left, right) if x.sum() >= MIN_HEAD_AREA]
         else:
             masks.append(m)
-    return masks
+    return [m for m in masks if _head_shaped(m)]
+
+
+def _head_shaped(m: np.ndarray) -> bool:
+    """Round and at least a smallest head wide (a body may cut a head's bottom, never its width)."""
+    ys, xs = np.nonzero(m)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    fill = m.sum() / (np.pi * (w / 2) ** 2)
+    return w >= MIN_HEAD_WIDTH and HEAD_FILL[0] <= fill <= HEAD_FILL[1] and HEAD_ASPECT[0] <= h / w <= HEAD_ASPECT[1]
+
+
+def _frame_box(r: Reading, pad: float) -> np.ndarray:
+    """The reading's frame (x in [-12, 12], y in [-22, 21] at its scale), padded by `pad` pixels."""
+    s, x, y = r.scale, np.arange(IMAGE_SIZE)[None, :], np.arange(IMAGE_SIZE)[:, None]
+    return ((x >= r.cx - 12 * s - pad) & (x < r.cx + 12 * s + pad) & (y >= r.cy - 22 * s - pad)
+            & (y < r.cy + 21 * s + pad))
+
+
+def _silhouette(r: Reading) -> np.ndarray:
+    """Where the reading's kind, hat and head stand, with a margin of 2 px."""
+    out = template(kind=r.kind, cx=r.cx, cy=r.cy, scale=r.scale)
+    if r.parts.get("hat"):
+        out |= template(hat=r.parts["hat"], cx=r.cx, cy=r.cy, scale=r.scale)
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    out |= (xx - r.cx) ** 2 + (yy - r.cy - HEAD_CENTRE[1] * r.scale) ** 2 <= ((HEAD_RADIUS + 2) * r.scale) ** 2
+    return ndimage.binary_dilation(out, iterations=2)
+
+
+def _clear(r: Reading, silhouettes: list[np.ndarray], fg: np.ndarray) -> float:
+    """Background share of the reading's frame outside every reading's silhouette: ~1 around a drawn
+    subject, ~0 in noise (0 when nothing of the frame is left to judge by)."""
+    ring = _frame_box(r, 3)
+    for s in silhouettes:
+        ring &= ~s
+    return float(1 - fg[ring].mean()) if ring.sum() > 10 else 0.0
 
 
 def _majority(values: np.ndarray, names) -> tuple[str | None, dict[str, float]]:
@@ -177,6 +225,8 @@ def analyse(image) -> Analysis:
         hx = (xs.min() + xs.max() + 1) / 2
         top = ys.min()
         head_colour, shares = _majority(labels[m], _NAMES)
+        if shares[head_colour] < MIN_HEAD_SHARE:
+            continue
         readings.append(Reading(hx, top + (HEAD_RADIUS - HEAD_CENTRE[1] + 0.5) * scale, scale, None,
                                 {"head_colour": head_colour},
                                 {"head_colour": shares}))
@@ -217,7 +267,10 @@ def analyse(image) -> Analysis:
     for r in readings:
         r.parts = {p: r.parts.get(p) for p in PARTS}
         r.mask = _subject_mask(labels, fg, r)
-    return Analysis(background, readings)
+    silhouettes = [_silhouette(r) for r in readings if r.kind]
+    for r in readings:
+        r.scores["clear"] = _clear(r, silhouettes, fg) if r.kind else 0.0
+    return Analysis(background, [r for r in readings if r.kind and r.scores["clear"] >= MIN_CLEAR])
 
 
 def _subject_mask(labels: np.ndarray, fg: np.ndarray, r: Reading) -> np.ndarray:

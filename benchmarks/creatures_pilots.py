@@ -17,10 +17,10 @@ fastcomposer, subject-diffusion
           Each tuning-free model trained WITHOUT its remedy (FastComposer without L_loc; Subject-Diffusion without
           attention control) on `--data toyworld`, image encoder the world's encoder CLIP. Two subjects
           of one kind ("a robot <img> and a robot <img>", Subject-Diffusion with left and right boxes): the share
-          of parts drawn with the other subject's values, against the control (each subject composed alone,
-          scored against the other's values). The world poses the problem when the excess is measurably above
-          zero and above the checker's own swap rate on renders of the same two subjects side by side and
-          overlapping.
+          of parts drawn with the other subject's values among the parts read on the subjects found, against the
+          control (each subject composed alone, the two images' readings scored as one pair). The world poses
+          the problem when the excess is measurably above zero and above the checker's own swap rate on
+          renders of the same two subjects side by side and overlapping. Every image is saved in OUT/images.
 
 Units are concepts (identity) or pairs (leakage), training seeds averaged within a unit; every cell is cached
 in OUT, so a killed run resumes. Concepts are the pilot set (toyworld.PILOT_CONCEPTS), disjoint from
@@ -179,7 +179,7 @@ def train_encoder(args, method: str, out: Path) -> Path:
            "--resume", "--no-progress", *ENCODERS[method]]
     if args.encoder:
         cmd += ["--image-encoder", args.encoder]
-    if not (out / "model_index.json").exists() and not (out / "config.json").exists() or args.encoder_minutes:
+    if not (out / f"{method.replace('-', '_')}.json").exists() or args.encoder_minutes:
         subprocess.run(cmd, check=True)
     return out
 
@@ -196,6 +196,27 @@ def _reference(name: str, folder: Path) -> str:
     return f"{image}:{mask}"
 
 
+def _read_shares(matched, subjects) -> dict:
+    """Own and other's shares among the parts read on the subjects found (a subject not drawn, or a part
+    hidden, says nothing about a swap), and how many subjects were found. The pair and the control go
+    through this same count, so a subject missing more often in pairs cannot lower the pair's rate."""
+    from multiconcept import toyworld as cw
+
+    counts = {"own": 0.0, "other": 0.0, "read": 0.0}
+    for reading, (own, other) in zip(matched, subjects):
+        if reading is None:
+            continue
+        o = cw.part_outcomes(reading, own, other)
+        read = 1 - o["unread"]
+        counts["own"] += o["own"]
+        counts["other"] += o["other"]
+        counts["read"] += read
+    found = sum(r is not None for r in matched)
+    if not counts["read"]:
+        return {"own": None, "other": None, "found": found}
+    return {"own": counts["own"] / counts["read"], "other": counts["other"] / counts["read"], "found": found}
+
+
 def tuning_free_pilot(args, out: Path, method: str) -> dict:
     from multiconcept import toyworld as cw
     from multiconcept.api import ComposeSettings, SubjectComposeSettings, compose
@@ -205,29 +226,40 @@ def tuning_free_pilot(args, out: Path, method: str) -> dict:
                 else SubjectComposeSettings(steps=args.sample_steps))
     where = {"left": "0.0,0.1,0.5,0.95", "right": "0.5,0.1,1.0,0.95", "center": "0.25,0.1,0.75,0.95"}
 
-    def read(prompt, subjects, boxes):
+    def read(prompt, subjects, boxes, name):
         images = compose(prompt, subjects, model, n=args.images, seed=2000, settings=settings, base=args.base,
                          **({"locations": boxes} if method == "subject-diffusion" else {}))
+        folder = out / "images" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(folder / f"{name}_{i:02d}.png")
         return [cw.analyse(np.asarray(img.convert("RGB").resize((64, 64)))).subjects for img in images]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(values)) if values else None
 
     rows = {}
     for a, b in same_kind_pairs(args.units):
         ca, cb = cw.concept(a).creature, cw.concept(b).creature
         ra, rb = _reference(a, out / "refs"), _reference(b, out / "refs")
         pair = read(f"a {ca.kind} <img> and a {cb.kind} <img> on a gray background", [ra, rb],
-                    [where["left"], where["right"]])
-        swapped = [cw.pair_outcomes(f, ca, cb) for f in pair]
-        alone = [cw.part_outcomes(asked(f, ca), ca, cb)["other"]
-                 for f in read(f"a {ca.kind} <img> on a gray background", [ra], [where["center"]])]
-        alone += [cw.part_outcomes(asked(f, cb), cb, ca)["other"]
-                  for f in read(f"a {cb.kind} <img> on a gray background", [rb], [where["center"]])]
-        on_renders = [cw.pair_outcomes(cw.analyse(cw.render(cw.layout_specs([ca, cb], layout, np.random.default_rng(s)),
-                                                            "gray", layout).image).subjects, ca, cb)["other"]
+                    [where["left"], where["right"]], f"{a}+{b}")
+        alone_a = read(f"a {ca.kind} <img> on a gray background", [ra], [where["center"]], a)
+        alone_b = read(f"a {cb.kind} <img> on a gray background", [rb], [where["center"]], b)
+        # the control: the same two subjects, one per image, scored as one pair of readings
+        together = [_read_shares(cw.match(f, [ca, cb]), [(ca, cb), (cb, ca)]) for f in pair]
+        apart = [_read_shares([asked(fa, ca), asked(fb, cb)], [(ca, cb), (cb, ca)])
+                 for fa, fb in zip(alone_a, alone_b)]
+        on_renders = [_read_shares(cw.match(cw.analyse(cw.render(cw.layout_specs([ca, cb], layout,
+                                                                               np.random.default_rng(s)),
+                                                                 "gray", layout).image).subjects, [ca, cb]),
+                                   [(ca, cb), (cb, ca)])["other"]
                       for layout in ("pair", "overlap") for s in range(4)]
-        unit = {"pair_other": float(np.mean([o["other"] for o in swapped])),
-                "pair_own": float(np.mean([o["own"] for o in swapped])),
-                "pair_found": float(np.mean([o["found"] for o in swapped])),
-                "control_other": float(np.mean(alone)), "checker_on_renders": float(np.mean(on_renders))}
+        unit = {"pair_other": mean(together, "other"), "pair_own": mean(together, "own"),
+                "pair_found": mean(together, "found"), "control_other": mean(apart, "other"),
+                "control_own": mean(apart, "own"), "control_found": mean(apart, "found"),
+                "checker_on_renders": float(np.mean(on_renders))}
         rows[f"{a}+{b}"] = unit
         print(method, a, b, json.dumps(unit), flush=True)
     return rows
@@ -253,12 +285,15 @@ def summarise(results: dict) -> None:
               f"renders {np.mean([r['checker_on_render'] for r in rows]):.3f}")
     for method in ("fastcomposer", "subject-diffusion"):
         if method in results:
-            rows = list(results[method].values())
+            rows = [r for r in results[method].values() if r["pair_other"] is not None
+                    and r["control_other"] is not None]  # a pair with no subject read in either says nothing
             pair, ctl = [r["pair_other"] for r in rows], [r["control_other"] for r in rows]
             d = paired_difference(pair, ctl)
+            own, own_ctl = [r["pair_own"] for r in rows], [r.get("control_own") for r in rows]
             print(f"{method} without its remedy, same-kind pairs: swapped parts {mean_sem(pair).text()}  control "
                   f"{mean_sem(ctl).text()}  excess {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (n = {d.n}); own parts "
-                  f"{np.mean([r['pair_own'] for r in rows]):.3f}; checker on renders "
+                  f"{np.mean(own):.3f} (alone {np.mean(own_ctl) if None not in own_ctl else float('nan'):.3f}); "
+                  f"subjects found {np.mean([r['pair_found'] for r in rows]):.2f} of 2; checker on renders "
                   f"{np.mean([r['checker_on_renders'] for r in rows]):.3f}")
 
 

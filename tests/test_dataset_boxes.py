@@ -32,7 +32,7 @@ def images_and_nouns(renders):
     rng = np.random.default_rng(3)
     # the test renders at other sizes: portrait, landscape, one past the longest edge, one already at size
     sized = [r.resize(s) for r, s in zip(renders, [(48, 80), (90, 40), (300, 200), (128, 128)])]
-    nouns = [list(rng.choice(NOUNS, size=k, replace=False)) for k in (1, 2, 3, 4)]
+    nouns = [list(rng.choice(NOUNS, size=min(k, len(NOUNS)), replace=False)) for k in (1, 2, 3, 4)]
     # 31 one-token nouns with their dots, [CLS] and [SEP] fill the tiny model's 64 text positions: the last
     # position, which the processor never labels with, holds a token
     longest = list(rng.choice(NOUNS, size=31))

@@ -42,7 +42,7 @@ class BuildConfig:
     # and drew every object as a brown blob (19.3 dB); MSE with object pixels weighted
     # 5x (and lr 2e-3) reached the same PSNR in ~130 steps, in colour.
     vae_object_weight: float = 4.0  # extra loss weight on object pixels
-    vae_max_minutes: float | None = 30.0
+    vae_max_minutes: float | None = 60.0
     # evaluator CLIP
     evaluator_steps: int = 2000
     evaluator_batch: int = 64

@@ -20,7 +20,9 @@ fastcomposer, subject-diffusion
           of parts drawn with the other subject's values among the parts read on the subjects found, against the
           control (each subject composed alone, the two images' readings scored as one pair). The world poses
           the problem when the excess is measurably above zero and above the checker's own swap rate on
-          renders of the same two subjects side by side and overlapping. Every image is saved in OUT/images.
+          renders of the same two subjects side by side and overlapping. The same counts per part follow (a
+          model that carries only some parts can swap those while the rest come out at chance). Every image is
+          saved in OUT/images, and a later run reads it there instead of composing it again.
 
 Units are concepts (identity) or pairs (leakage), training seeds averaged within a unit; every cell is cached
 in OUT, so a killed run resumes. Concepts are the pilot set (toyworld.PILOT_CONCEPTS), disjoint from
@@ -198,26 +200,28 @@ def _reference(name: str, folder: Path) -> str:
 
 def _read_shares(matched, subjects) -> dict:
     """Own and other's shares among the parts read on the subjects found (a subject not drawn, or a part
-    hidden, says nothing about a swap), and how many subjects were found. The pair and the control go
-    through this same count, so a subject missing more often in pairs cannot lower the pair's rate."""
+    hidden, says nothing about a swap), over all parts and per part, and how many subjects were found. The
+    pair and the control go through this same count, so a subject missing more often in pairs cannot lower
+    the pair's rate."""
     from multiconcept import toyworld as cw
 
-    counts = {"own": 0.0, "other": 0.0, "read": 0.0}
+    counts = {p: {"own": 0.0, "other": 0.0, "read": 0.0} for p in ("all", *cw.PARTS)}
     for reading, (own, other) in zip(matched, subjects):
         if reading is None:
             continue
-        o = cw.part_outcomes(reading, own, other)
-        read = 1 - o["unread"]
-        counts["own"] += o["own"]
-        counts["other"] += o["other"]
-        counts["read"] += read
-    found = sum(r is not None for r in matched)
-    if not counts["read"]:
-        return {"own": None, "other": None, "found": found}
-    return {"own": counts["own"] / counts["read"], "other": counts["other"] / counts["read"], "found": found}
+        for part in cw.PARTS:
+            o = cw.part_outcomes(reading, own, other, (part,))
+            for key in ("all", part):
+                counts[key]["own"] += o["own"]
+                counts[key]["other"] += o["other"]
+                counts[key]["read"] += 1 - o["unread"]
+    shares = {p: {k: (c[k] / c["read"] if c["read"] else None) for k in ("own", "other")} for p, c in counts.items()}
+    return {**shares.pop("all"), "parts": shares, "found": sum(r is not None for r in matched)}
 
 
 def tuning_free_pilot(args, out: Path, method: str) -> dict:
+    from PIL import Image
+
     from multiconcept import toyworld as cw
     from multiconcept.api import ComposeSettings, SubjectComposeSettings, compose
 
@@ -227,12 +231,16 @@ def tuning_free_pilot(args, out: Path, method: str) -> dict:
     where = {"left": "0.0,0.1,0.5,0.95", "right": "0.5,0.1,1.0,0.95", "center": "0.25,0.1,0.75,0.95"}
 
     def read(prompt, subjects, boxes, name):
-        images = compose(prompt, subjects, model, n=args.images, seed=2000, settings=settings, base=args.base,
-                         **({"locations": boxes} if method == "subject-diffusion" else {}))
         folder = out / "images" / method
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            img.save(folder / f"{name}_{i:02d}.png")
+        paths = [folder / f"{name}_{i:02d}.png" for i in range(args.images)]
+        if all(p.exists() for p in paths):  # composed by an earlier run of the same model: read again, not redrawn
+            images = [Image.open(p) for p in paths]
+        else:
+            images = compose(prompt, subjects, model, n=args.images, seed=2000, settings=settings, base=args.base,
+                             **({"locations": boxes} if method == "subject-diffusion" else {}))
+            folder.mkdir(parents=True, exist_ok=True)
+            for img, path in zip(images, paths):
+                img.save(path)
         return [cw.analyse(np.asarray(img.convert("RGB").resize((64, 64)))).subjects for img in images]
 
     def mean(rows, key):
@@ -259,7 +267,11 @@ def tuning_free_pilot(args, out: Path, method: str) -> dict:
         unit = {"pair_other": mean(together, "other"), "pair_own": mean(together, "own"),
                 "pair_found": mean(together, "found"), "control_other": mean(apart, "other"),
                 "control_own": mean(apart, "own"), "control_found": mean(apart, "found"),
-                "checker_on_renders": float(np.mean(on_renders))}
+                "checker_on_renders": float(np.mean(on_renders)),
+                "by_part": {p: {"pair_other": mean([r["parts"][p] for r in together], "other"),
+                                "pair_own": mean([r["parts"][p] for r in together], "own"),
+                                "control_other": mean([r["parts"][p] for r in apart], "other"),
+                                "control_own": mean([r["parts"][p] for r in apart], "own")} for p in cw.PARTS}}
         rows[f"{a}+{b}"] = unit
         print(method, a, b, json.dumps(unit), flush=True)
     return rows
@@ -295,6 +307,13 @@ def summarise(results: dict) -> None:
                   f"{np.mean(own):.3f} (alone {np.mean(own_ctl) if None not in own_ctl else float('nan'):.3f}); "
                   f"subjects found {np.mean([r['pair_found'] for r in rows]):.2f} of 2; checker on renders "
                   f"{np.mean([r['checker_on_renders'] for r in rows]):.3f}")
+            for part in rows[0].get("by_part", {}):
+                cells = [r["by_part"][part] for r in rows]
+                d = paired_difference([c["pair_other"] for c in cells], [c["control_other"] for c in cells])
+                print(f"  {part}: other's value {mean_sem([c['pair_other'] for c in cells]).text()} in pairs, "
+                      f"{mean_sem([c['control_other'] for c in cells]).text()} alone, excess {d.mean:+.3f} "
+                      f"[{d.low:+.3f}, {d.high:+.3f}]; own {mean_sem([c['pair_own'] for c in cells]).text()} in pairs, "
+                      f"{mean_sem([c['control_own'] for c in cells]).text()} alone")
 
 
 def main():

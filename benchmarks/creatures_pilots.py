@@ -268,10 +268,9 @@ def tuning_free_pilot(args, out: Path, method: str) -> dict:
                 "pair_found": mean(together, "found"), "control_other": mean(apart, "other"),
                 "control_own": mean(apart, "own"), "control_found": mean(apart, "found"),
                 "checker_on_renders": float(np.mean(on_renders)),
-                "by_part": {p: {"pair_other": mean([r["parts"][p] for r in together], "other"),
-                                "pair_own": mean([r["parts"][p] for r in together], "own"),
-                                "control_other": mean([r["parts"][p] for r in apart], "other"),
-                                "control_own": mean([r["parts"][p] for r in apart], "own")} for p in cw.PARTS}}
+                "by_part": {p: {f"{arm}_{k}": mean([r["parts"][p] for r in shares], k)
+                                for arm, shares in (("pair", together), ("control", apart)) for k in ("other", "own")}
+                            for p in cw.PARTS}}
         rows[f"{a}+{b}"] = unit
         print(method, a, b, json.dumps(unit), flush=True)
     return rows

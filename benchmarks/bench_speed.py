@@ -50,7 +50,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "photo of a <new1> star"
+# one of ToyWorld's pilot concepts (robot_a: its parts no word names), disjoint from the evidence's
+CONCEPT, KIND = "robot_a", "robot"
+PROMPT = f"a <new1> {KIND}"
+SCENE_PROMPT = "a robot and a bird on a gray background"
 
 PEER_LAUNCHER = '''
 """Run diffusers' train_custom_diffusion.py unchanged, its UNet's repeated blocks compiled."""
@@ -131,7 +134,7 @@ if task == "train":  # a Custom Diffusion step: attn2 K/V train, batch 4, 16x16 
         opt.step()
     n, per = 30, 1
 else:  # 50 DDIM steps, guidance 6, batch 4
-    prompt = "a star on the left and a circle on the right on a gray background"
+    prompt = sys.argv[3]
     def once():
         gens = [torch.Generator().manual_seed(s) for s in range(4)]
         with torch.no_grad():
@@ -185,7 +188,7 @@ def training_images(work: Path) -> Path:
     images = work / "images"
     if not images.is_dir():
         refs = work / "refs"
-        pairs = write_concept_folder("checkered_star", refs, n=8, seed=0)
+        pairs = write_concept_folder(CONCEPT, refs, n=8, seed=0)
         images.mkdir(parents=True)
         for img, _mask in pairs:
             shutil.copy(img, images / img.name)
@@ -200,7 +203,7 @@ def variants_train(args, work: Path, images: Path) -> dict[str, callable]:
 
     def ours(compile_mode: str):
         def f(steps: int) -> float:
-            return run([sys.executable, "-m", "multiconcept", "learn", "-m", "custom-diffusion", "-c", "<new1>=star",
+            return run([sys.executable, "-m", "multiconcept", "learn", "-m", "custom-diffusion", "-c", f"<new1>={KIND}",
                         "-i", f"<new1>={images}", "--base", str(base), "--steps", str(steps), "--batch-size", "4",
                         "--grad-accum", "1", "--param", "augment=false", "--param", "checkpoint_every=0",
                         "--no-progress",
@@ -215,7 +218,7 @@ def variants_train(args, work: Path, images: Path) -> dict[str, callable]:
             script = [str(args.peer_script)]
             cmd = [str(args.peer_python), *([str(launcher)] if compiled else []), *script,
                    "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(images),
-                   "--instance_prompt", PROMPT, "--modifier_token", "<new1>", "--initializer_token", "star",
+                   "--instance_prompt", PROMPT, "--modifier_token", "<new1>", "--initializer_token", KIND,
                    "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", str(steps), "--noaug",
                    "--checkpointing_steps", "1000000", "--output_dir", str(out), "--seed", "0",
                    *(["--dataloader_num_workers", str(workers)] if workers is not None else [])]
@@ -275,7 +278,7 @@ def part_sampling(args, work: Path) -> dict:
 
     torch.set_num_threads(2)
     base, steps, guidance, n = base_folder(), args.sample_steps, 6.0, 4
-    prompt = "a star on the left and a circle on the right on a gray background"
+    prompt = SCENE_PROMPT
     plain_pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
                                                          dtype=torch.float32)  # as load_base: the files are fp16
     plain_pipe.set_progress_bar_config(disable=True)
@@ -331,7 +334,6 @@ def build_work(work: Path) -> Path:
 
 
 def part_before_after(args, work: Path, which: str) -> dict:
-    before_src = before_tree(args.before, work)
     after_src = ROOT / "src"
     if which == "build":
         bw = build_work(work)
@@ -352,27 +354,33 @@ def part_before_after(args, work: Path, which: str) -> dict:
             return got["seconds"]
         return f
 
-    variants = {"before": variant(before_src, "off"), "after eager": variant(after_src, "off"),
-                "after compiled": variant(after_src, "on")}
+    variants = {"after eager": variant(after_src, "off"), "after compiled": variant(after_src, "on")}
+    if args.before != "none":
+        variants["before"] = variant(before_tree(args.before, work), "off")
     per = interleaved(variants, n1, n2, args.reps, which)
-    return {"per_step_s": per, "after/before": ratios(per, "after eager", "before"),
-            "after compiled/before": ratios(per, "after compiled", "before"), "steps": [n1, n2],
-            "before": args.before}
+    out = {"per_step_s": per, "after compiled/after eager": ratios(per, "after compiled", "after eager"),
+           "steps": [n1, n2], "before": args.before}
+    if "before" in per:
+        out.update({"after/before": ratios(per, "after eager", "before"),
+                    "after compiled/before": ratios(per, "after compiled", "before")})
+    return out
 
 
 def part_compile(args, work: Path) -> dict:
     """Compile seconds of learn and generate: cold (empty inductor cache), warm (the same cache), minus eager."""
     images = training_images(work)
     base = base_folder()
-    learn = lambda mode: [sys.executable, "-m", "multiconcept", "learn", "-m", "custom-diffusion", "-c", "<new1>=star",
+    learn = lambda mode: [sys.executable, "-m", "multiconcept", "learn", "-m", "custom-diffusion", "-c", f"<new1>={KIND}",
                           "-i", f"<new1>={images}", "--base", str(base), "--steps", "10", "--batch-size", "4",
                           "--grad-accum", "1", "--param", "augment=false", "--no-progress", "--compile", mode, "-o",
                           str(work / "c.safetensors"), "--overwrite"]
-    gen = lambda mode: [sys.executable, "-m", "multiconcept", "generate", "a star on a gray background", "--base",
+    gen = lambda mode: [sys.executable, "-m", "multiconcept", "generate", f"a {KIND} on a gray background", "--base",
                         str(base), "-n", "4", "--steps", "20", "-o", str(work / "c-out"), "--overwrite", "--compile", mode]
     demo = lambda mode: [sys.executable, "-m", "multiconcept", "demo", "--out", str(work / "demo-out"), "--compile", mode]
     out = {}
     for name, make, n in (("learn", learn, 3), ("generate", gen, 3), ("demo", demo, 1)):
+        if name not in args.compile_commands.split(","):
+            continue
         cache = Path(tempfile.mkdtemp(prefix="mc-inductor-"))
         env = threads_env(TORCHINDUCTOR_CACHE_DIR=cache)
         eager = statistics.median(run(make("off"), env) for _ in range(n))
@@ -394,7 +402,8 @@ def part_strategy(args, work: Path) -> dict:
         for task in ("train", "sample"):
             for scope in ("eager", "blocks", "model"):
                 cache = Path(tempfile.mkdtemp(prefix="mc-inductor-"))
-                got = run_json([sys.executable, "-c", STRATEGY, task, scope], threads_env(TORCHINDUCTOR_CACHE_DIR=cache))
+                got = run_json([sys.executable, "-c", STRATEGY, task, scope, SCENE_PROMPT],
+                               threads_env(TORCHINDUCTOR_CACHE_DIR=cache))
                 shutil.rmtree(cache, ignore_errors=True)
                 out.setdefault(task, {}).setdefault(scope, []).append(got)
                 print(f"strategy {task} {scope}: first {got['first_s']:.1f} s, then {got['median_s'] * 1e3:.1f} ms "
@@ -415,11 +424,14 @@ def main():
     ap.add_argument("--n1", type=int, default=10)
     ap.add_argument("--n2", type=int, default=210)
     ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--before", default="5050326", help="the revision the build and FastComposer steps are compared to")
+    ap.add_argument("--before", default="5050326", help="the revision the build and FastComposer steps are "
+                    "compared to; 'none': this tree eager against compiled only (a revision whose world "
+                    "differs from this tree's cannot run its build or its base)")
     ap.add_argument("--build-n1", type=int, default=5)
     ap.add_argument("--build-n2", type=int, default=45)
     ap.add_argument("--fc-n1", type=int, default=3)
     ap.add_argument("--fc-n2", type=int, default=23)
+    ap.add_argument("--compile-commands", default="learn,generate,demo", help="the commands --parts compile times")
     ap.add_argument("--strategy-reps", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mc-speed")
     ap.add_argument("--json", type=Path)

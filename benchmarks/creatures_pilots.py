@@ -186,39 +186,6 @@ def train_encoder(args, method: str, out: Path) -> Path:
     return out
 
 
-def _reference(name: str, folder: Path) -> str:
-    """A centred render of the concept and its mask, as 'IMG:MASK' for compose."""
-    from multiconcept import toyworld as cw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    scene = cw.concept_reference_set(name, 1, seed=31)[0]
-    image, mask = folder / f"{name}.png", folder / f"{name}_mask.png"
-    scene.pil().save(image)
-    _mask(scene.subjects[0].mask).save(mask)
-    return f"{image}:{mask}"
-
-
-def _read_shares(matched, subjects) -> dict:
-    """Own and other's shares among the parts read on the subjects found (a subject not drawn, or a part
-    hidden, says nothing about a swap), over all parts and per part, and how many subjects were found. The
-    pair and the control go through this same count, so a subject missing more often in pairs cannot lower
-    the pair's rate."""
-    from multiconcept import toyworld as cw
-
-    counts = {p: {"own": 0.0, "other": 0.0, "read": 0.0} for p in ("all", *cw.PARTS)}
-    for reading, (own, other) in zip(matched, subjects):
-        if reading is None:
-            continue
-        for part in cw.PARTS:
-            o = cw.part_outcomes(reading, own, other, (part,))
-            for key in ("all", part):
-                counts[key]["own"] += o["own"]
-                counts[key]["other"] += o["other"]
-                counts[key]["read"] += 1 - o["unread"]
-    shares = {p: {k: (c[k] / c["read"] if c["read"] else None) for k in ("own", "other")} for p, c in counts.items()}
-    return {**shares.pop("all"), "parts": shares, "found": sum(r is not None for r in matched)}
-
-
 def tuning_free_pilot(args, out: Path, method: str) -> dict:
     from PIL import Image
 
@@ -250,16 +217,16 @@ def tuning_free_pilot(args, out: Path, method: str) -> dict:
     rows = {}
     for a, b in same_kind_pairs(args.units):
         ca, cb = cw.concept(a).creature, cw.concept(b).creature
-        ra, rb = _reference(a, out / "refs"), _reference(b, out / "refs")
+        ra, rb = cw.write_reference(a, out / "refs"), cw.write_reference(b, out / "refs")
         pair = read(f"a {ca.kind} <img> and a {cb.kind} <img> on a gray background", [ra, rb],
                     [where["left"], where["right"]], f"{a}+{b}")
         alone_a = read(f"a {ca.kind} <img> on a gray background", [ra], [where["center"]], a)
         alone_b = read(f"a {cb.kind} <img> on a gray background", [rb], [where["center"]], b)
         # the control: the same two subjects, one per image, scored as one pair of readings
-        together = [_read_shares(cw.match(f, [ca, cb]), [(ca, cb), (cb, ca)]) for f in pair]
-        apart = [_read_shares([asked(fa, ca), asked(fb, cb)], [(ca, cb), (cb, ca)])
+        together = [cw.read_shares(cw.match(f, [ca, cb]), [(ca, cb), (cb, ca)]) for f in pair]
+        apart = [cw.read_shares([asked(fa, ca), asked(fb, cb)], [(ca, cb), (cb, ca)])
                  for fa, fb in zip(alone_a, alone_b)]
-        on_renders = [_read_shares(cw.match(cw.analyse(cw.render(cw.layout_specs([ca, cb], layout,
+        on_renders = [cw.read_shares(cw.match(cw.analyse(cw.render(cw.layout_specs([ca, cb], layout,
                                                                                np.random.default_rng(s)),
                                                                  "gray", layout).image).subjects, [ca, cb]),
                                    [(ca, cb), (cb, ca)])["other"]

@@ -115,3 +115,26 @@ def test_compiled_sampling_draws_the_eager_images_and_maps():
     for a, b in zip(runs["off"][0], runs["on"][0]):
         assert np.abs(a - b).max() <= 2
     assert torch.allclose(runs["off"][1], runs["on"][1], rtol=1e-3, atol=1e-5)  # maps captured while compiled
+
+
+def test_the_demo_compiles_its_training_only(tmp_path, monkeypatch):
+    """`demo --compile on`: the setting reaches learning (and the page's settings), never the demo's sampling,
+    whose 12 images cost less eager than a whole-UNet compile (docs/speed.md)."""
+    from multiconcept.workflows import demo
+
+    learned, sampled = [], []
+    real_learn, real_generate = demo.learn_concepts, demo.generate
+
+    def learn(method, data, out, settings, **kw):
+        learned.append(settings["compile"])
+        return real_learn(method, data, out, settings={**settings, "compile": "off"}, **kw)  # compiling is tested above
+
+    def generate(prompt, loaded, n, seed, out, settings, **kw):
+        sampled.append(settings.compile)
+        return real_generate(prompt, loaded, n, seed, out, settings, **kw)
+
+    monkeypatch.setattr(demo, "learn_concepts", learn)
+    monkeypatch.setattr(demo, "generate", generate)
+    demo.run_demo(tmp_path / "demo", base="tiny", steps=1, n_images=1, compile="on")
+    assert learned == ["on"] and sampled == ["off"] * 3
+    assert "compile=on" in (tmp_path / "demo" / "index.html").read_text()

@@ -314,6 +314,10 @@ def test_resume_continues_exactly(subject_folder, tmp_path):
     assert not (part / "checkpoint.safetensors").exists()
     a, b = fusion_state(full), fusion_state(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # every step's loss terms, L_loc among them, in the model's log (a plateau is read from it)
+    log = [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all({"noise", "loss"} <= set(r) for r in log)
+    assert any("loc" in r for r in log)  # a batch whose subjects were all dropped has no L_loc
     start = FusionMLP(32, 32)  # training moved the weights away from a fresh MLP's LayerNorm ones
     assert not torch.equal(a["norm.weight"], start.norm.weight.detach())
 
@@ -334,7 +338,7 @@ def test_train_encoder_and_compose_cli_end_to_end(subject_folder, run_cli, tmp_p
     config = json.loads((model / "fastcomposer.json").read_text())
     assert config["base_name"] == "tiny" and config["steps_done"] == 2 and config["settings"]["loc_weight"] == 1e-3
     assert {p.name for p in model.iterdir()} == {"fastcomposer.json", "fusion.safetensors", "image_encoder.safetensors",
-                                                 "unet.safetensors"}
+                                                 "unet.safetensors", "train_log.jsonl"}
     img, m0, m1 = (subject_folder / n for n in ("000000.png", "000000_0.png", "000000_1.png"))
     out = tmp_path / "out"
     prompt = "a star <img> and a circle <img> on a gray background"

@@ -195,7 +195,8 @@ def test_a_run_killed_at_a_random_step_resumes_on_the_same_batches(ds, tmp_path,
     kill_at = random.randrange(1, 5)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "multiconcept", *args, "--out", str(killed), "--workers", "1"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # the in-process run's
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "samples.jsonl").is_file() or kill_at not in {

@@ -44,6 +44,17 @@ def write_concept_folder(name: str, folder: str | Path, n: int = 4, seed: int = 
     return pairs
 
 
+def write_reference(name: str, folder: str | Path, seed: int = 31) -> str:
+    """One centred reference of a personal concept and its mask, NAME.png and NAME_mask.png in `folder`;
+    returns 'IMG:MASK', the form `compose` takes a subject in."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scene = concept_reference_set(name, 1, seed)[0]
+    image = save_png(scene.image, folder / f"{name}.png")
+    mask = save_png(scene.subjects[0].mask, folder / f"{name}_mask.png")
+    return f"{image}:{mask}"
+
+
 def write_two_concept_folder(concept_a: str, concept_b: str, folder: str | Path, seed: int = 0):
     """One image holding two personal concepts of different kinds side by side (DisenDiff's input):
     image.png, <concept>_mask.png per concept and scene.json (every subject's kind, parts and place)."""

@@ -74,3 +74,23 @@ def leakage(readings: list[Reading], prompted: list[Creature], other: Creature,
         return None
     return max((sum(value(r, t) == getattr(other, t) for t in distinct) / len(distinct) for r in readings),
                default=0.0)
+
+
+def read_shares(matched: list[Reading | None], subjects: list[tuple[Creature, Creature]]) -> dict:
+    """Own and other's shares among the parts read on the subjects found, over all parts and per part
+    (`parts`), and how many subjects were found. `matched[i]` is the reading of the subject whose
+    (own, other) is `subjects[i]`. A subject not drawn, or a part hidden, says nothing about a swap, so
+    only parts read count; a pair and its control go through this same count, so a subject missing more
+    often in pairs cannot lower the pair's rate. A share with nothing read is None."""
+    counts = {p: {"own": 0.0, "other": 0.0, "read": 0.0} for p in ("all", *PARTS)}
+    for reading, (own, other) in zip(matched, subjects):
+        if reading is None:
+            continue
+        for part in PARTS:
+            o = part_outcomes(reading, own, other, (part,))
+            for key in ("all", part):
+                counts[key]["own"] += o["own"]
+                counts[key]["other"] += o["other"]
+                counts[key]["read"] += 1 - o["unread"]
+    shares = {p: {k: (c[k] / c["read"] if c["read"] else None) for k in ("own", "other")} for p, c in counts.items()}
+    return {**shares.pop("all"), "parts": shares, "found": sum(r is not None for r in matched)}

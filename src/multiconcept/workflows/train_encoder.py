@@ -319,7 +319,7 @@ def train_encoder(
     digest = config_digest(cfg, f"fastcomposer|{source.name}|{image_encoder}", base.fingerprint)
     outcome = fit(trainer, trainables, optimizer, cfg, acc, out, name="fastcomposer", digest=digest, resume=resume,
                   progress=progress, stop_after=stop_after, max_minutes=max_minutes, on_step=on_step, cancel=cancel,
-                  workers=workers, sample_log=sample_log)
+                  log_file=str(out / "train_log.jsonl"), workers=workers, sample_log=sample_log)
     if outcome is None:
         return None
     if acc.is_main_process:
@@ -357,8 +357,8 @@ def fit(trainer, trainables: dict, optimizer, cfg, acc, out: Path, *, name: str,
     else:  # the loop averages the gradients over the processes itself
         graph, optimizer = trainer, acc.prepare(optimizer)
     stream = trainer.data if isinstance(trainer.data, StreamSubjects) else None
+    out.mkdir(parents=True, exist_ok=True)  # the per-step log opens before the first checkpoint
     if stream:
-        out.mkdir(parents=True, exist_ok=True)
         stream.start(trainer.prepare, cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, workers,
                      out / SAMPLE_LOG if sample_log else None)
     settings = LoopSettings(steps=cfg.steps, seed=cfg.seed, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,

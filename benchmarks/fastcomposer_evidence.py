@@ -1,0 +1,323 @@
+"""FastComposer on the creatures world: do two subjects of one kind keep their own parts, with and without L_loc?
+
+    .venv/bin/python benchmarks/fastcomposer_evidence.py --out runs/fc sweep       # 7 models x 1,000 steps, scored
+    .venv/bin/python benchmarks/fastcomposer_evidence.py --out runs/fc plateau --setting loc1e-2-middle [--cap 16000]
+    .venv/bin/python benchmarks/fastcomposer_evidence.py --out runs/fc score --models plateau,plateau-noloc \\
+        --alpha 0.7,1.0 --positions
+    .venv/bin/python benchmarks/fastcomposer_evidence.py --out /tmp/fc --quick sweep   # every code path, tiny base
+
+sweep    Trains, on `--data toyworld` (fresh tuning-free scenes; the evidence concepts never appear), one model per
+         setting of L_loc's weight (1e-3, the paper's; 1e-2; 1e-1) and regularised levels ("middle": the 8x8 and
+         4x4 maps, every level but the outermost, as published; "all": the 16x16 maps too, where a ToyWorld
+         subject covers more than 1-3 latent pixels), and one without L_loc, 1,000 steps each, the same seed,
+         then scores each. The chosen setting is the one with the lowest swap excess on the parts its model
+         carries (declared in docs/evidence.md before the runs).
+plateau  Trains the chosen setting until the 500-step mean of L_loc moves less than 2% over 1,000 steps (checked
+         every 500 steps; at most --cap steps), writes it as OUT/models/plateau, then its twin without L_loc for
+         the same number of steps (OUT/models/plateau-noloc).
+score    For each evidence kind's three concepts X, Y, Z (differing in every part), composes every pair
+         in both orders ("a robot <img> and a robot <img> on a <bg> background", no positions: the paper's
+         "a man <img> and a man <img>") and each concept alone, --images per arm over four backgrounds, the same seeds for every
+         model, and scores per part with the analytic checker:
+           swap   share of a subject's read parts drawn with the other subject's value, in the pair X+Y, against
+                  control (a): the same subject composed beside Z, named in the same place (X+Z, Z+Y), counting
+                  the absent subject's values on it;
+           blend  share drawn with neither's value, against control (b): each subject composed alone;
+           own    share drawn with its own value; found: subjects read, of two; background obeyed.
+         Units are the 9 same-kind pairs; claims are paired differences with 95% t intervals. --positions adds
+         prompts that say "on the left" / "on the right" (is the subject asked left found left?).
+
+Every trained model and composed image stays in OUT; a killed run resumes (training from its checkpoints,
+scoring from the images already written). Results: OUT/results.json and a markdown summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+# ToyWorld's tuning-free settings (benchmarks/creatures_pilots.py): lr 1e-4 at batch 16, no grayscale crops
+# (colour is identity here); everything else the paper's defaults
+COMMON = {"batch_size": 16, "lr": 1e-4, "aug_grayscale_p": 0.0, "seed": 0, "checkpoint_every": 250}
+LEVELS = {"middle": (8, 4), "all": (16, 8, 4)}
+SWEEP = {"noloc": {"loc_weight": 0.0},
+         **{f"loc{w}-{lv}": {"loc_weight": float(w), "loc_resolutions": LEVELS[lv]}
+            for w in ("1e-3", "1e-2", "1e-1") for lv in LEVELS}}
+SWEEP_STEPS = 1000
+BACKGROUNDS = ("gray", "white", "black", "beige")
+
+
+def train(out: Path, name: str, settings: dict, steps: int, args, stop_after: int | None = None,
+          write_now: bool = False) -> Path | None:
+    """One model in OUT/models/NAME, resumed from its checkpoint. `stop_after`: train that far and return None
+    (the checkpoint holds it); `write_now`: write the model as its checkpoint holds it and stop."""
+    from multiconcept.methods.fastcomposer import FastComposerConfig
+    from multiconcept.workflows.train_encoder import train_encoder
+
+    folder = out / "models" / name
+    done = folder / "fastcomposer.json"
+    if done.is_file() and not (folder / "checkpoint.safetensors").is_file():
+        return folder
+    cfg = FastComposerConfig(**{**COMMON, **settings, "steps": steps, **(QUICK if args.quick else {})})
+    # the time budget's path writes the model at the checkpoint's step (its budget is already spent)
+    return train_encoder("toyworld", folder, base=args.base, cfg=cfg, resume=True, progress=False,
+                         stop_after=stop_after, max_minutes=1e-9 if write_now else None)
+
+
+QUICK = {"batch_size": 2, "checkpoint_every": 1}
+
+
+def loc_log(folder: Path) -> dict[int, float]:
+    """L_loc per step from the model's train_log.jsonl (a resumed run logs its repeated steps again: the last wins)."""
+    steps = {}
+    log = folder / "train_log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        row = json.loads(line)
+        if "loc" in row:
+            steps[row["step"]] = row["loc"]
+    return steps
+
+
+def plateaued(loc: dict[int, float], step: int, window: int = 500, span: int = 1000, tol: float = 0.02):
+    """(moved, reached): the relative change of L_loc's `window`-step mean over `span` steps ending at `step`."""
+    def mean(end):
+        values = [loc[s] for s in range(end - window + 1, end + 1) if s in loc]
+        return float(np.mean(values)) if values else None
+    now, then = mean(step), mean(step - span)
+    if now is None or then is None or step - span < window:
+        return None, False
+    moved = abs(now - then) / abs(then)  # FastComposer's balanced L1 can be negative
+    return moved, moved < tol
+
+
+def plateau(args) -> dict:
+    out, setting = args.out, SWEEP[args.setting]
+    record_path = out / "plateau.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"setting": args.setting, "checks": []}
+    step = 0 if not record["checks"] else record["checks"][-1]["step"]
+    while "step" not in record:
+        step += 2 if args.quick else 500
+        train(out, "plateau", setting, args.cap, args, stop_after=step)
+        moved, reached = plateaued(loc_log(out / "models" / "plateau"), step,
+                                   *((1, 2) if args.quick else ()))
+        record["checks"].append({"step": step, "moved": moved})
+        if reached or step >= args.cap:
+            record.update(step=step, reached=reached)
+        record_path.write_text(json.dumps(record, indent=1))
+        print(f"plateau {args.setting}: step {step}, L_loc's mean moved {moved}", flush=True)
+    train(out, "plateau", setting, args.cap, args, write_now=True)
+    train(out, "plateau-noloc", SWEEP["noloc"], record["step"], args)
+    return record
+
+
+def arms(kind_concepts: list[str]) -> list[tuple[str, ...]]:
+    """Every ordered pair (a subject's control keeps its place in the prompt: first or second) and each alone."""
+    return [*itertools.permutations(kind_concepts, 2), *((c,) for c in kind_concepts)]
+
+
+def compose_arm(model, folder: Path, concepts: tuple[str, ...], args, alpha: float, positions: bool):
+    """The arm's images (read from `folder` when an earlier run wrote them) and each one's asked background."""
+    from PIL import Image
+
+    from multiconcept import toyworld as cw
+    from multiconcept.api import ComposeSettings
+    from multiconcept.workflows.compose import compose_images
+
+    kind = cw.concept(concepts[0]).creature.kind
+    refs = [cw.write_reference(c, args.out / "refs") for c in concepts]
+    where = (" on the left", " on the right") if positions and len(concepts) == 2 else ("", "")
+    subjects = " and ".join(f"a {kind} <img>{w}" for w in where[: len(concepts)])
+    per_bg = max(1, args.images // len(BACKGROUNDS))
+    images, asked = [], []
+    for b, bg in enumerate(BACKGROUNDS):
+        paths = [folder / f"{'+'.join(concepts)}_{bg}_{i:02d}.png" for i in range(per_bg)]
+        if not all(p.exists() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            drawn = compose_images(f"{subjects} on {cw.article(bg)} {bg} background", refs, model, n=per_bg,
+                                   seed=3000 + 100 * b, settings=ComposeSettings(steps=args.sample_steps, alpha=alpha),
+                                   base=args.base)
+            for img, path in zip(drawn, paths):
+                img.save(path)
+        images += [Image.open(p).convert("RGB") for p in paths]
+        asked += [bg] * per_bg
+    return [cw.analyse(np.asarray(img.resize((64, 64)))) for img in images], asked
+
+
+def score_model(args, name: str, alpha: float, positions: bool) -> dict:
+    from multiconcept import toyworld as cw
+    from multiconcept.methods.fastcomposer import FastComposer
+
+    model = FastComposer.load(args.out / "models" / name, base=args.base)
+    folder = args.out / "images" / f"{name}-a{alpha}"  # subjects alone: the same images with or without positions
+    kinds = {}
+    for c in cw.EVIDENCE_CONCEPTS:
+        kinds.setdefault(cw.concept(c).creature.kind, []).append(c)
+    paired = Path(f"{folder}-pos") if positions else folder
+    seen = {arm: compose_arm(model, paired if len(arm) == 2 else folder, arm, args, alpha, positions and len(arm) == 2)
+            for group in kinds.values() for arm in arms(group[:3])}
+    creature = {c: cw.concept(c).creature for c in cw.EVIDENCE_CONCEPTS}
+    units = {}
+    for group in kinds.values():
+        for x, y in itertools.combinations(group[:3], 2):
+            z = next(c for c in group if c not in (x, y))
+            cx, cy = creature[x], creature[y]
+            pair, _ = seen[(x, y)]
+            ctl_x, _ = seen[(x, z)]  # X named first, as in the pair
+            ctl_y, _ = seen[(z, y)]  # Y named second
+            alone_x, alone_y = seen[(x,)][0], seen[(y,)][0]
+            both = [(cx, cy), (cy, cx)]
+            rows = {"pair": [cw.read_shares(cw.match(a.subjects, [cx, cy]), both) for a in pair],
+                    # (a): X beside Z counted for Y's values, Y beside Z for X's: the pair's layout without the
+                    # other subject, its readings matched to X and Y as the pair's are (the assignment with the
+                    # most own values, which alone would hide some swaps), so both arms share one count
+                    "same_layout": [cw.read_shares([cw.match(ax.subjects, [cx, cy])[0],
+                                                    cw.match(ay.subjects, [cx, cy])[1]], both)
+                                    for ax, ay in zip(ctl_x, ctl_y)],
+                    "alone": [cw.read_shares([cw.match(ax.subjects, [cx])[0], cw.match(ay.subjects, [cy])[0]], both)
+                              for ax, ay in zip(alone_x, alone_y)]}
+            unit = {arm: _means(shares) for arm, shares in rows.items()}
+            unit["background_obeyed"] = float(np.mean([a.background == bg for a, bg in zip(*seen[(x, y)])]))
+            if positions:
+                placed = [_placed(cw.match(a.subjects, [cx, cy])) for a in pair]
+                unit["position_obeyed"] = _mean_of([v for v in placed if v is not None])
+            units[f"{x}+{y}"] = unit
+    return {"model": name, "alpha": alpha, "positions": positions, "units": units,
+            "loc_final": _final_loc(args.out / "models" / name)}
+
+
+def _means(shares: list[dict]) -> dict:
+    """Per part and over all parts: own, other (swap) and neither (blend) means over images with that part read."""
+    from multiconcept import toyworld as cw
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    out = {}
+    for part in ("all", *cw.PARTS):
+        got = [s if part == "all" else s["parts"][part] for s in shares]
+        own, other = mean([g["own"] for g in got]), mean([g["other"] for g in got])
+        neither = [None if g["own"] is None else 1 - g["own"] - g["other"] for g in got]
+        out[part] = {"own": own, "other": other, "neither": mean(neither)}
+    out["found"] = mean([s["found"] for s in shares])
+    return out
+
+
+def _placed(matched) -> float | None:
+    """The subject asked on the left found left of the one asked on the right (both found), 1 or 0."""
+    a, b = matched
+    return None if a is None or b is None else float(a.cx < b.cx)
+
+
+def _mean_of(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _final_loc(folder: Path) -> float | None:
+    loc = loc_log(folder)
+    last = sorted(loc)[-500:]
+    return float(np.mean([loc[s] for s in last])) if last else None
+
+
+def carried(result: dict, threshold: float = 0.8) -> list[str]:
+    """The parts this model carries: own >= threshold in control (a), over the units (fixed from the control alone)."""
+    from multiconcept import toyworld as cw
+
+    units = result["units"].values()
+    return [p for p in cw.PARTS
+            if np.mean([u["same_layout"][p]["own"] for u in units if u["same_layout"][p]["own"] is not None] or [0])
+            >= threshold]
+
+
+def claims(result: dict) -> dict:
+    """Swap over control (a), all parts and the carried ones; blend over control (b); own in pairs vs alone."""
+    from multiconcept.metrics.stats import mean_sem, paired_difference
+
+    units = list(result["units"].values())
+    parts = carried(result)
+
+    def over(arm, key, which):
+        if which == "carried":
+            return [np.mean([u[arm][p][key] for p in parts]) if parts and all(u[arm][p][key] is not None for p in parts)
+                    else None for u in units]
+        return [u[arm]["all"][key] for u in units]
+
+    out = {"carried": parts, "n": len(units)}
+    for label, key, arm, ctl, which in (("swap", "other", "pair", "same_layout", "all"),
+                                        ("swap_carried", "other", "pair", "same_layout", "carried"),
+                                        ("blend", "neither", "pair", "alone", "all"),
+                                        ("own", "own", "pair", "alone", "all")):
+        if which == "carried" and not parts:
+            continue
+        a, b = over(arm, key, which), over(ctl, key, which)
+        d = paired_difference(a, b)
+        out[label] = {"pair": mean_sem(a).text(), "control": mean_sem(b).text(), "excess": d.mean,
+                      "low": d.low, "high": d.high, "half_width": (d.high - d.low) / 2}
+    out["found"] = float(np.mean([u["pair"]["found"] for u in units]))
+    out["background_obeyed"] = float(np.mean([u["background_obeyed"] for u in units]))
+    if result["positions"]:
+        out["position_obeyed"] = _mean_of([u["position_obeyed"] for u in units if u["position_obeyed"] is not None])
+    return out
+
+
+def print_claims(key: str, c: dict, loc: float | None) -> None:
+    line = f"{key}: carried {c['carried'] or 'none'}; found {c['found']:.2f} of 2; background {c['background_obeyed']:.2f}"
+    if "position_obeyed" in c:
+        line += f"; left-right obeyed {c['position_obeyed']}"
+    print(line + (f"; L_loc (last 500 steps) {loc:.4g}" if loc is not None else ""))
+    for label in ("swap", "swap_carried", "blend", "own"):
+        if label in c:
+            s = c[label]
+            print(f"  {label}: pair {s['pair']}, control {s['control']}, excess {s['excess']:+.3f} "
+                  f"[{s['low']:+.3f}, {s['high']:+.3f}] (n {c['n']})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("sweep", "plateau", "score"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--base", default="toyworld")
+    ap.add_argument("--setting", choices=tuple(SWEEP), help="plateau: the setting the sweep chose")
+    ap.add_argument("--cap", type=int, default=16000, help="plateau: at most this many steps")
+    ap.add_argument("--models", default="", help="score: model names in OUT/models (default: the sweep's)")
+    ap.add_argument("--alpha", default="0.7", help="score: delayed conditioning, comma-separated (paper: 0.7)")
+    ap.add_argument("--positions", action="store_true", help="score: also prompts with 'on the left' / 'on the right'")
+    ap.add_argument("--images", type=int, default=16, help="images per arm (4 backgrounds)")
+    ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="the tiny base, 2 training steps, 4 images: code paths only")
+    args = ap.parse_args()
+    if args.quick:
+        args.base, args.images, args.sample_steps, args.cap = "tiny", 4, 2, 6
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    if args.stage == "sweep":
+        for name, settings in SWEEP.items():
+            train(args.out, name, settings, 2 if args.quick else SWEEP_STEPS, args)
+        names = list(SWEEP)
+    elif args.stage == "plateau":
+        if not args.setting:
+            ap.error("plateau needs --setting (the sweep's choice)")
+        results["plateau"] = plateau(args)
+        names = ["plateau", "plateau-noloc"]
+    else:
+        names = [m for m in args.models.split(",") if m] or list(SWEEP)
+    for name in names:
+        for alpha in (float(a) for a in args.alpha.split(",")):
+            for positions in (False, True) if args.positions else (False,):
+                key = f"{name} a{alpha}{' positions' if positions else ''}"
+                if key not in results:
+                    results[key] = score_model(args, name, alpha, positions)
+                    results_path.write_text(json.dumps(results, indent=1))
+                results[key]["claims"] = claims(results[key])
+                print_claims(key, results[key]["claims"], results[key]["loc_final"])
+    results_path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,10 @@ training step before and after; compile seconds, cold and warm.
         --parts train --train-variants eager --reps 7 --json benchmarks/results/speed-train-eager.json
     .venv/bin/python benchmarks/bench_speed.py --peer-python ... --peer-script ... --parts train --peers peer0 \
         --train-variants eager,compiled --reps 7 --json benchmarks/results/speed-train-peer0.json
-    .venv/bin/python benchmarks/bench_speed.py --parts sampling,compile --json ...
+    .venv/bin/python benchmarks/bench_speed.py --parts sampling,compile,strategy --json ...
+    .venv/bin/python benchmarks/bench_speed.py --parts compile --compile-commands demo --json ...
     .venv/bin/python benchmarks/bench_speed.py --parts build,fastcomposer --before 5050326 --json ...
+    .venv/bin/python benchmarks/bench_speed.py --parts build,fastcomposer --before none --json ...   # one tree
 
 Every figure is a median over interleaved repetitions (each repetition runs every variant once, in an order
 shuffled per repetition, so drift on the machine falls on all of them). A step's time is the difference of two
@@ -28,7 +30,8 @@ runs of N1 and N2 steps over N2 - N1: process start, loading, compiling and savi
 - sampling: seconds per image of `generate` (eager and --compile on) / the plain pipeline's call, same model,
   DDIM, steps, guidance, batch.
 - build / fastcomposer: this tree against `--before REV` (exported with git archive), each step in its own
-  process on the same inputs; "after, compiled" adds --compile on.
+  process on the same inputs; "after, compiled" adds --compile on. `--before none` times this tree eager
+  against compiled only: a revision with another world cannot run this tree's build or base.
 - strategy: ToyWorld's UNet eager, its repeated blocks compiled, or all of it, for a Custom Diffusion step and
   for sampling, each in a fresh process with an empty inductor cache (models/compiled.py's choice).
 - compile: a learn / generate / `multiconcept demo` run with an empty inductor cache (cold), the same again

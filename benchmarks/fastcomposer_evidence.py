@@ -34,11 +34,14 @@ scoring from the images already written). Results: OUT/results.json and a markdo
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tuning_free_scores import BACKGROUNDS, claims, kinds, ordered_pairs, print_claims, score_units  # noqa: E402
 
 # ToyWorld's tuning-free settings (benchmarks/creatures_pilots.py): lr 1e-4 at batch 16, no grayscale crops
 # (colour is identity here); everything else the paper's defaults
@@ -48,7 +51,6 @@ SWEEP = {"noloc": {"loc_weight": 0.0},
          **{f"loc{w}-{lv}": {"loc_weight": float(w), "loc_resolutions": LEVELS[lv]}
             for w in ("1e-3", "1e-2", "1e-1") for lv in LEVELS}}
 SWEEP_STEPS = 1000
-BACKGROUNDS = ("gray", "white", "black", "beige")
 
 
 def train(out: Path, name: str, settings: dict, steps: int, args, stop_after: int | None = None,
@@ -114,11 +116,6 @@ def plateau(args) -> dict:
     return record
 
 
-def arms(kind_concepts: list[str]) -> list[tuple[str, ...]]:
-    """Every ordered pair (a subject's control keeps its place in the prompt: first or second) and each alone."""
-    return [*itertools.permutations(kind_concepts, 2), *((c,) for c in kind_concepts)]
-
-
 def compose_arm(model, folder: Path, concepts: tuple[str, ...], args, alpha: float, positions: bool):
     """The arm's images (read from `folder` when an earlier run wrote them) and each one's asked background."""
     from PIL import Image
@@ -148,132 +145,29 @@ def compose_arm(model, folder: Path, concepts: tuple[str, ...], args, alpha: flo
 
 
 def score_model(args, name: str, alpha: float, positions: bool) -> dict:
-    from multiconcept import toyworld as cw
     from multiconcept.methods.fastcomposer import FastComposer
 
     model = FastComposer.load(args.out / "models" / name, base=args.base)
     folder = args.out / "images" / f"{name}-a{alpha}"  # subjects alone: the same images with or without positions
-    kinds = {}
-    for c in cw.EVIDENCE_CONCEPTS:
-        kinds.setdefault(cw.concept(c).creature.kind, []).append(c)
     paired = Path(f"{folder}-pos") if positions else folder
-    seen = {arm: compose_arm(model, paired if len(arm) == 2 else folder, arm, args, alpha, positions and len(arm) == 2)
-            for group in kinds.values() for arm in arms(group[:3])}
-    creature = {c: cw.concept(c).creature for c in cw.EVIDENCE_CONCEPTS}
-    units = {}
-    for group in kinds.values():
-        for x, y in itertools.combinations(group[:3], 2):
-            z = next(c for c in group if c not in (x, y))
-            cx, cy = creature[x], creature[y]
-            pair, _ = seen[(x, y)]
-            ctl_x, _ = seen[(x, z)]  # X named first, as in the pair
-            ctl_y, _ = seen[(z, y)]  # Y named second
-            alone_x, alone_y = seen[(x,)][0], seen[(y,)][0]
-            both = [(cx, cy), (cy, cx)]
-            rows = {"pair": [cw.read_shares(cw.match(a.subjects, [cx, cy]), both) for a in pair],
-                    # (a): X beside Z counted for Y's values, Y beside Z for X's: the pair's layout without the
-                    # other subject, its readings matched to X and Y as the pair's are (the assignment with the
-                    # most own values, which alone would hide some swaps), so both arms share one count
-                    "same_layout": [cw.read_shares([cw.match(ax.subjects, [cx, cy])[0],
-                                                    cw.match(ay.subjects, [cx, cy])[1]], both)
-                                    for ax, ay in zip(ctl_x, ctl_y)],
-                    "alone": [cw.read_shares([cw.match(ax.subjects, [cx])[0], cw.match(ay.subjects, [cy])[0]], both)
-                              for ax, ay in zip(alone_x, alone_y)]}
-            unit = {arm: _means(shares) for arm, shares in rows.items()}
-            unit["background_obeyed"] = float(np.mean([a.background == bg for a, bg in zip(*seen[(x, y)])]))
-            if positions:
-                placed = [_placed(cw.match(a.subjects, [cx, cy])) for a in pair]
-                unit["position_obeyed"] = _mean_of([v for v in placed if v is not None])
-            units[f"{x}+{y}"] = unit
+    groups = kinds().values()
+    pairs = {arm: compose_arm(model, paired, arm, args, alpha, positions) for g in groups for arm in ordered_pairs(g)}
+    single = {c: compose_arm(model, folder, (c,), args, alpha, False)[0] for g in groups for c in g}
+    units = score_units(pairs, lambda c, _slot: single[c], _left_first if positions else None)
     return {"model": name, "alpha": alpha, "positions": positions, "units": units,
             "loc_final": _final_loc(args.out / "models" / name)}
 
 
-def _means(shares: list[dict]) -> dict:
-    """Per part and over all parts: own, other (swap) and neither (blend) means over images with that part read."""
-    from multiconcept import toyworld as cw
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return float(np.mean(values)) if values else None
-
-    out = {}
-    for part in ("all", *cw.PARTS):
-        got = [s if part == "all" else s["parts"][part] for s in shares]
-        own, other = mean([g["own"] for g in got]), mean([g["other"] for g in got])
-        neither = [None if g["own"] is None else 1 - g["own"] - g["other"] for g in got]
-        out[part] = {"own": own, "other": other, "neither": mean(neither)}
-    out["found"] = mean([s["found"] for s in shares])
-    return out
-
-
-def _placed(matched) -> float | None:
+def _left_first(matched) -> float | None:
     """The subject asked on the left found left of the one asked on the right (both found), 1 or 0."""
     a, b = matched
     return None if a is None or b is None else float(a.cx < b.cx)
-
-
-def _mean_of(values: list) -> float | None:
-    return float(np.mean(values)) if values else None
 
 
 def _final_loc(folder: Path) -> float | None:
     loc = loc_log(folder)
     last = sorted(loc)[-500:]
     return float(np.mean([loc[s] for s in last])) if last else None
-
-
-def carried(result: dict, threshold: float = 0.8) -> list[str]:
-    """The parts this model carries: own >= threshold in control (a), over the units (fixed from the control alone)."""
-    from multiconcept import toyworld as cw
-
-    units = result["units"].values()
-    return [p for p in cw.PARTS
-            if np.mean([u["same_layout"][p]["own"] for u in units if u["same_layout"][p]["own"] is not None] or [0])
-            >= threshold]
-
-
-def claims(result: dict) -> dict:
-    """Swap over control (a), all parts and the carried ones; blend over control (b); own in pairs vs alone."""
-    from multiconcept.metrics.stats import mean_sem, paired_difference
-
-    units = list(result["units"].values())
-    parts = carried(result)
-
-    def over(arm, key, which):
-        if which == "carried":
-            return [np.mean([u[arm][p][key] for p in parts]) if parts and all(u[arm][p][key] is not None for p in parts)
-                    else None for u in units]
-        return [u[arm]["all"][key] for u in units]
-
-    out = {"carried": parts, "n": len(units)}
-    for label, key, arm, ctl, which in (("swap", "other", "pair", "same_layout", "all"),
-                                        ("swap_carried", "other", "pair", "same_layout", "carried"),
-                                        ("blend", "neither", "pair", "alone", "all"),
-                                        ("own", "own", "pair", "alone", "all")):
-        if which == "carried" and not parts:
-            continue
-        a, b = over(arm, key, which), over(ctl, key, which)
-        d = paired_difference(a, b)
-        out[label] = {"pair": mean_sem(a).text(), "control": mean_sem(b).text(), "excess": d.mean,
-                      "low": d.low, "high": d.high, "half_width": (d.high - d.low) / 2}
-    out["found"] = float(np.mean([u["pair"]["found"] for u in units]))
-    out["background_obeyed"] = float(np.mean([u["background_obeyed"] for u in units]))
-    if result["positions"]:
-        out["position_obeyed"] = _mean_of([u["position_obeyed"] for u in units if u["position_obeyed"] is not None])
-    return out
-
-
-def print_claims(key: str, c: dict, loc: float | None) -> None:
-    line = f"{key}: carried {c['carried'] or 'none'}; found {c['found']:.2f} of 2; background {c['background_obeyed']:.2f}"
-    if "position_obeyed" in c:
-        line += f"; left-right obeyed {c['position_obeyed']}"
-    print(line + (f"; L_loc (last 500 steps) {loc:.4g}" if loc is not None else ""))
-    for label in ("swap", "swap_carried", "blend", "own"):
-        if label in c:
-            s = c[label]
-            print(f"  {label}: pair {s['pair']}, control {s['control']}, excess {s['excess']:+.3f} "
-                  f"[{s['low']:+.3f}, {s['high']:+.3f}] (n {c['n']})")
 
 
 def main():
@@ -314,8 +208,9 @@ def main():
                 if key not in results:
                     results[key] = score_model(args, name, alpha, positions)
                     results_path.write_text(json.dumps(results, indent=1))
-                results[key]["claims"] = claims(results[key])
-                print_claims(key, results[key]["claims"], results[key]["loc_final"])
+                results[key]["claims"] = claims(results[key]["units"])
+                loc = results[key]["loc_final"]
+                print_claims(key, results[key]["claims"], "" if loc is None else f"; L_loc (last 500 steps) {loc:.4g}")
     results_path.write_text(json.dumps(results, indent=1))
 
 

@@ -2,12 +2,19 @@
 
     .venv/bin/python benchmarks/subject_diffusion_evidence.py --out runs/sd train [--models full,no-attention-control]
     .venv/bin/python benchmarks/subject_diffusion_evidence.py --out runs/sd score [--models ...]
+    .venv/bin/python benchmarks/subject_diffusion_evidence.py --out runs/sd diagnose --models full,no-attention-control
     .venv/bin/python benchmarks/subject_diffusion_evidence.py --out /tmp/sd --quick train score   # code paths, tiny base
 
 train  One model per ablation of the paper's table (full; no location map; no boxes; no adapter; no attention
        control; no CLS embedding: each a flag that removes exactly its part), all for the same --steps (6,000,
        declared in docs/evidence.md), seed 0, batch 8, lr 1e-4, 100 warm-up steps, on `--data toyworld` (fresh
        tuning-free scenes; the evidence concepts never appear). Resumed from checkpoints.
+diagnose
+       Declared with the table: for each model asked (the full one and the one without attention control), the
+       pair prompts composed again under attention capture; per token type (each subject's placeholder and
+       label word, the caption's nouns, the end token, padding), the share of its cross-attention (mean over
+       layers and heads, summed over steps, conditional branch) inside its own subject's box and inside the
+       other's (a token of no subject: inside either box), mean over the 9 pairs.
 score  For each evidence kind's three concepts, every ordered pair "a robot <img> and a robot <img> on a <bg>
        background" (no position words) with the first-named subject asked in the RIGHT box and the second in the
        LEFT (the base draws a first-named subject on the left, so a subject in its box was put there by the
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -105,6 +113,99 @@ def score_model(args, name: str) -> dict:
     return {"model": name, "steps": args.steps, "units": score_units(pairs, lambda c, slot: single[(c, slot)], placed)}
 
 
+def token_types(model, prompt: str, kind: str) -> dict[str, list[tuple[int, int | None]]]:
+    """Token positions by type, each with the subject it stands for (None: no subject): the placeholder and
+    the label word of each subject's clause, the caption's nouns (its kind words in order, and 'background'),
+    the end token, the padding."""
+    from multiconcept.methods.subject_diffusion import parse_marked_prompt
+
+    fp = parse_marked_prompt(model.tokenizer, prompt, 2)
+    offsets = model.tokenizer(fp.text, return_offsets_mapping=True)["offset_mapping"]
+
+    def last_piece(start: int, end: int) -> int:  # a word's last token, as the label's position is taken
+        return max(i for i, (a, b) in enumerate(offsets) if a < end and b > start)
+
+    def words(word: str) -> list[int]:
+        return [last_piece(m.start(), m.end()) for m in re.finditer(rf"\b{word}\b", fp.caption)]
+
+    n = len(fp.input_ids)
+    return {"placeholder": [(i, s) for s, i in enumerate(fp.placeholders)],
+            "label": [(i, s) for s, i in enumerate(fp.entities)],
+            "caption noun": [(i, s) for s, i in enumerate(words(kind)[:2])] + [(i, None) for i in words("background")],
+            "end": [(n - 1, None)], "padding": [(i, None) for i in range(n, model.tokenizer.model_max_length)]}
+
+
+def box_shares(store, positions: list[tuple[int, int | None]]) -> dict[str, float | None]:
+    """Of each token's cross-attention (mean over layers and heads, summed over steps), the share inside its own
+    subject's box and inside the other's; for a token of no subject, inside either box."""
+    import torch
+
+    own, other, either = [], [], []
+    for maps in store.layer_maps().values():  # batch heads token h w
+        m = maps.mean(1)
+        h, w = m.shape[-2:]
+        boxes = []
+        for x0, y0, x1, y1 in BOXES:
+            mask = torch.zeros(h, w)
+            mask[int(y0 * h):max(int(y0 * h) + 1, round(y1 * h)), int(x0 * w):max(int(x0 * w) + 1, round(x1 * w))] = 1
+            boxes.append(mask)
+        for i, subject in positions:
+            t = m[:, i]
+            total = t.sum(dim=(-2, -1)).clamp_min(1e-12)
+            inside = [(t * b).sum(dim=(-2, -1)) / total for b in boxes]
+            if subject is None:
+                either += (inside[0] + inside[1]).tolist()
+            else:
+                own += inside[subject].tolist()
+                other += inside[1 - subject].tolist()
+    return {"own": mean_of(own), "other": mean_of(other), "either": mean_of(either)}
+
+
+def diagnostic(args, name: str) -> dict:
+    """Per token type, per pair: where its attention falls, on the pair arm's prompts (composed again under
+    capture; the scored images are not read)."""
+    from multiconcept import toyworld as cw
+    from multiconcept.api import SubjectComposeSettings
+    from multiconcept.attention import AttentionStore, capture_attention
+    from multiconcept.methods.subject_diffusion import SubjectDiffusion
+    from multiconcept.workflows.compose_subject_diffusion import compose_images
+
+    model = SubjectDiffusion.load(args.out / "models" / name, base=args.base)
+    per_bg = max(1, args.images // len(BACKGROUNDS))
+    locations = [",".join(f"{v:g}" for v in BOXES[s]) for s in (0, 1)]
+    units = {}
+    for group in kinds().values():
+        for x, y in ((group[0], group[1]), (group[0], group[2]), (group[1], group[2])):
+            kind = cw.concept(x).creature.kind
+            refs = [cw.write_reference(c, args.out / "refs") for c in (x, y)]
+            found: dict[str, list[dict]] = {}
+            for b, bg in enumerate(BACKGROUNDS):
+                prompt = f"a {kind} <img> and a {kind} <img> on {cw.article(bg)} {bg} background"
+                store = AttentionStore(accumulate=True, batch_slice=slice(0, per_bg))  # the conditional branch
+                with capture_attention(model.unet, store):
+                    compose_images(prompt, refs, model, n=per_bg, seed=3000 + 100 * b,
+                                   settings=SubjectComposeSettings(steps=args.sample_steps, batch_size=per_bg),
+                                   locations=locations, base=args.base)
+                for kind_of_token, positions in token_types(model, prompt, kind).items():
+                    found.setdefault(kind_of_token, []).append(box_shares(store, positions))
+            units[f"{x}+{y}"] = {t: {k: mean_of([r[k] for r in rows]) for k in ("own", "other", "either")}
+                                 for t, rows in found.items()}
+    return units
+
+
+def print_diagnostic(name: str, units: dict) -> None:
+    from multiconcept.metrics.stats import mean_sem
+
+    print(f"{name}: attention share by token type (mean ± sem over {len(units)} pairs)")
+    for t in next(iter(units.values())):
+        cells = []
+        for k in ("own", "other", "either"):
+            values = [u[t][k] for u in units.values() if u[t][k] is not None]
+            if values:
+                cells.append(f"{k} box {mean_sem(values).text()}")
+        print(f"  {t}: " + ", ".join(cells))
+
+
 def compare(results: dict) -> None:
     """Each ablation against the full model, paired over the pairs: swap (over its control), own, placement."""
     from multiconcept.metrics.stats import paired_difference
@@ -130,7 +231,7 @@ def _excess(unit: dict, key: str, control: str) -> float | None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stages", nargs="+", choices=("train", "score"))
+    ap.add_argument("stages", nargs="+", choices=("train", "score", "diagnose"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", default="toyworld")
     ap.add_argument("--models", default=",".join(ABLATIONS), help="ablations, comma-separated")
@@ -160,6 +261,14 @@ def main():
             print_claims(name, results[name]["claims"])
         path.write_text(json.dumps(results, indent=1))
         compare(results)
+    if "diagnose" in args.stages:
+        path = args.out / "diagnostic.json"
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        for name in names:
+            if name not in found:
+                found[name] = diagnostic(args, name)
+                path.write_text(json.dumps(found, indent=1))
+            print_diagnostic(name, found[name])
 
 
 if __name__ == "__main__":

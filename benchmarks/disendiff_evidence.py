@@ -36,7 +36,7 @@ MAIN = {"textual-inversion": ("textual-inversion", {}), "custom-diffusion": ("cu
 ABLATIONS = {f"disendiff {k}": ("disendiff", {k: "true"}) for k in
              ("no_bind", "no_separation", "no_gaussian", "no_suppression", "twice_suppression", "train_qkv")}
 LEVELS = {"disendiff all resolutions": ("disendiff", {"all_resolutions": "true"}),
-          **{f"disendiff level {r}": ("disendiff", {"attention_resolution": str(r)}) for r in (16, 8)}}
+          "disendiff level 16": ("disendiff", {"attention_resolution": "16"})}  # the default is the 8x8 level
 BACKGROUNDS = ("gray", "white", "black", "beige")
 QUICK = {"steps": "2"}
 

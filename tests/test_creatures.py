@@ -144,6 +144,33 @@ def test_swaps_and_blends_are_counted_against_the_best_assignment():
     assert cw.identity(None, a) == 0.0
 
 
+def test_shares_count_only_parts_read_and_a_missing_subject_says_nothing():
+    a, b = cw.concept("robot_a").creature, cw.concept("robot_b").creature
+    mixed = cw.Creature(**{**a.to_dict(), "hat": b.hat, "marking_colour": b.marking_colour})
+    scene = cw.render(cw.layout_specs([mixed, b], "pair", np.random.default_rng(0)), "gray", "pair")
+    ra, rb = cw.match(cw.analyse(scene.image).subjects, [a, b])
+    shares = cw.read_shares([ra, rb], [(a, b), (b, a)])
+    assert shares["found"] == 2 and shares["own"] == pytest.approx(0.8) and shares["other"] == pytest.approx(0.2)
+    assert shares["parts"]["hat"] == {"own": 0.5, "other": 0.5} and shares["parts"]["body_colour"]["own"] == 1.0
+    # a subject not found is left out of the shares, not counted as wrong
+    alone = cw.read_shares([ra, None], [(a, b), (b, a)])
+    assert alone["found"] == 1 and alone["own"] == pytest.approx(0.6) and alone["other"] == pytest.approx(0.4)
+    assert cw.read_shares([None, None], [(a, b), (b, a)])["own"] is None
+
+
+def test_the_class_words_variety_is_a_distribution_per_part_and_its_shift_a_total_variation():
+    robots = [cw.concept(n).creature for n in ("robot_a", "robot_b", "robot_c")]
+    readings = [r for c in robots
+                for r in cw.analyse(cw.render(cw.layout_specs([c], "center", np.random.default_rng(0)), "gray",
+                                              "center").image).subjects]
+    varied = cw.part_distribution(readings, "robot")
+    assert varied["hat"] == {h: pytest.approx(1 / 3) for h in ("block", "cone", "horns")}
+    one = cw.part_distribution(readings[:1], "robot")  # what a class word that draws one concept gives
+    assert cw.total_variation(varied["hat"], one["hat"]) == pytest.approx(2 / 3)
+    assert cw.total_variation(varied["hat"], varied["hat"]) == 0.0
+    assert cw.part_distribution(readings, "bird")["hat"] == {} and cw.total_variation({}, one["hat"]) is None
+
+
 def test_leakage_is_the_most_of_the_other_concept_on_any_subject_and_undefined_without_a_difference():
     a, b = cw.concept("robot_a").creature, cw.concept("bird_b").creature
     assert cw.differ_in_every_part(a, b)

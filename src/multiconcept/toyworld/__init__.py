@@ -49,7 +49,17 @@ from .scenes import (
     two_concept_scene,
     world_scene,
 )
-from .score import TRAITS, identity, leakage, match, pair_outcomes, part_outcomes, read_shares
+from .score import (
+    TRAITS,
+    identity,
+    leakage,
+    match,
+    pair_outcomes,
+    part_distribution,
+    part_outcomes,
+    read_shares,
+    total_variation,
+)
 
 __all__ = [
     "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
@@ -57,6 +67,7 @@ __all__ = [
     "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "TRAITS", "UNNAMED_PARTS", "analyse",
     "article", "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set",
     "differ_in_every_part", "free_specs", "full_caption", "identity", "layout_specs", "leakage", "left_to_right",
-    "match", "pair_outcomes", "part_outcomes", "random_creature", "read_shares", "render", "save_png", "subject_dataset",
-    "subject_scene", "two_concept_scene", "world_scene", "write_concept_folder", "write_reference", "write_two_concept_folder",
+    "match", "pair_outcomes", "part_distribution", "part_outcomes", "random_creature", "read_shares", "render",
+    "save_png", "subject_dataset", "subject_scene", "total_variation", "two_concept_scene", "world_scene",
+    "write_concept_folder", "write_reference", "write_two_concept_folder",
 ]

@@ -94,3 +94,22 @@ def read_shares(matched: list[Reading | None], subjects: list[tuple[Creature, Cr
                 counts[key]["read"] += 1 - o["unread"]
     shares = {p: {k: (c[k] / c["read"] if c["read"] else None) for k in ("own", "other")} for p, c in counts.items()}
     return {**shares.pop("all"), "parts": shares, "found": sum(r is not None for r in matched)}
+
+
+def part_distribution(readings: list[Reading], kind: str, parts: tuple[str, ...] = PARTS) -> dict[str, dict[str, float]]:
+    """Per part, the share of each value among the subjects of `kind` read with that part: what "a <kind>"
+    draws (Infusion's concept-agnostic overfitting: after learning a concept, does the class word alone still
+    draw the kind's variety, or the concept?)."""
+    out = {}
+    for part in parts:
+        values = [r.parts.get(part) for r in readings if r.kind == kind and r.parts.get(part) is not None]
+        out[part] = {v: values.count(v) / len(values) for v in sorted(set(values))} if values else {}
+    return out
+
+
+def total_variation(p: dict[str, float], q: dict[str, float]) -> float | None:
+    """Half the L1 distance between two distributions over values (0: the same, 1: disjoint); None when
+    either is empty."""
+    if not p or not q:
+        return None
+    return 0.5 * sum(abs(p.get(v, 0.0) - q.get(v, 0.0)) for v in set(p) | set(q))

@@ -4,8 +4,8 @@
         [--concepts robot_d,bird_e,ghost_f] [--images 4] [--steps N]
         [--seeds 2] [--sample-steps 30] [--clip PATH] [--paper-settings]
 
-For each personal concept: write its reference images (+ masks) with
-ToyWorld's renderer, learn it with each method (Infusion gets the masks, as
+For each personal concept (default: the 9 evidence concepts): write its reference images (+ masks) with
+ToyWorld's renderer, all in ONE context (centred on gray), learn it with each method (Infusion gets the masks, as
 its paper's loss does; TI and Custom Diffusion train unmasked as theirs do),
 then run the overfitting report (workflows/overfitting.py — reconstructions of
 Infusion's metrics), whose Wasserstein generations (the concept in 8
@@ -15,7 +15,12 @@ diverse context prompts × seeds) are also scored for
 - text alignment: CLIP-T, cosine of each generation with its prompt, learned
   tokens removed (class words kept);
 - identity: the share of the concept's five parts the analytic checker reads on
-  the subject matched to it (exact; no word says those parts).
+  the subject matched to it (exact; no word says those parts);
+- asked background: the share of those generations whose prompt asks a background that
+  shows it (every background but gray is a context the references never had);
+- class word moved: the total-variation distance between the per-part value distributions of
+  16 "a <kind> on a gray background" images drawn by the base and drawn with the bundle, mean
+  over parts (0: the class word still draws the kind's variety; concept-agnostic overfitting).
 Infusion runs in three forms: value residual only at the paper's lr (0.01), value
 only at a tuned lr (0.1), and key + value at the paper's lr (the released code's
 form). Prints one markdown table, mean ± standard error (CLIP-I/T over
@@ -57,7 +62,61 @@ TOYWORLD_PARAMS = {
     "custom-diffusion": {"augment": "false", "templates": "a {}", "lr": "2.5e-5"},
     "textual-inversion": {"templates": "a {}", "steps": "500"},
 }
-DEFAULT_CONCEPTS = ("robot_d", "bird_e", "ghost_f")  # one of each kind, from the evidence set
+CLASS_IMAGES = 16  # "a <kind> on a gray background", before and after learning
+
+
+def one_context_refs(concept: str, folder: Path, n: int, seed: int) -> list[tuple[Path, Path]]:
+    """n references of the concept in ONE context (centred on gray), as the creatures-world protocol asks:
+    every other background a prompt asks for is a context the concept was never seen in."""
+    import numpy as np
+
+    from multiconcept import toyworld as cw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    c = cw.concept(concept)
+    refs = []
+    for i in range(n):
+        scene = cw.render(cw.layout_specs([c.creature], "center", rng, [c.name]), "gray", "center")
+        refs.append((cw.save_png(scene.image, folder / f"{i:02d}.png"),
+                     cw.save_png(scene.subjects[0].mask, folder / f"{i:02d}_mask.png")))
+    return refs
+
+
+def class_word_shift(base: str, bundle: Path | None, kind: str, folder: Path, seed: int, sample_steps: int) -> dict:
+    """Per part, the distribution of values in "a <kind> on a gray background" images (drawn with `bundle`, or
+    by the base alone when None), cached in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    from multiconcept import toyworld as cw
+    from multiconcept.workflows.generate import SampleSettings, generate, load_with_bundles
+
+    paths = sorted(folder.glob("*.png"))
+    if len(paths) < CLASS_IMAGES:
+        loaded = load_with_bundles(base, [str(bundle)] if bundle else [])
+        paths = generate(f"a {kind} on a gray background", loaded, CLASS_IMAGES, seed + 5000, folder,
+                         SampleSettings(steps=sample_steps, guidance=4.0))
+    readings = [r for p in paths for r in cw.analyse(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).subjects]
+    return cw.part_distribution(readings, kind)
+
+
+def context_obeyed(paths: list[Path]) -> float | None:
+    """Share of the context images whose background is the one their prompt asks for (prompts that ask one)."""
+    import numpy as np
+    from PIL import Image
+
+    from multiconcept import toyworld as cw
+    from multiconcept.workflows.generate import read_png_metadata
+
+    hits = []
+    for p in paths:
+        asked = [bg for bg in cw.BACKGROUNDS if f"on a {bg} background" in read_png_metadata(p)["prompt"]
+                 or f"on an {bg} background" in read_png_metadata(p)["prompt"]]
+        if asked:
+            got = cw.analyse(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).background
+            hits.append(got == asked[0])
+    return float(np.mean(hits)) if hits else None
 
 
 def learn_cell(method: str, concept: str, refs: list[tuple[Path, Path]], out: Path, base: str, steps: int | None,
@@ -95,6 +154,7 @@ def score_cell(report: dict, refs: list[tuple[Path, Path]], scorer, creature) ->
     t_cos = text_image_cosines(gen_emb, scorer.text_embeddings(texts))
     identity = [toyworld_measures(g, [creature], [])["identity"] for g in gens]
     return {
+        "context_obeyed": context_obeyed(paths),
         "clip_i": mean_pairwise_cosine(gen_emb, ref_emb),
         "clip_t": float(t_cos.mean()),
         # per image, in the order of their files (prompt, seed): the units of the paired differences
@@ -135,7 +195,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", default="toyworld")
-    ap.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS))
+    ap.add_argument("--concepts", default="", help="default: the 9 evidence concepts")
     ap.add_argument("--images", type=int, default=4, help="reference images per concept")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's paper default)")
     ap.add_argument("--ti-steps", type=int, default=0,
@@ -152,10 +212,10 @@ def main():
     import multiconcept.workflows.overfitting as of
     from multiconcept.bundle import describe
     from multiconcept.metrics.clip import load_clip
-    from multiconcept.toyworld import PERSONAL_CONCEPTS, write_concept_folder
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS, PERSONAL_CONCEPTS, total_variation
     from multiconcept.toyworld import concept as personal
 
-    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] or list(EVIDENCE_CONCEPTS)
     unknown = [c for c in concepts if c not in PERSONAL_CONCEPTS]
     if unknown:
         raise SystemExit(f"unknown concepts {unknown}: choose from {sorted(PERSONAL_CONCEPTS)}")
@@ -164,11 +224,13 @@ def main():
     scorer = load_clip(args.clip)
     results: dict[str, dict[str, dict]] = {}
     for concept in concepts:
-        refs = write_concept_folder(concept, args.out / "refs" / concept, n=args.images, seed=args.seed)
+        refs = one_context_refs(concept, args.out / "refs" / concept, n=args.images, seed=args.seed)
+        kind = personal(concept).creature.kind
+        before = class_word_shift(args.base, None, kind, args.out / "class-before" / kind, args.seed, args.sample_steps)
         for label, (method, extra) in VARIANTS.items():
             cell = cell_folder(args.out, concept, label)
             scores_file = cell / "scores.json"
-            if scores_file.exists() and "identity_images" in json.loads(scores_file.read_text()):
+            if scores_file.exists() and "class_word_tv" in json.loads(scores_file.read_text()):
                 results.setdefault(label, {})[concept] = json.loads(scores_file.read_text())
                 continue
             cell.mkdir(parents=True, exist_ok=True)
@@ -183,15 +245,19 @@ def main():
             else:
                 report = of.overfitting_report(args.base, [str(bundle)], cell / "overfitting", args.clip, args.seed)
                 (cell / "overfitting.json").write_text(json.dumps(report, indent=1))
+            after = class_word_shift(args.base, bundle, kind, cell / "class-after", args.seed, args.sample_steps)
+            shifts = [v for v in (total_variation(before[p], after[p]) for p in before) if v is not None]
             scores = {**score_cell(report, refs, scorer, personal(concept).creature),
-                      "bundle_bytes": describe(bundle)["tensor_bytes"]}
+                      "bundle_bytes": describe(bundle)["tensor_bytes"],
+                      # how far "a <kind>" moved from what the base draws, mean over parts (0: the same variety)
+                      "class_word_tv": sum(shifts) / len(shifts) if shifts else None}
             scores_file.write_text(json.dumps(scores, indent=1))
             results.setdefault(label, {})[concept] = scores
             print(f"{concept} / {label}: { {k: v for k, v in scores.items() if not k.endswith('_images')} }", flush=True)
 
     from multiconcept.metrics.stats import mean_sem, paired_difference
 
-    keys = ("clip_i", "clip_t", "identity", "lfd", "wasserstein", "bundle_bytes")
+    keys = ("clip_i", "clip_t", "identity", "lfd", "wasserstein", "class_word_tv", "context_obeyed", "bundle_bytes")
     mean = {m: {k: sum(results[m][c][k] for c in concepts) / len(concepts) for k in keys} for m in METHODS}
 
     def images(m: str, key: str) -> list[float]:
@@ -207,16 +273,19 @@ def main():
              f"DDIM {args.sample_steps} steps. LFD and Wasserstein are reconstructions of Infusion's metrics. "
              "Mean ± standard error: CLIP-I/T and identity over images, LFD and Wasserstein over concepts.", "",
              "| method | CLIP-I ↑ | CLIP-T ↑ | identity (parts) ↑ | latent Fisher div. ↓ | Wasserstein (Fréchet) ↓ | "
-             "bundle tensor bytes |", "|---|---|---|---|---|---|---|"]
+             "class word moved (TV) ↓ | asked background ↑ | bundle tensor bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         lines.append(f"| {m} | {est(m, 'clip_i')} | {est(m, 'clip_t')} | {est(m, 'identity')} | {est(m, 'lfd')} | "
-                     f"{est(m, 'wasserstein')} | "
+                     f"{est(m, 'wasserstein')} | {est(m, 'class_word_tv')} | {est(m, 'context_obeyed')} | "
                      f"{mean[m]['bundle_bytes']:,.0f} |")
     lines += ["", "Paired differences (same prompts and seeds; 95% t interval):"]
     for a, b in [(v, "custom-diffusion") for v in METHODS if v.startswith("infusion")] + \
                 [(v, "infusion") for v in METHODS if v.startswith("infusion,")]:
         for key in ("clip_i", "clip_t", "identity"):
             lines.append(f"- {key}: " + paired_difference(images(a, key), images(b, key)).text(a, b, 4))
+        for key in ("class_word_tv", "context_obeyed"):  # per concept: the units
+            lines.append(f"- {key}: " + paired_difference([results[a][c][key] for c in concepts],
+                                                          [results[b][c][key] for c in concepts]).text(a, b))
     lines += ["", "| concept | method | CLIP-I | CLIP-T | LFD | Wasserstein |", "|---|---|---|---|---|---|"]
     for c in concepts:
         for m in METHODS:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tuning_free_scores import BACKGROUNDS, claims, kinds, ordered_pairs, print_claims, score_units  # noqa: E402
+from tuning_free_scores import arm_readings, claims, kinds, ordered_pairs, print_claims, score_units  # noqa: E402
 
 # ToyWorld's tuning-free settings (benchmarks/creatures_pilots.py): lr 1e-4 at batch 16, no grayscale crops
 # (colour is identity here); everything else the paper's defaults
@@ -117,9 +117,7 @@ def plateau(args) -> dict:
 
 
 def compose_arm(model, folder: Path, concepts: tuple[str, ...], args, alpha: float, positions: bool):
-    """The arm's images (read from `folder` when an earlier run wrote them) and each one's asked background."""
-    from PIL import Image
-
+    """The arm's readings and asked backgrounds (tuning_free_scores.arm_readings)."""
     from multiconcept import toyworld as cw
     from multiconcept.api import ComposeSettings
     from multiconcept.workflows.compose import compose_images
@@ -127,21 +125,10 @@ def compose_arm(model, folder: Path, concepts: tuple[str, ...], args, alpha: flo
     kind = cw.concept(concepts[0]).creature.kind
     refs = [cw.write_reference(c, args.out / "refs") for c in concepts]
     where = (" on the left", " on the right") if positions and len(concepts) == 2 else ("", "")
-    subjects = " and ".join(f"a {kind} <img>{w}" for w in where[: len(concepts)])
-    per_bg = max(1, args.images // len(BACKGROUNDS))
-    images, asked = [], []
-    for b, bg in enumerate(BACKGROUNDS):
-        paths = [folder / f"{'+'.join(concepts)}_{bg}_{i:02d}.png" for i in range(per_bg)]
-        if not all(p.exists() for p in paths):
-            folder.mkdir(parents=True, exist_ok=True)
-            drawn = compose_images(f"{subjects} on {cw.article(bg)} {bg} background", refs, model, n=per_bg,
-                                   seed=3000 + 100 * b, settings=ComposeSettings(steps=args.sample_steps, alpha=alpha),
-                                   base=args.base)
-            for img, path in zip(drawn, paths):
-                img.save(path)
-        images += [Image.open(p).convert("RGB") for p in paths]
-        asked += [bg] * per_bg
-    return [cw.analyse(np.asarray(img.resize((64, 64)))) for img in images], asked
+    settings = ComposeSettings(steps=args.sample_steps, alpha=alpha)
+    return arm_readings(folder, "+".join(concepts), " and ".join(f"a {kind} <img>{w}" for w in where[: len(concepts)]),
+                        args.images, lambda prompt, n, seed: compose_images(prompt, refs, model, n=n, seed=seed,
+                                                                            settings=settings, base=args.base))
 
 
 def score_model(args, name: str, alpha: float, positions: bool) -> dict:

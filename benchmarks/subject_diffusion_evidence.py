@@ -35,10 +35,17 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tuning_free_scores import BACKGROUNDS, claims, kinds, mean_of, ordered_pairs, print_claims, score_units  # noqa: E402
+from tuning_free_scores import (  # noqa: E402
+    BACKGROUNDS,
+    arm_readings,
+    claims,
+    kinds,
+    mean_of,
+    ordered_pairs,
+    print_claims,
+    score_units,
+)
 
 COMMON = {"batch_size": 8, "lr": 1e-4, "warmup_steps": 100, "seed": 0, "checkpoint_every": 250}
 QUICK = {"batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1}
@@ -62,9 +69,7 @@ def train(args, name: str) -> Path | None:
 
 
 def compose_arm(model, folder: Path, concepts: tuple[str, ...], slots: tuple[int, ...], args):
-    """The arm's images (read from `folder` when an earlier run wrote them) and each one's asked background."""
-    from PIL import Image
-
+    """The arm's readings and asked backgrounds (tuning_free_scores.arm_readings), each subject in its slot's box."""
     from multiconcept import toyworld as cw
     from multiconcept.api import SubjectComposeSettings
     from multiconcept.workflows.compose_subject_diffusion import compose_images
@@ -72,22 +77,11 @@ def compose_arm(model, folder: Path, concepts: tuple[str, ...], slots: tuple[int
     kind = cw.concept(concepts[0]).creature.kind
     refs = [cw.write_reference(c, args.out / "refs") for c in concepts]
     locations = [",".join(f"{v:g}" for v in BOXES[s]) for s in slots]
-    subjects = " and ".join(f"a {kind} <img>" for _ in concepts)
-    per_bg = max(1, args.images // len(BACKGROUNDS))
+    settings = SubjectComposeSettings(steps=args.sample_steps)
     name = "+".join(concepts) + "".join(f"@{'RL'[s]}" for s in slots)
-    images, asked = [], []
-    for b, bg in enumerate(BACKGROUNDS):
-        paths = [folder / f"{name}_{bg}_{i:02d}.png" for i in range(per_bg)]
-        if not all(p.exists() for p in paths):
-            folder.mkdir(parents=True, exist_ok=True)
-            drawn = compose_images(f"{subjects} on {cw.article(bg)} {bg} background", refs, model, n=per_bg,
-                                   seed=3000 + 100 * b, settings=SubjectComposeSettings(steps=args.sample_steps),
-                                   locations=locations, base=args.base)
-            for img, path in zip(drawn, paths):
-                img.save(path)
-        images += [Image.open(p).convert("RGB") for p in paths]
-        asked += [bg] * per_bg
-    return [cw.analyse(np.asarray(img.resize((64, 64)))) for img in images], asked
+    return arm_readings(folder, name, " and ".join(f"a {kind} <img>" for _ in concepts), args.images,
+                        lambda prompt, n, seed: compose_images(prompt, refs, model, n=n, seed=seed, settings=settings,
+                                                               locations=locations, base=args.base))
 
 
 def in_box(reading, box) -> bool:
@@ -251,24 +245,24 @@ def main():
         for name in names:
             train(args, name)
     if "score" in args.stages:
-        path = args.out / "results.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
+        results = cached(args.out / "results.json", names, lambda name: score_model(args, name))
         for name in names:
-            if name not in results:
-                results[name] = score_model(args, name)
-                path.write_text(json.dumps(results, indent=1))
-            results[name]["claims"] = claims(results[name]["units"])
-            print_claims(name, results[name]["claims"])
-        path.write_text(json.dumps(results, indent=1))
+            print_claims(name, claims(results[name]["units"]))
         compare(results)
     if "diagnose" in args.stages:
-        path = args.out / "diagnostic.json"
-        found = json.loads(path.read_text()) if path.is_file() else {}
+        found = cached(args.out / "diagnostic.json", names, lambda name: diagnostic(args, name))
         for name in names:
-            if name not in found:
-                found[name] = diagnostic(args, name)
-                path.write_text(json.dumps(found, indent=1))
             print_diagnostic(name, found[name])
+
+
+def cached(path: Path, names: list[str], compute) -> dict:
+    """{name: compute(name)}, each written to `path` as it finishes and read from there by a later run."""
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for name in names:
+        if name not in done:
+            done[name] = compute(name)
+            path.write_text(json.dumps(done, indent=1))
+    return done
 
 
 if __name__ == "__main__":

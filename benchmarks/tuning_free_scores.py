@@ -15,6 +15,7 @@ carries (own >= 0.8 in control (a), fixed from the control alone).
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,6 +36,27 @@ def kinds() -> dict[str, list[str]]:
 def ordered_pairs(group: list[str]) -> list[tuple[str, str]]:
     """Every ordered pair of a kind's concepts: a subject's control keeps its place in the prompt."""
     return list(itertools.permutations(group, 2))
+
+
+def arm_readings(folder: Path, name: str, subjects: str, images: int, draw: Callable) -> tuple[list, list[str]]:
+    """An arm's readings and each image's asked background: `images` spread over the four backgrounds, the
+    prompt "<subjects> on a <bg> background", drawn by `draw(prompt, n, seed)` (the same seeds for every model)
+    or read from `folder` when an earlier run wrote them."""
+    from PIL import Image
+
+    from multiconcept import toyworld as cw
+
+    per_bg = max(1, images // len(BACKGROUNDS))
+    pictures, asked = [], []
+    for b, bg in enumerate(BACKGROUNDS):
+        paths = [folder / f"{name}_{bg}_{i:02d}.png" for i in range(per_bg)]
+        if not all(p.exists() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            for img, path in zip(draw(f"{subjects} on {cw.article(bg)} {bg} background", per_bg, 3000 + 100 * b), paths):
+                img.save(path)
+        pictures += [Image.open(p).convert("RGB") for p in paths]
+        asked += [bg] * per_bg
+    return [cw.analyse(np.asarray(img.resize((64, 64)))) for img in pictures], asked
 
 
 def score_units(pairs: dict, alone: Callable[[str, int], list], placed: Callable | None = None) -> dict:

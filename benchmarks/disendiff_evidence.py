@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/disendiff_evidence.py --out runs/dd [--units 8] [--variants main|ablations|levels|all]
     .venv/bin/python benchmarks/disendiff_evidence.py --out /tmp/dd --quick          # every code path, tiny base
 
-Each unit is a two-concept source (`toyworld.two_concept_scene`) of two evidence concepts of different kinds, those
-that differ in every part first. Every variant learns <c1> and <c2> from the one image (ToyWorld's settings: captions
-'a {}', no augmentation, batch 2, 250 steps at lr 1e-4; Textual Inversion 500 at 1e-3; one training seed); the
-control learns each concept alone with Custom Diffusion, from the same image with the other concept left out.
+Each unit is a two-concept source (`toyworld.two_concept_scene`) of two evidence concepts of different kinds
+(`toyworld.two_kind_pairs`: concepts used evenly, pairs differing in every part preferred). Every variant learns
+<c1> and <c2> from the one image (ToyWorld's settings: captions 'a {}', no augmentation, batch 2, 250 steps at
+lr 1e-4; Textual Inversion 500 at 1e-3; one training seed); the control learns each concept alone with Custom
+Diffusion, from the same image with the other concept left out.
 Prompts, 4 images on each of 4 backgrounds (the source's and three new contexts):
   alone  "a <c1> robot on a <bg> background" (and <c2>): identity (share of the concept's five parts drawn with its
          own values; also over the four unnamed parts), leakage (the largest share of the other concept's
@@ -20,7 +21,6 @@ each ablation and calibration level against DisenDiff. Resumable: bundles and im
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -39,23 +39,6 @@ LEVELS = {"disendiff all resolutions": ("disendiff", {"all_resolutions": "true"}
           "disendiff level 16": ("disendiff", {"attention_resolution": "16"})}  # the default is the 8x8 level
 BACKGROUNDS = ("gray", "white", "black", "beige")
 QUICK = {"steps": "2"}
-
-
-def sources(n: int) -> list[tuple[str, str]]:
-    """Pairs of evidence concepts of two kinds, those that differ in every part first, each concept used evenly."""
-    from multiconcept import toyworld as cw
-
-    names = list(cw.EVIDENCE_CONCEPTS)
-    creature = {k: cw.concept(k).creature for k in names}
-    candidates = [(a, b) for a, b in itertools.combinations(names, 2) if creature[a].kind != creature[b].kind]
-    candidates.sort(key=lambda c: not cw.differ_in_every_part(creature[c[0]], creature[c[1]]))
-    pairs, uses = [], dict.fromkeys(names, 0)
-    while len(pairs) < min(n, len(candidates)):
-        pick = min((c for c in candidates if c not in pairs), key=lambda c: (uses[c[0]] + uses[c[1]], candidates.index(c)))
-        pairs.append(pick)
-        uses[pick[0]] += 1
-        uses[pick[1]] += 1
-    return pairs
 
 
 def learn_cell(path: Path, method: str, extra: dict, tokens, srcs, args) -> Path:
@@ -195,6 +178,8 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="tiny base, 2 steps, 2 units, 4 images: code paths only")
     args = ap.parse_args()
+    from multiconcept.toyworld import two_kind_pairs
+
     if args.quick:
         args.base, args.units, args.images, args.sample_steps = "tiny", 2, 4, 2
     variants = {**MAIN, **({} if args.variants in ("main", "levels") else ABLATIONS),
@@ -202,14 +187,14 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    for i, (a, b) in enumerate(sources(args.units)):
+    for i, (a, b) in enumerate(two_kind_pairs(args.units)):
         key = f"{a}+{b}"
         if key not in results or any(label not in results[key] for label in variants):
             results[key] = {**results.get(key, {}), **run_unit(a, b, i, variants, args)}
             path.write_text(json.dumps(results, indent=1))
         print(key, json.dumps({k: round(v["leak"] or 0, 3) for k, v in results[key].items()}), flush=True)
     labels = list(variants)
-    used = {k: results[k] for k in (f"{a}+{b}" for a, b in sources(args.units))}
+    used = {k: results[k] for k in (f"{a}+{b}" for a, b in two_kind_pairs(args.units))}
     print(table(used, labels))
     print("\n".join(claims(used, labels)))
 

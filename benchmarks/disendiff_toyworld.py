@@ -19,7 +19,6 @@ paired claims (DisenDiff vs Custom Diffusion, each ablation vs DisenDiff) with 9
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -52,19 +51,9 @@ ABLATIONS = [
 def write_sources(folder: Path, n: int) -> list[Path]:
     """Pairs of evidence concepts of two kinds (the pilot set tunes the world; the demo's pair is a pilot),
     those that differ in every part first, so a leaked part is never ambiguous."""
-    from multiconcept.toyworld import EVIDENCE_CONCEPTS, concept, differ_in_every_part, write_two_concept_folder
+    from multiconcept.toyworld import two_kind_pairs, write_two_concept_folder
 
-    names = list(EVIDENCE_CONCEPTS)
-    creature = {k: concept(k).creature for k in names}
-    candidates = [(a, b) for a, b in itertools.combinations(names, 2) if creature[a].kind != creature[b].kind]
-    candidates.sort(key=lambda c: not differ_in_every_part(creature[c[0]], creature[c[1]]))
-    # spread the concepts: each next pair uses the least-used ones
-    pairs, uses = [], dict.fromkeys(names, 0)
-    while len(pairs) < min(n, len(candidates)):
-        a, b = min((c for c in candidates if c not in pairs), key=lambda c: (uses[c[0]] + uses[c[1]], candidates.index(c)))
-        pairs.append((a, b))
-        uses[a] += 1
-        uses[b] += 1
+    pairs = two_kind_pairs(n)
     out = []
     for i, (a, b) in enumerate(pairs):
         d = folder / f"{i:02d}_{a}+{b}"

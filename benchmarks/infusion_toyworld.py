@@ -65,24 +65,6 @@ TOYWORLD_PARAMS = {
 CLASS_IMAGES = 16  # "a <kind> on a gray background", before and after learning
 
 
-def one_context_refs(concept: str, folder: Path, n: int, seed: int) -> list[tuple[Path, Path]]:
-    """n references of the concept in ONE context (centred on gray), as the creatures-world protocol asks:
-    every other background a prompt asks for is a context the concept was never seen in."""
-    import numpy as np
-
-    from multiconcept import toyworld as cw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    c = cw.concept(concept)
-    refs = []
-    for i in range(n):
-        scene = cw.render(cw.layout_specs([c.creature], "center", rng, [c.name]), "gray", "center")
-        refs.append((cw.save_png(scene.image, folder / f"{i:02d}.png"),
-                     cw.save_png(scene.subjects[0].mask, folder / f"{i:02d}_mask.png")))
-    return refs
-
-
 def class_word_shift(base: str, bundle: Path | None, kind: str, folder: Path, seed: int, sample_steps: int) -> dict:
     """Per part, the distribution of values in "a <kind> on a gray background" images (drawn with `bundle`, or
     by the base alone when None), cached in `folder`."""
@@ -212,7 +194,7 @@ def main():
     import multiconcept.workflows.overfitting as of
     from multiconcept.bundle import describe
     from multiconcept.metrics.clip import load_clip
-    from multiconcept.toyworld import EVIDENCE_CONCEPTS, PERSONAL_CONCEPTS, total_variation
+    from multiconcept.toyworld import EVIDENCE_CONCEPTS, PERSONAL_CONCEPTS, total_variation, write_concept_folder
     from multiconcept.toyworld import concept as personal
 
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] or list(EVIDENCE_CONCEPTS)
@@ -224,7 +206,8 @@ def main():
     scorer = load_clip(args.clip)
     results: dict[str, dict[str, dict]] = {}
     for concept in concepts:
-        refs = one_context_refs(concept, args.out / "refs" / concept, n=args.images, seed=args.seed)
+        # one context (centred on gray): every other background a prompt asks for is new to the concept
+        refs = write_concept_folder(concept, args.out / "refs" / concept, n=args.images, seed=args.seed, background="gray")
         kind = personal(concept).creature.kind
         before = class_word_shift(args.base, None, kind, args.out / "class-before" / kind, args.seed, args.sample_steps)
         for label, (method, extra) in VARIANTS.items():

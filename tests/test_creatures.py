@@ -208,6 +208,9 @@ def test_the_methods_scenes_hold_their_concepts_and_say_no_part():
     assert scene.caption_parts["template"].format(a="<s1> robot", b="<s2> bird").startswith("a <s1> robot on the ")
     refs = cw.concept_reference_set("ghost_a", 3, seed=0)
     assert {r.subjects[0].creature for r in refs} == {cw.concept("ghost_a").creature}
+    one_context = cw.concept_reference_set("ghost_a", 3, seed=0, background="white")
+    assert {r.background for r in one_context} == {"white"} and all("white background" in r.caption for r in one_context)
+    assert len(cw.two_kind_pairs(27)) == 27 and cw.two_kind_pairs(3) == cw.two_kind_pairs(8)[:3]
     rng = np.random.default_rng(1)
     parts = {v for p in cw.UNNAMED_PARTS for v in cw.PART_VALUES[p]} - set(cw.BACKGROUNDS)
     for _ in range(50):

@@ -47,6 +47,7 @@ from .scenes import (
     subject_dataset,
     subject_scene,
     two_concept_scene,
+    two_kind_pairs,
     world_scene,
 )
 from .score import (
@@ -68,6 +69,6 @@ __all__ = [
     "article", "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set",
     "differ_in_every_part", "free_specs", "full_caption", "identity", "layout_specs", "leakage", "left_to_right",
     "match", "pair_outcomes", "part_distribution", "part_outcomes", "random_creature", "read_shares", "render",
-    "save_png", "subject_dataset", "subject_scene", "total_variation", "two_concept_scene", "world_scene",
+    "save_png", "subject_dataset", "subject_scene", "total_variation", "two_concept_scene", "two_kind_pairs", "world_scene",
     "write_concept_folder", "write_reference", "write_two_concept_folder",
 ]

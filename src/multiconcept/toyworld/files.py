@@ -32,12 +32,13 @@ def left_to_right(subjects: Sequence) -> list:
     return sorted(subjects, key=lambda s: s["cx"] if isinstance(s, dict) else s.cx)
 
 
-def write_concept_folder(name: str, folder: str | Path, n: int = 4, seed: int = 0) -> list[tuple[Path, Path]]:
-    """Reference images of one personal concept, centred on varied backgrounds: NN.png + NN_mask.png
-    (white = the subject's visible pixels) + scenes.json."""
+def write_concept_folder(name: str, folder: str | Path, n: int = 4, seed: int = 0,
+                         background: str | None = None) -> list[tuple[Path, Path]]:
+    """Reference images of one personal concept, centred on varied backgrounds (or all on `background`):
+    NN.png + NN_mask.png (white = the subject's visible pixels) + scenes.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = concept_reference_set(name, n, seed)
+    scenes = concept_reference_set(name, n, seed, background)
     pairs = [(save_png(s.image, folder / f"{i:02d}.png"), save_png(s.subjects[0].mask, folder / f"{i:02d}_mask.png"))
              for i, s in enumerate(scenes)]
     (folder / "scenes.json").write_text(json.dumps([s.to_dict() for s in scenes], indent=1))

@@ -11,6 +11,7 @@ from the words alone (../../shared/spec/toyworld2.md).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,22 @@ def concept(name: str) -> PersonalConcept:
 
 def differ_in_every_part(a: Creature, b: Creature) -> bool:
     return all(getattr(a, p) != getattr(b, p) for p in PART_VALUES)
+
+
+def two_kind_pairs(n: int, names: tuple[str, ...] = EVIDENCE_CONCEPTS) -> list[tuple[str, str]]:
+    """Up to n pairs of concepts of two different kinds (DisenDiff's two-concept sources): each next pair of
+    the least-used concepts, among those preferring pairs that differ in every part (a leaked part is never
+    ambiguous there). The first k pairs are the same for any n >= k, so a table can grow by units."""
+    creature = {k: concept(k).creature for k in names}
+    candidates = [(a, b) for a, b in itertools.combinations(names, 2) if creature[a].kind != creature[b].kind]
+    candidates.sort(key=lambda c: not differ_in_every_part(creature[c[0]], creature[c[1]]))
+    pairs, uses = [], dict.fromkeys(names, 0)
+    while len(pairs) < min(n, len(candidates)):
+        a, b = min((c for c in candidates if c not in pairs), key=lambda c: (uses[c[0]] + uses[c[1]], candidates.index(c)))
+        pairs.append((a, b))
+        uses[a] += 1
+        uses[b] += 1
+    return pairs
 
 
 def random_creature(rng: np.random.Generator, kind: str | None = None, personal: bool = False) -> Creature:
@@ -239,15 +256,16 @@ def two_concept_scene(concept_a: str, concept_b: str, seed: int) -> Scene:
     return scene
 
 
-def concept_reference_set(name: str, n: int, seed: int) -> list[Scene]:
-    """n images of one personal concept, centred, on varied backgrounds."""
+def concept_reference_set(name: str, n: int, seed: int, background: str | None = None) -> list[Scene]:
+    """n images of one personal concept, centred, on varied backgrounds, or all on `background` (one context:
+    every other background is one the concept was never seen in)."""
     c = concept(name)
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(n):
-        background = str(rng.choice(list(BACKGROUNDS)))
-        scene = render(layout_specs([c.creature], "center", rng, [c.name]), background, "center")
-        scene.caption_parts = {"template": f"a {{a}} in the center on {article(background)} {background} background",
+        bg = background or str(rng.choice(list(BACKGROUNDS)))
+        scene = render(layout_specs([c.creature], "center", rng, [c.name]), bg, "center")
+        scene.caption_parts = {"template": f"a {{a}} in the center on {article(bg)} {bg} background",
                                "a": c.creature.kind}
         scene.caption = scene.caption_parts["template"].format(a=c.creature.kind)
         scenes.append(scene)

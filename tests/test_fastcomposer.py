@@ -356,6 +356,38 @@ def test_train_encoder_and_compose_cli_end_to_end(subject_folder, run_cli, tmp_p
     assert code == 2 and "000007.png already exists: pass --overwrite" in stderr and pngs[0].read_bytes() == before
 
 
+def test_a_shipped_model_is_fp16_and_composes_without_model(subject_folder, run_cli, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from multiconcept.workflows import compose as compose_workflow
+
+    model, assets = tmp_path / "fc", tmp_path / "assets"
+    code, _, stderr = run_cli("train-encoder", "--method", "fastcomposer", "--data", subject_folder, "--base", "tiny",
+                              "--out", model, "--steps", "1", "--batch-size", "2", "--no-progress")
+    assert code == 0, stderr
+    monkeypatch.setattr(compose_workflow, "SHIPPED", {m: assets / m for m in compose_workflow.COMPOSE_METHODS})
+    img, m0 = subject_folder / "000000.png", subject_folder / "000000_0.png"
+    args = ("compose", "a star <img> on a gray background", "--subject", f"{img}:{m0}", "--steps", "2", "--out")
+    code, _, stderr = run_cli(*args, tmp_path / "none")
+    assert code == 2 and "fastcomposer model is not in this install" in stderr and stderr.count("\n") == 1
+    (model / "checkpoint.safetensors").write_bytes(b"")
+    code, _, stderr = run_cli("toyworld", "ship-model", model, "--out", assets)
+    assert code == 2 and "still training" in stderr and not (assets / "fastcomposer").exists()
+    (model / "checkpoint.safetensors").unlink()
+    code, stdout, stderr = run_cli("toyworld", "ship-model", model, "--out", assets)
+    assert code == 0 and "MB)" in stdout, stderr
+    shipped = assets / "fastcomposer"
+    assert {p.name for p in shipped.iterdir()} == {"fastcomposer.json", "fusion.safetensors", "image_encoder.safetensors",
+                                                   "unet.safetensors"}
+    for name in ("fusion", "image_encoder", "unet"):
+        full, half = load_file(str(model / f"{name}.safetensors")), load_file(str(shipped / f"{name}.safetensors"))
+        assert all(half[k].dtype == torch.float16 and torch.equal(half[k], v.half()) for k, v in full.items())
+    code, _, stderr = run_cli(*args, tmp_path / "shipped")
+    assert code == 0 and len(list((tmp_path / "shipped").glob("*.png"))) == 1, stderr
+    code, _, stderr = run_cli(*args, tmp_path / "sd", "--method", "subject-diffusion")
+    assert code == 2 and "subject-diffusion model is not in this install" in stderr
+
+
 # ---------------------------------------------------------------- official checkpoint
 
 

@@ -175,7 +175,7 @@ def test_a_cancelled_learning_job_leaves_nothing_behind(scene, tmp_path):
     assert "error:</b> concept 1 needs a token and a class word" in next(learn(page, *bad))[0]
 
 
-def test_compose_subjects_become_the_command_lines_specs(tmp_path):
+def test_compose_subjects_become_the_command_lines_specs(tmp_path, monkeypatch):
     from multiconcept.ui.compose_tab import model_note, subject_specs
 
     rows = [("a.png", None, "", ""), ("b.png", "b_mask.png", "", ""), (None, None, "", "")]
@@ -188,5 +188,10 @@ def test_compose_subjects_become_the_command_lines_specs(tmp_path):
         subject_specs("Subject-Diffusion", [("a.png", "m.png", "1,2,3,4", "")])
     with pytest.raises(UserError, match="subject 2 has a mask, box or place but no image"):
         subject_specs("FastComposer", [("a.png", None, "", ""), (None, "m.png", "", "")])
-    assert "`make subject-diffusion` builds" in model_note("Subject-Diffusion", str(tmp_path / "none"))
+    assert "No model at" in model_note("Subject-Diffusion", str(tmp_path / "none"))
     assert "Model folder" in model_note("FastComposer", str(tmp_path))
+    from multiconcept.ui import compose_tab
+
+    monkeypatch.setattr(compose_tab, "SHIPPED", {"fastcomposer": tmp_path, "subject-diffusion": tmp_path / "none"})
+    assert "shipped FastComposer model." in model_note("FastComposer", "")
+    assert "not in this install" in model_note("Subject-Diffusion", " ")

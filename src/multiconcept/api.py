@@ -183,15 +183,18 @@ def attention_images(progress: Progress, image: Image.Image | None = None) -> li
     return list(zip(maps, heatmap_images(torch.stack(list(maps.values())), image)))
 
 
-def compose(prompt: str, subjects: Sequence[str], model: str | Path, *, n: int = 1, seed: int = 0,
+def compose(prompt: str, subjects: Sequence[str], model: str | Path | None = None, *, n: int = 1, seed: int = 0,
             settings: ComposeSettings | SubjectComposeSettings | None = None, locations: Sequence[str | None] = (),
             base: str | SingleFile | None = None, device: str = "auto", dtype: str = "fp32") -> list[Image.Image]:
     """Tuning-free: n images of `prompt`, whose `<img>` markers follow the subjects ('IMG' or 'IMG:MASK').
     The model folder says the method: FastComposer (ComposeSettings) or Subject-Diffusion
-    (SubjectComposeSettings; `locations`: where each subject goes, 'x0,y0,x1,y1' fractions or None)."""
+    (SubjectComposeSettings; `locations`: where each subject goes, 'x0,y0,x1,y1' fractions or None).
+    No model: ToyWorld's shipped one, Subject-Diffusion's when `settings` are SubjectComposeSettings."""
     from .workflows import compose_subject_diffusion as sd
-    from .workflows.compose import compose_images, model_method
+    from .workflows.compose import compose_images, model_method, shipped_model
 
+    if model is None:
+        model = shipped_model("subject-diffusion" if isinstance(settings, SubjectComposeSettings) else "fastcomposer")
     if model_method(model) == "subject-diffusion":
         settings = settings or SubjectComposeSettings()
         if not isinstance(settings, SubjectComposeSettings):

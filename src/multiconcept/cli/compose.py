@@ -16,7 +16,8 @@ def compose(
     subject: List[str] = typer.Option([], "--subject", "-s", help="IMG or IMG:MASK (white = subject), one per marker, "
                                                                   "in marker order; Subject-Diffusion also IMG:x0,y0,x1,y1 "
                                                                   "(a box in pixels)"),
-    model: Path = typer.Option(..., "--model", help="model folder (train-encoder or convert-fastcomposer)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model folder (train-encoder or convert-fastcomposer); "
+                                                               "default: ToyWorld's shipped model of --method"),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="fastcomposer | subject-diffusion; default: what "
                                                                       "the model folder holds"),
     location: List[str] = typer.Option([], "--location", help="Subject-Diffusion: where subject i goes, x0,y0,x1,y1 as "

@@ -1,4 +1,5 @@
-"""`multiconcept toyworld build`: train ToyWorld's base pipeline and its two CLIPs (evaluator, encoder)."""
+"""`multiconcept toyworld build`: train ToyWorld's base pipeline and its two CLIPs (evaluator, encoder);
+`multiconcept toyworld ship-model`: put a trained tuning-free model beside them, in fp16."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def build_cmd(
     out.print(f"ToyWorld built in {output}: prompted kind {single['class_present']:.2f}, body colour "
               f"{single['colour_present']:.2f} (goal 0.80 each), evaluator top-1 retrieval "
               f"{ev['top1_caption_retrieval_full']:.2f}; details in {output / 'quality.json'}")
+
+
+@app.command("ship-model")
+def ship_model_cmd(
+    folder: Path = typer.Argument(..., help="a finished FastComposer or Subject-Diffusion model folder (train-encoder)"),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="default: inside the package, where `compose` "
+                                          "without --model finds it"),
+):
+    """Ship a tuning-free model trained on ToyWorld: fp16, trained parts only, into the package's assets."""
+    from ..models import TOYWORLD_DIR
+    from ..workflows.toyworld_build.ship import ship_tuning_free
+
+    shipped = ship_tuning_free(folder, output or TOYWORLD_DIR)
+    size = sum(p.stat().st_size for p in shipped.iterdir())
+    out.print(f"shipped {shipped} ({size / 1e6:.1f} MB)")

@@ -21,8 +21,8 @@ def ui(
     work: Optional[Path] = typer.Option(None, "--work", help="folder for the jobs' inputs, bundles and images "
                                                              "(default: a new temporary folder)"),
     max_upload_mb: int = number(100, "--max-upload-mb", help="largest upload accepted, in MB", minimum=1),
-    compose_model: str = typer.Option("models/fastcomposer-toyworld", "--compose-model",
-                                      help="the Compose tab's model folder (`make fastcomposer` builds ToyWorld's)"),
+    compose_model: str = typer.Option("", "--compose-model",
+                                      help="the Compose tab's FastComposer model folder (default: ToyWorld's shipped)"),
     device: str = DeviceOpt,
 ):
     """Learn, generate and compose concepts in the browser. Images obey the same limits as the other

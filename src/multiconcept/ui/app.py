@@ -13,7 +13,7 @@ INTRO = ("**multiconcept**: learn your own concepts from a photo (Learn), put th
          "or compose subjects with no training (Compose). Base: {base}.")
 
 
-def build(*, work: Path, base: str | None = None, compose_model: str = "models/fastcomposer-toyworld",
+def build(*, work: Path, base: str | None = None, compose_model: str = "",
           device: str = "auto") -> gr.Blocks:
     page = Page(work=work, base=base, device=device, compose_model=compose_model)
     with gr.Blocks(title="multiconcept", analytics_enabled=False) as demo:

@@ -17,7 +17,7 @@ class Page:
     work: Path  # jobs' inputs and outputs (bundles, images), served to the page
     base: str | SingleFile | None = None  # as --base (and --base-config) give it; None: the embedded ToyWorld base
     device: str = "auto"
-    compose_model: str = "models/fastcomposer-toyworld"
+    compose_model: str = ""  # empty: ToyWorld's shipped model of the chosen method
     cancels: Cancels = field(default_factory=Cancels)
 
     def open_job(self, request: gr.Request) -> None:

@@ -1,10 +1,8 @@
 """The Compose tab: tuning-free images of given subjects, FastComposer or Subject-Diffusion:
 subject images with a mask or a box each, a prompt with an <img> marker after each subject's
-noun, a model folder, and for Subject-Diffusion where each subject goes.
-
-ToyWorld's models are built, not shipped: with no model folder, the tab says
-which make target builds one. Composing is `multiconcept.api.compose`; the
-model folder says which method it is.
+noun, a model folder (empty: ToyWorld's shipped model of the chosen method), and
+for Subject-Diffusion where each subject goes. Composing is `multiconcept.api.compose`;
+the model folder says which method it is.
 """
 
 from __future__ import annotations
@@ -16,23 +14,28 @@ import gradio as gr
 
 from .. import api
 from ..errors import UserError
+from ..workflows.compose import SHIPPED
 from .common import Page, error_html, status_html
 
 SUBJECTS = 3
-KINDS = {  # the tab's choice -> (ToyWorld's model folder, how to build it)
-    "FastComposer": ("models/fastcomposer-toyworld", "`make fastcomposer` builds ToyWorld's (about 60 min on 2 cores, "
-                     "resumable), or `multiconcept convert-fastcomposer` converts the released checkpoint (SD 1.5)"),
-    "Subject-Diffusion": ("models/subject-diffusion/full", "`make subject-diffusion` builds ToyWorld's (60 min of one "
-                          "thread, resumable)"),
-}
+KINDS = {"FastComposer": "fastcomposer", "Subject-Diffusion": "subject-diffusion"}  # the tab's choice -> method
 
 
-def model_note(kind: str, folder: str) -> str:
-    """Whether a model folder is there, and how to get one when it is not."""
-    where = Path((folder or "").strip() or ".").expanduser()
-    if where.is_dir():
-        return status_html(f"Model folder {where}.")
-    return status_html(f"No model at {where} yet: ToyWorld's {kind} is built, not shipped. {KINDS[kind][1]}.")
+def model_folder(kind: str, folder: str | None) -> Path:
+    """The folder typed, or ToyWorld's shipped model of the method when none is."""
+    folder = (folder or "").strip()
+    return Path(folder).expanduser() if folder else SHIPPED[KINDS[kind]]
+
+
+def model_note(kind: str, folder: str | None) -> str:
+    """Which model composes, and what to do when it is not there."""
+    where = model_folder(kind, folder)
+    if not (folder or "").strip():
+        return status_html(f"ToyWorld's shipped {kind} model." if where.is_dir() else
+                           f"ToyWorld's {kind} model is not in this install: type a model folder "
+                           "(`multiconcept train-encoder` makes one).")
+    return status_html(f"Model folder {where}." if where.is_dir() else
+                       f"No model at {where}: type another folder, or leave it empty for ToyWorld's shipped one.")
 
 
 def subject_specs(kind: str, rows: list[tuple]) -> tuple[list[str], list[str | None]]:
@@ -58,7 +61,8 @@ def build(page: Page) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             kind = gr.Radio(list(KINDS), value="FastComposer", label="method", elem_id="compose-kind")
-            model = gr.Textbox(page.compose_model, label="model folder", elem_id="compose-model")
+            model = gr.Textbox(page.compose_model, label="model folder (empty: ToyWorld's shipped model)",
+                               elem_id="compose-model")
             note = gr.HTML(model_note("FastComposer", page.compose_model), elem_id="compose-note")
             prompt = gr.Textbox("a robot <img> and a robot <img> on a gray background", lines=2, elem_id="compose-prompt",
                                 label="prompt: <img> after each subject's noun, in the order of the subjects")
@@ -88,7 +92,7 @@ def build(page: Page) -> None:
             grid = gr.Gallery(label="images", columns=4, elem_id="compose-grid")
 
     def switch(choice):
-        folder = page.compose_model if choice == "FastComposer" else KINDS[choice][0]
+        folder = page.compose_model if choice == "FastComposer" else ""
         return folder, model_note(choice, folder), 5.0 if choice == "FastComposer" else 7.5
 
     kind.change(switch, kind, [model, note, guidance])
@@ -98,16 +102,16 @@ def build(page: Page) -> None:
         t0 = time.monotonic()
         try:
             specs, places = subject_specs(choice, [fields[i:i + 4] for i in range(0, len(fields), 4)])
-            folder = (folder or "").strip()
-            if not Path(folder or ".").expanduser().is_dir():
-                raise UserError(f"no model at {folder}: ToyWorld's {choice} is built, not shipped. {KINDS[choice][1]}")
+            where = model_folder(choice, folder)
+            if not where.is_dir():
+                raise UserError(f"no model at {where}: type a model folder (`multiconcept train-encoder` makes one)")
             if choice == "FastComposer":
                 settings = api.ComposeSettings(steps=int(n_steps), guidance=float(scale), alpha=float(a))
                 places = []
             else:
                 settings = api.SubjectComposeSettings(steps=int(n_steps), guidance=float(scale), image_guidance=float(s_i))
                 places = places if any(places) else []
-            images = api.compose(text, specs, folder, n=int(count), seed=int(first), settings=settings,
+            images = api.compose(text, specs, where, n=int(count), seed=int(first), settings=settings,
                                  locations=places, device=page.device)  # the base the model names
         except UserError as e:
             return error_html(e), gr.skip()

@@ -48,7 +48,7 @@ def no_calls_home() -> None:
 
 def serve(*, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, share: bool = False,
           base: str | None = None, work: str | Path | None = None, max_upload_mb: int = 100,
-          compose_model: str = "models/fastcomposer-toyworld", device: str = "auto", block: bool = True):
+          compose_model: str = "", device: str = "auto", block: bool = True):
     """Start the page; returns gradio's (app, local url, share url) when `block` is False."""
     import tempfile
 

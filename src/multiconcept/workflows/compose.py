@@ -28,6 +28,7 @@ from ..bundle import atomic_write
 from ..data import load_image, load_mask
 from ..errors import is_file, require
 from ..methods.fastcomposer import FastComposer, SubjectPrompt, parse_subject_prompt, subject_crop
+from ..models import TOYWORLD_DIR
 from .generate import SCHEDULERS, make_scheduler, png_metadata
 
 
@@ -185,6 +186,17 @@ def compose(
 
 
 COMPOSE_METHODS = ("fastcomposer", "subject-diffusion")
+# ToyWorld's tuning-free models ship with the package (fp16, trained parts only; `make toyworld-models` makes them)
+SHIPPED = {m: TOYWORLD_DIR / m for m in COMPOSE_METHODS}
+
+
+def shipped_model(method: str | None = None) -> Path:
+    """ToyWorld's shipped model folder of `method` (default FastComposer), what compose uses without a model."""
+    method = method or "fastcomposer"
+    require(method in COMPOSE_METHODS, f"unknown compose method {method!r}: choose one of {', '.join(COMPOSE_METHODS)}")
+    require(SHIPPED[method].is_dir(), f"ToyWorld's {method} model is not in this install ({SHIPPED[method]}): "
+                                      f"pass --model FOLDER, or make it with `make toyworld-models`")
+    return SHIPPED[method]
 
 
 def model_method(model) -> str:
@@ -201,9 +213,11 @@ def compose_any(prompt: str, subjects: list[str], model, *, method: str | None =
                 guidance: float | None = None, image_guidance: float = 1.5, interpolation: float = 1.0,
                 steps: int = 50, scheduler: str = "ddim", n: int = 1, seed: int = 0, out_dir="out", base=None,
                 device: str = "auto", dtype: str = "fp32") -> list[Path]:
-    """The command line's compose: the method the model folder holds (or `method`, checked against it)."""
+    """The command line's compose: the method the model folder holds (or `method`, checked against it); no model:
+    ToyWorld's shipped one of `method`."""
     from . import compose_subject_diffusion as sd
 
+    model = shipped_model(method) if model is None else model
     found = model_method(model)
     require(method is None or method in COMPOSE_METHODS,
             f"unknown compose method {method!r}: choose one of {', '.join(COMPOSE_METHODS)}")

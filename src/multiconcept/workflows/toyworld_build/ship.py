@@ -1,4 +1,5 @@
-"""Stage 6b: the shipped files: the base pipeline in fp16 and the evaluator with its processor."""
+"""Stage 6b: the shipped files: the base pipeline in fp16 and the evaluator with its processor; and, made after the
+build, its tuning-free models in fp16."""
 
 from __future__ import annotations
 
@@ -53,6 +54,35 @@ def ship_evaluator(out: Path, work: Path, name: str = "evaluator") -> Path:
     _add_vocab_files(tmp, work / "tokenizer")
     replace_dir(tmp, out / name)
     return out / name
+
+
+def ship_tuning_free(folder: Path, out: Path) -> Path:
+    """OUT/<method>: a finished FastComposer or Subject-Diffusion model folder with every tensor in fp16 (the loaders
+    upcast to the base's dtype) and its config; no checkpoint, no training log."""
+    from safetensors.torch import load_file, save_file
+
+    from ...errors import require
+    from ...methods.fastcomposer.config import CONFIG_FILE as FC_CONFIG
+    from ...methods.subject_diffusion.config import CONFIG_FILE as SD_CONFIG
+    from ..compose import model_method
+    from ..train_encoder import CHECKPOINT
+
+    folder = Path(folder)
+    method = model_method(folder)
+    config = folder / (SD_CONFIG if method == "subject-diffusion" else FC_CONFIG)
+    require(config.is_file(), f"{folder} holds no finished FastComposer or Subject-Diffusion model ({config.name} "
+                              "missing): give the folder `multiconcept train-encoder` wrote")
+    require(not (folder / CHECKPOINT).exists(), f"{folder} is a model still training ({CHECKPOINT} there): finish "
+                                                "its training, then ship it")
+    tmp = out / f"{method}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(tmp / path.name))
+    shutil.copy(config, tmp / config.name)
+    replace_dir(tmp, out / method)
+    return out / method
 
 
 # ---------------------------------------------------------------- entry point

@@ -79,8 +79,9 @@ def class_word_shift(base: str, bundle: Path | None, kind: str, folder: Path, se
         loaded = load_with_bundles(base, [str(bundle)] if bundle else [])
         paths = generate(f"a {kind} on a gray background", loaded, CLASS_IMAGES, seed + 5000, folder,
                          SampleSettings(steps=sample_steps, guidance=4.0))
-    readings = [r for p in paths for r in cw.analyse(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).subjects]
-    return cw.part_distribution(readings, kind)
+    per_image = [cw.analyse(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).subjects for p in paths]
+    readings = [r for subjects in per_image for r in subjects]
+    return cw.part_distribution(readings, kind, absent=sum(not any(r.kind == kind for r in s) for s in per_image))
 
 
 def context_obeyed(paths: list[Path]) -> float | None:

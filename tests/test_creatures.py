@@ -169,6 +169,11 @@ def test_the_class_words_variety_is_a_distribution_per_part_and_its_shift_a_tota
     assert cw.total_variation(varied["hat"], one["hat"]) == pytest.approx(2 / 3)
     assert cw.total_variation(varied["hat"], varied["hat"]) == 0.0
     assert cw.part_distribution(readings, "bird")["hat"] == {} and cw.total_variation({}, one["hat"]) is None
+    # a class word that stopped drawing its kind: every image counts as the value "absent"
+    gone = cw.part_distribution([], "robot", absent=4)
+    assert gone["hat"] == {cw.ABSENT: 1.0} and cw.total_variation(varied["hat"], gone["hat"]) == pytest.approx(1.0)
+    half = cw.part_distribution(readings, "robot", absent=3)["hat"]
+    assert half[cw.ABSENT] == pytest.approx(0.5) and cw.total_variation(varied["hat"], half) == pytest.approx(0.5)
 
 
 def test_leakage_is_the_most_of_the_other_concept_on_any_subject_and_undefined_without_a_difference():

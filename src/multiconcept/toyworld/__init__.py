@@ -51,6 +51,7 @@ from .scenes import (
     world_scene,
 )
 from .score import (
+    ABSENT,
     TRAITS,
     identity,
     leakage,
@@ -63,7 +64,7 @@ from .score import (
 )
 
 __all__ = [
-    "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
+    "ABSENT", "Analysis", "BACKGROUNDS", "BODY_COLOURS", "Creature", "EVIDENCE_CONCEPTS", "HATS", "HEAD_COLOURS", "IMAGE_SIZE",
     "KINDS", "MARKINGS", "MARKING_COLOURS", "NAMED_PARTS", "PARTS", "PART_VALUES", "PERSONAL_CONCEPTS",
     "PILOT_CONCEPTS", "PersonalConcept", "Placed", "Reading", "Scene", "Spec", "TRAITS", "UNNAMED_PARTS", "analyse",
     "article", "base_training_scene", "caption", "caption_in_order", "concept", "concept_reference_set",

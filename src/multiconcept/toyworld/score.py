@@ -96,13 +96,19 @@ def read_shares(matched: list[Reading | None], subjects: list[tuple[Creature, Cr
     return {**shares.pop("all"), "parts": shares, "found": sum(r is not None for r in matched)}
 
 
-def part_distribution(readings: list[Reading], kind: str, parts: tuple[str, ...] = PARTS) -> dict[str, dict[str, float]]:
+ABSENT = "absent"  # part_distribution's value for an image that drew no subject of the kind
+
+
+def part_distribution(readings: list[Reading], kind: str, parts: tuple[str, ...] = PARTS,
+                      absent: int = 0) -> dict[str, dict[str, float]]:
     """Per part, the share of each value among the subjects of `kind` read with that part: what "a <kind>"
     draws (Infusion's concept-agnostic overfitting: after learning a concept, does the class word alone still
-    draw the kind's variety, or the concept?)."""
+    draw the kind's variety, or the concept?). `absent`: images that drew no subject of the kind, each counted
+    as the value ABSENT in every part (a class word that stopped drawing its kind has moved all the way)."""
     out = {}
     for part in parts:
         values = [r.parts.get(part) for r in readings if r.kind == kind and r.parts.get(part) is not None]
+        values += [ABSENT] * absent
         out[part] = {v: values.count(v) / len(values) for v in sorted(set(values))} if values else {}
     return out
 

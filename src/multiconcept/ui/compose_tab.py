@@ -33,7 +33,7 @@ def model_note(kind: str, folder: str | None) -> str:
     if not (folder or "").strip():
         return status_html(f"ToyWorld's shipped {kind} model." if where.is_dir() else
                            f"ToyWorld's {kind} model is not in this install: type a model folder "
-                           "(`multiconcept train-encoder` makes one).")
+                           "(multiconcept train-encoder makes one).")
     return status_html(f"Model folder {where}." if where.is_dir() else
                        f"No model at {where}: type another folder, or leave it empty for ToyWorld's shipped one.")
 
@@ -104,7 +104,7 @@ def build(page: Page) -> None:
             specs, places = subject_specs(choice, [fields[i:i + 4] for i in range(0, len(fields), 4)])
             where = model_folder(choice, folder)
             if not where.is_dir():
-                raise UserError(f"no model at {where}: type a model folder (`multiconcept train-encoder` makes one)")
+                raise UserError(f"no model at {where}: type a model folder (multiconcept train-encoder makes one)")
             if choice == "FastComposer":
                 settings = api.ComposeSettings(steps=int(n_steps), guidance=float(scale), alpha=float(a))
                 places = []

@@ -244,32 +244,28 @@ def main():
     keys = ("clip_i", "clip_t", "identity", "lfd", "wasserstein", "class_word_tv", "context_obeyed", "bundle_bytes")
     mean = {m: {k: sum(results[m][c][k] for c in concepts) / len(concepts) for k in keys} for m in METHODS}
 
-    def images(m: str, key: str) -> list[float]:
-        return [v for c in concepts for v in results[m][c][f"{key}_images"]]
+    def units(m: str, key: str) -> list[float]:  # the units are the concepts (images average inside them)
+        return [results[m][c][key] for c in concepts]
 
     def est(m: str, key: str) -> str:
-        per_image = key in ("clip_i", "clip_t", "identity")
-        values = images(m, key) if per_image else [results[m][c][key] for c in concepts]
-        return mean_sem(values).text(4 if per_image else 3)
+        return mean_sem(units(m, key)).text(3)
 
     lines = [f"ToyWorld, {len(concepts)} concepts ({', '.join(concepts)}), base {args.base}, "
              f"{args.seeds} seed(s) x {len(of.context_prompts(of.world_of(args.base)))} context prompts, "
              f"DDIM {args.sample_steps} steps. LFD and Wasserstein are reconstructions of Infusion's metrics. "
-             "Mean ± standard error: CLIP-I/T and identity over images, LFD and Wasserstein over concepts.", "",
+             "Mean ± standard error over concepts (each concept's images averaged first).", "",
              "| method | CLIP-I ↑ | CLIP-T ↑ | identity (parts) ↑ | latent Fisher div. ↓ | Wasserstein (Fréchet) ↓ | "
              "class word moved (TV) ↓ | asked background ↑ | bundle tensor bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         lines.append(f"| {m} | {est(m, 'clip_i')} | {est(m, 'clip_t')} | {est(m, 'identity')} | {est(m, 'lfd')} | "
                      f"{est(m, 'wasserstein')} | {est(m, 'class_word_tv')} | {est(m, 'context_obeyed')} | "
                      f"{mean[m]['bundle_bytes']:,.0f} |")
-    lines += ["", "Paired differences (same prompts and seeds; 95% t interval):"]
+    lines += ["", "Paired differences over concepts (same prompts and seeds; 95% t interval):"]
     for a, b in [(v, "custom-diffusion") for v in METHODS if v.startswith("infusion")] + \
                 [(v, "infusion") for v in METHODS if v.startswith("infusion,")]:
-        for key in ("clip_i", "clip_t", "identity"):
-            lines.append(f"- {key}: " + paired_difference(images(a, key), images(b, key)).text(a, b, 4))
-        for key in ("class_word_tv", "context_obeyed"):  # per concept: the units
-            lines.append(f"- {key}: " + paired_difference([results[a][c][key] for c in concepts],
-                                                          [results[b][c][key] for c in concepts]).text(a, b))
+        for key in ("identity", "clip_i", "clip_t", "wasserstein", "class_word_tv", "context_obeyed"):
+            d = paired_difference(units(a, key), units(b, key))
+            lines.append(f"- {key}: {d.text(a, b)}; half-width {(d.high - d.low) / 2:.3f}")
     lines += ["", "| concept | method | CLIP-I | CLIP-T | LFD | Wasserstein |", "|---|---|---|---|---|---|"]
     for c in concepts:
         for m in METHODS:

@@ -150,6 +150,16 @@ def test_param_values(cfg_cls):
     check()
 
 
+def test_a_list_setting_names_its_separator():
+    from multiconcept.errors import UserError
+    from multiconcept.methods.fastcomposer.config import FastComposerConfig
+    from multiconcept.methods.settings import apply_overrides
+
+    assert apply_overrides(FastComposerConfig(), {"loc_resolutions": "16|8|4"}).loc_resolutions == (16, 8, 4)
+    with pytest.raises(UserError, match=r"members separated by '\|'"):
+        apply_overrides(FastComposerConfig(), {"loc_resolutions": "16,8,4"})
+
+
 @SETTINGS
 @given(st.lists(st.one_of(TEXT, st.builds(lambda k, v: f"{k}={v}", TEXT, TEXT)), max_size=4))
 def test_key_values(pairs):

@@ -119,7 +119,8 @@ def _parse(key: str, text: str, f, current):
             return tuple((_item_type(f) or str)(x.strip()) for x in text.split("|") if x.strip())
         return type(current)(text)
     except ValueError as e:
-        raise UserError(f"setting {key}={text!r} is not a valid {type(current).__name__}: fix the value") from e
+        form = " (members separated by '|', e.g. 8|4)" if isinstance(current, tuple) else ""
+        raise UserError(f"setting {key}={text!r} is not a valid {type(current).__name__}{form}: fix the value") from e
 
 
 def apply_overrides(cfg, overrides: dict[str, str]):

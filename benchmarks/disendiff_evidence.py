@@ -123,16 +123,33 @@ def run_unit(a: str, b: str, i: int, variants: dict, args) -> dict:
         name = label.replace(" ", "_")
         bundle = learn_cell(folder / f"{name}.safetensors", method, extra, tokens, two, args)
         unit[label] = score(drawn(bundle, prompts, folder / name, args), ca, cb, scene.background)
-    # the control: each concept learned alone (the other left out of the same image), Custom Diffusion
-    control = {}
+    unit["control"] = control_scores(a, b, i, args)
+    return unit
+
+
+def control_scores(a: str, b: str, i: int, args) -> dict:
+    """The control: each concept learned alone by Custom Diffusion, from the same image with the other concept
+    left out; its leakage (chance and the base's habits) and identity (what one image teaches without a
+    second concept beside it), mean over the two concepts."""
+    from PIL import Image
+
+    from multiconcept import toyworld as cw
+    from multiconcept.api import Source
+
+    ca, cb = cw.concept(a).creature, cw.concept(b).creature
+    scene = cw.two_concept_scene(a, b, seed=i)
+    folder = args.out / "cells" / f"{i:02d}_{a}+{b}"
+    rows = []
     for token, s, own, other, key in (("<c1>", scene.subjects[0], ca, cb, "c1"), ("<c2>", scene.subjects[1], cb, ca, "c2")):
         alone = cw.render([cw.Spec(s.creature, s.cx, s.cy, s.scale, s.position, s.concept)], scene.background, "center")
-        src = [Source(alone.pil(), masks={token: mask(alone.subjects[0].mask)})]
+        src = [Source(alone.pil(), masks={token: Image.fromarray(alone.subjects[0].mask.astype(np.uint8) * 255)})]
         bundle = learn_cell(folder / f"control_{key}.safetensors", "custom-diffusion", {}, [(token, own.kind)], src, args)
-        got = drawn(bundle, {key: prompts[key]}, folder / f"control_{key}", args)[key]
-        control[key] = _mean([cw.leakage(x.subjects, [own], other) for _, x in got])
-    unit["control"] = {"leak": _mean(control.values())}
-    return unit
+        got = drawn(bundle, {key: f"a {token} {own.kind} on a {{bg}} background"}, folder / f"control_{key}", args)[key]
+        rows.append({"leak": _mean([cw.leakage(x.subjects, [own], other) for _, x in got]),
+                     "identity": float(np.mean([cw.identity(cw.match(x.subjects, [own])[0], own) for _, x in got])),
+                     "identity_unnamed": float(np.mean([cw.identity(cw.match(x.subjects, [own])[0], own,
+                                                                    cw.UNNAMED_PARTS) for _, x in got]))})
+    return {k: _mean([r[k] for r in rows]) for k in rows[0]}
 
 
 def claims(results: dict, labels: list[str]) -> list[str]:
@@ -163,8 +180,8 @@ def table(results: dict, labels: list[str]) -> str:
     for label in labels:
         cells = [mean_sem([u[label][k] for u in results.values()]).text() for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"| control (CD, one concept) | – | – | {mean_sem([u['control']['leak'] for u in results.values()]).text()}"
-                 " | – | – | – |")
+    control = [mean_sem([u["control"][k] for u in results.values()]).text() for k in ("identity", "identity_unnamed", "leak")]
+    lines.append("| control (CD, each concept alone) | " + " | ".join(control) + " | – | – | – |")
     return "\n".join(lines)
 
 
@@ -191,6 +208,9 @@ def main():
         key = f"{a}+{b}"
         if key not in results or any(label not in results[key] for label in variants):
             results[key] = {**results.get(key, {}), **run_unit(a, b, i, variants, args)}
+            path.write_text(json.dumps(results, indent=1))
+        if "identity" not in results[key]["control"]:  # tables scored before the control's identity was
+            results[key]["control"] = control_scores(a, b, i, args)
             path.write_text(json.dumps(results, indent=1))
         print(key, json.dumps({k: round(v["leak"] or 0, 3) for k, v in results[key].items()}), flush=True)
     labels = list(variants)

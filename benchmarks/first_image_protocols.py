@@ -8,8 +8,8 @@ FastComposer's "300–2,500× faster" is against fine-tuning as its baselines ru
 images they generate first. Each protocol below runs as `multiconcept` processes, one subject (a ToyWorld
 personal concept, one reference render and its mask), wall seconds from process start to the PNG and peak
 memory (each process's ru_maxrss):
-- FastComposer: `compose` with `make fastcomposer`'s model, 50 steps (two UNet passes per step).
-- Subject-Diffusion: `compose` with `make subject-diffusion`'s model, 50 steps (three passes per step:
+- FastComposer: `compose` with ToyWorld's shipped model, 50 steps (two UNet passes per step).
+- Subject-Diffusion: `compose` with ToyWorld's shipped model, 50 steps (three passes per step:
   its three-branch guidance).
 - Custom Diffusion, no regularisation: its paper's training (250 steps × batch 2 × 4 accumulation), then
   one image.
@@ -97,8 +97,11 @@ def protocols(a) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="toyworld", help="toyworld (the real run) or tiny (proves the script runs)")
-    ap.add_argument("--fastcomposer", type=Path, default=ROOT.parent / "models" / "fastcomposer-toyworld")
-    ap.add_argument("--subject-diffusion", type=Path, default=ROOT.parent / "models" / "subject-diffusion" / "full")
+    from multiconcept.workflows.compose import SHIPPED
+
+    ap.add_argument("--fastcomposer", type=Path, default=SHIPPED["fastcomposer"], help="default: ToyWorld's shipped model")
+    ap.add_argument("--subject-diffusion", type=Path, default=SHIPPED["subject-diffusion"],
+                    help="default: ToyWorld's shipped model")
     ap.add_argument("--concept", default="robot_d")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "first_image_protocols")

@@ -5,7 +5,8 @@
         --row "no L_loc=runs/fc/images/plateau-noloc-a0.7/robot_d+robot_e_*.png" --per-row 8
 
 Each --row is LABEL=PATTERNS: comma-separated files or glob patterns, taken in sorted order, at most --per-row
-of them; every image is shown at 64 px (ToyWorld's size) times --scale.
+of them; every image is shown at 64 px (ToyWorld's size) times --scale. LABEL=overlapping:PATTERNS keeps only
+the images where ToyWorld's checker reads one subject standing in front of another (an overlap).
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from PIL import Image
 
 
 def row_images(patterns: str, limit: int) -> list[np.ndarray]:
-    paths = [p for pattern in patterns.split(",") for p in sorted(glob.glob(pattern.strip()))]
-    if not paths:
+    from multiconcept.toyworld import analyse
+
+    only_overlaps = patterns.startswith("overlapping:")
+    paths = [p for pattern in patterns.removeprefix("overlapping:").split(",") for p in sorted(glob.glob(pattern.strip()))]
+    images = []
+    for p in paths:
+        image = np.asarray(Image.open(p).convert("RGB").resize((64, 64)))
+        if not only_overlaps or any(r.occluded for r in analyse(image).subjects):
+            images.append(image)
+        if len(images) == limit:
+            break
+    if not images:
         raise SystemExit(f"no image matches {patterns!r}")
-    return [np.asarray(Image.open(p).convert("RGB").resize((64, 64))) for p in paths[:limit]]
+    return images
 
 
 def main():

@@ -74,16 +74,29 @@ def drawn(bundle: Path, prompts: dict[str, str], folder: Path, args) -> dict[str
     return out
 
 
+def mask_image(mask: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def alone_scores(got: list, own, other) -> dict:
+    """Identity (all parts, unnamed parts) and leakage of one concept's readings from its own prompt."""
+    from multiconcept import toyworld as cw
+
+    matched = [cw.match(a.subjects, [own])[0] for _, a in got]
+    return {"identity": float(np.mean([cw.identity(r, own) for r in matched])),
+            "identity_unnamed": float(np.mean([cw.identity(r, own, cw.UNNAMED_PARTS) for r in matched])),
+            "leak": _mean([cw.leakage(a.subjects, [own], other) for _, a in got])}
+
+
 def score(readings: dict, ca, cb, source_bg: str) -> dict:
     from multiconcept import toyworld as cw
 
     row = {}
     for key, own, other in (("c1", ca, cb), ("c2", cb, ca)):
         got = readings[key]
-        row[key] = {"identity": float(np.mean([cw.identity(cw.match(a.subjects, [own])[0], own) for _, a in got])),
-                    "identity_unnamed": float(np.mean([cw.identity(cw.match(a.subjects, [own])[0], own, cw.UNNAMED_PARTS)
-                                                       for _, a in got])),
-                    "leak": _mean([cw.leakage(a.subjects, [own], other) for _, a in got]),
+        row[key] = {**alone_scores(got, own, other),
                     "new_context_obeyed": float(np.mean([a.background == bg for bg, a in got if bg != source_bg]))}
     both = readings["both"]
     matched = [cw.match(a.subjects, [ca, cb]) for _, a in both]
@@ -103,18 +116,13 @@ def _mean(values) -> float | None:
 
 
 def run_unit(a: str, b: str, i: int, variants: dict, args) -> dict:
-    from PIL import Image
-
     from multiconcept import toyworld as cw
     from multiconcept.api import Source
-
-    def mask(m):
-        return Image.fromarray(m.astype(np.uint8) * 255)
 
     ca, cb = cw.concept(a).creature, cw.concept(b).creature
     scene = cw.two_concept_scene(a, b, seed=i)
     tokens = [("<c1>", ca.kind), ("<c2>", cb.kind)]
-    two = [Source(scene.pil(), masks={"<c1>": mask(scene.subjects[0].mask), "<c2>": mask(scene.subjects[1].mask)})]
+    two = [Source(scene.pil(), masks={"<c1>": mask_image(scene.subjects[0].mask), "<c2>": mask_image(scene.subjects[1].mask)})]
     prompts = {"c1": f"a <c1> {ca.kind} on a {{bg}} background", "c2": f"a <c2> {cb.kind} on a {{bg}} background",
                "both": f"a <c1> {ca.kind} and a <c2> {cb.kind} on a {{bg}} background"}
     folder = args.out / "cells" / f"{i:02d}_{a}+{b}"
@@ -131,8 +139,6 @@ def control_scores(a: str, b: str, i: int, args) -> dict:
     """The control: each concept learned alone by Custom Diffusion, from the same image with the other concept
     left out; its leakage (chance and the base's habits) and identity (what one image teaches without a
     second concept beside it), mean over the two concepts."""
-    from PIL import Image
-
     from multiconcept import toyworld as cw
     from multiconcept.api import Source
 
@@ -142,13 +148,10 @@ def control_scores(a: str, b: str, i: int, args) -> dict:
     rows = []
     for token, s, own, other, key in (("<c1>", scene.subjects[0], ca, cb, "c1"), ("<c2>", scene.subjects[1], cb, ca, "c2")):
         alone = cw.render([cw.Spec(s.creature, s.cx, s.cy, s.scale, s.position, s.concept)], scene.background, "center")
-        src = [Source(alone.pil(), masks={token: Image.fromarray(alone.subjects[0].mask.astype(np.uint8) * 255)})]
+        src = [Source(alone.pil(), masks={token: mask_image(alone.subjects[0].mask)})]
         bundle = learn_cell(folder / f"control_{key}.safetensors", "custom-diffusion", {}, [(token, own.kind)], src, args)
         got = drawn(bundle, {key: f"a {token} {own.kind} on a {{bg}} background"}, folder / f"control_{key}", args)[key]
-        rows.append({"leak": _mean([cw.leakage(x.subjects, [own], other) for _, x in got]),
-                     "identity": float(np.mean([cw.identity(cw.match(x.subjects, [own])[0], own) for _, x in got])),
-                     "identity_unnamed": float(np.mean([cw.identity(cw.match(x.subjects, [own])[0], own,
-                                                                    cw.UNNAMED_PARTS) for _, x in got]))})
+        rows.append(alone_scores(got, own, other))
     return {k: _mean([r[k] for r in rows]) for k in rows[0]}
 
 
